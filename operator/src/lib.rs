@@ -1,0 +1,3 @@
+//! The flowtel operator.
+
+pub mod crdgen;
