@@ -156,7 +156,11 @@ pub struct Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Self { base_seconds: default_backoff_base(), factor: default_backoff_factor(), max_seconds: default_backoff_max() }
+        Self {
+            base_seconds: default_backoff_base(),
+            factor: default_backoff_factor(),
+            max_seconds: default_backoff_max(),
+        }
     }
 }
 
