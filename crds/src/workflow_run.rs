@@ -213,9 +213,10 @@ pub struct WorkflowRunStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
 
-    /// Whether the run's terminal telemetry (metrics and spans) was exported.
+    /// What of the run's telemetry the operator has exported; recorded after each export succeeded, so that an
+    /// operator restart never reports a run twice.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub telemetry_exported: Option<bool>,
+    pub telemetry: Option<TelemetryReport>,
 
     /// Conditions by the Kubernetes API conventions: `Succeeded` and `TelemetryDegraded`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -262,6 +263,9 @@ pub struct AttemptStatus {
     /// Exit code of the first container that exited non-zero (0 on success).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
+    /// The container that exited non-zero first, which decided the attempt's classification.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
     /// Why the attempt ended, CamelCase (for example Completed, Error, DisruptionTarget, DeadlineExceeded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -281,4 +285,19 @@ pub enum AttemptClassification {
     Permanent,
     /// The pod was disrupted (evicted, node lost); retried without using the retry budget.
     Disruption,
+}
+
+/// Progress of the run's own telemetry export (metrics and spans from the operator).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TelemetryReport {
+    /// `workflow.run.total` was exported for this run.
+    #[serde(default)]
+    pub started: bool,
+    /// The terminal metrics and the run's spans were exported (or dropped, see `dropped`).
+    #[serde(default)]
+    pub finished: bool,
+    /// The terminal telemetry could not be exported before the export timeout and was dropped (and counted).
+    #[serde(default)]
+    pub dropped: bool,
 }

@@ -1,0 +1,204 @@
+//! The desired Job of one attempt: a pure function of the run, the attempt number and the telemetry target.
+
+use std::collections::BTreeMap;
+
+use flowtel_crds::WorkflowRun;
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::{Resource, ResourceExt};
+use sha2::{Digest, Sha256};
+
+use super::env::{Injection, inject};
+use super::ids;
+
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY: &str = "flowtel";
+pub const WORKFLOW_LABEL: &str = "flowtel.dev/workflow";
+pub const RUN_LABEL: &str = "flowtel.dev/run";
+pub const ATTEMPT_LABEL: &str = "flowtel.dev/attempt";
+/// Annotation on attempt pods naming their run (the run label may be shortened), to map pod events to the run.
+pub const RUN_NAME_ANNOTATION: &str = "flowtel.dev/run-name";
+
+/// Errors building an attempt's Job.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum BuildError {
+    #[error("the WorkflowRun has no {0} yet")]
+    MissingMetadata(&'static str),
+}
+
+/// Where the workload sends its telemetry.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OtlpTarget {
+    pub endpoint: Option<String>,
+    pub protocol: String,
+}
+
+/// `name` when it fits in 63 characters (a label value and a Job name, whose pods' labels repeat it), else a
+/// prefix and a hash of the whole, so distinct long names stay distinct.
+pub fn shorten(name: &str) -> String {
+    const MAX: usize = 63;
+    if name.len() <= MAX {
+        return name.to_string();
+    }
+    let hash = Sha256::digest(name.as_bytes());
+    let suffix: String = hash.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    let prefix: String = name.chars().take(MAX - suffix.len() - 1).collect();
+    format!("{}-{suffix}", prefix.trim_end_matches(['-', '.']))
+}
+
+/// The deterministic Job name of an attempt: `<run>-<attempt>`, shortened when longer than 63 characters.
+pub fn job_name(run_name: &str, attempt: i32) -> String {
+    shorten(&format!("{run_name}-{attempt}"))
+}
+
+/// Labels on the Job and its pods, and the selector of a run's Jobs and pods.
+pub fn labels(run: &WorkflowRun, attempt: Option<i32>) -> BTreeMap<String, String> {
+    let mut l = BTreeMap::from([
+        (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
+        (WORKFLOW_LABEL.to_string(), run.spec.workflow_name.clone()),
+        (RUN_LABEL.to_string(), shorten(&run.name_any())),
+    ]);
+    if let Some(a) = attempt {
+        l.insert(ATTEMPT_LABEL.to_string(), a.to_string());
+    }
+    l
+}
+
+/// `service.version`: the template's `app.kubernetes.io/version` label, else the first container's image tag.
+fn service_version(run: &WorkflowRun) -> String {
+    let template = &run.spec.template;
+    if let Some(v) = template.metadata.as_ref().and_then(|m| m.labels.as_ref()?.get("app.kubernetes.io/version")) {
+        return v.clone();
+    }
+    let image = template.spec.as_ref().and_then(|s| s.containers.first()).and_then(|c| c.image.clone());
+    image
+        .and_then(|i| {
+            let last = i.rsplit('/').next()?.to_string();
+            last.split_once(':').map(|(_, tag)| tag.to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The Job of attempt `attempt` (from 1). `deadline_seconds` is what remains of the run's deadline, so the Job
+/// controller stops the pod even when the operator is down.
+pub fn build_job(
+    run: &WorkflowRun,
+    attempt: i32,
+    target: &OtlpTarget,
+    deadline_seconds: Option<i64>,
+) -> Result<Job, BuildError> {
+    let uid = run.uid().ok_or(BuildError::MissingMetadata("uid"))?;
+    let namespace = run.namespace().ok_or(BuildError::MissingMetadata("namespace"))?;
+    let owner = run.controller_owner_ref(&()).ok_or(BuildError::MissingMetadata("name or uid"))?;
+    let name = job_name(&run.name_any(), attempt);
+    let labels = labels(run, Some(attempt));
+
+    let injection = Injection {
+        workflow_name: run.spec.workflow_name.clone(),
+        service_version: service_version(run),
+        run_uid: uid.clone(),
+        attempt,
+        namespace: namespace.clone(),
+        job_name: name.clone(),
+        otlp_endpoint: target.endpoint.clone(),
+        otlp_protocol: target.protocol.clone(),
+        traceparent: ids::traceparent(&uid, attempt),
+    };
+
+    let mut template = run.spec.template.clone();
+    let meta = template.metadata.get_or_insert_with(Default::default);
+    meta.labels.get_or_insert_with(Default::default).extend(labels.clone());
+    meta.annotations.get_or_insert_with(Default::default).insert(RUN_NAME_ANNOTATION.into(), run.name_any());
+    let pod = template.spec.get_or_insert_with(Default::default);
+    // flowtel owns retries: a restarted container would hide the exit code that classifies the attempt.
+    pod.restart_policy = Some("Never".into());
+    for c in pod.init_containers.iter_mut().flatten().chain(pod.containers.iter_mut()) {
+        c.env = Some(inject(c.env.as_deref().unwrap_or_default(), &injection));
+    }
+
+    Ok(Job {
+        metadata: ObjectMeta {
+            name: Some(name),
+            namespace: Some(namespace),
+            labels: Some(labels),
+            owner_references: Some(vec![owner]),
+            ..Default::default()
+        },
+        spec: Some(JobSpec {
+            backoff_limit: Some(0),
+            active_deadline_seconds: deadline_seconds.map(|s| s.max(1)),
+            template,
+            ..Default::default()
+        }),
+        status: None,
+    })
+}
+
+/// The attempt a Job or pod belongs to, from its label.
+pub fn attempt_of(meta: &ObjectMeta) -> Option<i32> {
+    meta.labels.as_ref()?.get(ATTEMPT_LABEL)?.parse().ok()
+}
+
+/// Whether `job` is controlled by the run with `run_uid` (the only Jobs flowtel adopts).
+pub fn is_controlled_by(job: &Job, run_uid: &str) -> bool {
+    job.owner_references().iter().any(|o| o.controller == Some(true) && o.uid == run_uid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn sample_run() -> WorkflowRun {
+        let mut run: WorkflowRun = serde_json::from_value(serde_json::json!({
+            "apiVersion": "flowtel.dev/v1alpha1", "kind": "WorkflowRun",
+            "metadata": {"name": "nightly-sync", "namespace": "data", "uid": "0d4a3b0e-8f8e-4d0a-9b1c-6e2f3a4b5c6d"},
+            "spec": {
+                "workflowName": "sync",
+                "template": {
+                    "metadata": {"labels": {"app": "sync"}},
+                    "spec": {"containers": [
+                        {"name": "main", "image": "registry.example/sync:1.4.2",
+                         "env": [{"name": "MODE", "value": "full"},
+                                 {"name": "OTEL_RESOURCE_ATTRIBUTES", "value": "team=data"}]},
+                        {"name": "uploader", "image": "registry.example/uploader:2.0",
+                         "env": [{"name": "OTEL_SERVICE_NAME", "value": "uploader"}]}
+                    ]}
+                }
+            }
+        }))
+        .expect("valid sample");
+        run.status = None;
+        run
+    }
+
+    #[test]
+    fn long_names_are_shortened_with_a_hash() {
+        assert_eq!(job_name("run", 2), "run-2");
+        let long = "a".repeat(70);
+        let a = job_name(&long, 1);
+        let b = job_name(&long, 2);
+        assert!(a.len() <= 63 && b.len() <= 63);
+        assert_ne!(a, b);
+    }
+
+    /// Golden file: regenerate with `FLOWTEL_UPDATE_GOLDEN=1 cargo test -p flowtel-operator`.
+    #[test]
+    fn job_of_attempt_two_matches_golden() {
+        let target =
+            OtlpTarget { endpoint: Some("http://otel-collector.telemetry:4317".into()), protocol: "grpc".into() };
+        let job = build_job(&sample_run(), 2, &target, Some(540)).expect("job builds");
+        let yaml = serde_yaml::to_string(&job).expect("yaml");
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/workflow_run/testdata/job-attempt-2.yaml");
+        if std::env::var_os("FLOWTEL_UPDATE_GOLDEN").is_some() {
+            std::fs::write(&path, &yaml).expect("write golden");
+        }
+        let golden = std::fs::read_to_string(&path).expect("golden file exists");
+        assert_eq!(yaml, golden, "Job drifted from {}", path.display());
+    }
+
+    #[test]
+    fn version_comes_from_the_image_tag() {
+        assert_eq!(service_version(&sample_run()), "1.4.2");
+    }
+}

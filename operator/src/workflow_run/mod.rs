@@ -1,0 +1,358 @@
+//! The WorkflowRun controller. A reconcile is a pipeline:
+//! read (caches only) → plan (pure, `plan.rs`) → build the attempt's Job (pure, `job.rs`, environment in `env.rs`)
+//! → apply under one field manager → report telemetry (`crate::telemetry`) → write status only when it changed.
+
+pub mod env;
+pub mod ids;
+pub mod job;
+pub mod plan;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flowtel_crds::workflow_run::TelemetryReport;
+use flowtel_crds::{TelemetryStack, WorkflowRun};
+use futures::StreamExt;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PropagationPolicy};
+use kube::runtime::controller::{Action as ControllerAction, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use crate::telemetry::{ReportKind, ReportState, Telemetry};
+use job::{MANAGED_BY, MANAGED_BY_LABEL, OtlpTarget, RUN_NAME_ANNOTATION};
+use plan::{Action, Observation, Settings};
+
+/// The field manager of everything flowtel writes.
+pub const FIELD_MANAGER: &str = "flowtel";
+/// Holds a run's deletion until its telemetry was exported (or dropped after the timeout).
+pub const FINALIZER: &str = "flowtel.dev/telemetry";
+
+/// Errors of one reconcile.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("building the attempt's Job: {0}")]
+    Build(#[from] job::BuildError),
+    #[error("Job {0} exists and is not controlled by this run")]
+    JobNameConflict(String),
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    pub jobs: Store<Job>,
+    pub pods: Store<Pod>,
+    pub stacks: Store<TelemetryStack>,
+    pub telemetry: Telemetry,
+    pub settings: Settings,
+    /// The workload's OTLP endpoint when a run references no TelemetryStack.
+    pub default_otlp_endpoint: Option<String>,
+    pub recorder: Recorder,
+    pub stats: Arc<ReconcileStats>,
+}
+
+/// Counters for `/metrics`.
+#[derive(Default, Debug)]
+pub struct ReconcileStats {
+    pub reconciles: std::sync::atomic::AtomicU64,
+    pub errors: std::sync::atomic::AtomicU64,
+    pub status_writes: std::sync::atomic::AtomicU64,
+}
+
+fn owned_by(meta: &kube::api::ObjectMeta, uid: &str) -> bool {
+    meta.owner_references.iter().flatten().any(|o| o.controller == Some(true) && o.uid == uid)
+}
+
+/// The workload's telemetry target, and why telemetry is degraded when it is.
+fn telemetry_target(run: &WorkflowRun, ctx: &Context) -> (OtlpTarget, Option<(String, String)>) {
+    let default = OtlpTarget { endpoint: ctx.default_otlp_endpoint.clone(), protocol: "grpc".into() };
+    let Some(reference) = &run.spec.telemetry_stack_ref else {
+        let degraded = default
+            .endpoint
+            .is_none()
+            .then(|| ("NoOtlpEndpoint".to_string(), "no TelemetryStack referenced and no default endpoint".into()));
+        return (default, degraded);
+    };
+    let key = ObjectRef::<TelemetryStack>::new(&reference.name).within(&run.namespace().unwrap_or_default());
+    match ctx.stacks.get(&key) {
+        None => (
+            default,
+            Some((
+                "TelemetryStackNotFound".into(),
+                format!(
+                    "spec.telemetryStackRef: TelemetryStack {} not found; using the operator's default",
+                    reference.name
+                ),
+            )),
+        ),
+        Some(stack) => match stack.status.as_ref().and_then(|s| s.endpoints.otlp_grpc.clone()) {
+            Some(endpoint) => (OtlpTarget { endpoint: Some(endpoint), protocol: "grpc".into() }, None),
+            None => (
+                default,
+                Some((
+                    "TelemetryStackNotReady".into(),
+                    format!("TelemetryStack {} has no OTLP endpoint yet; using the operator's default", reference.name),
+                )),
+            ),
+        },
+    }
+}
+
+async fn publish(ctx: &Context, run: &WorkflowRun, note: &plan::EventNote) {
+    let event = Event {
+        type_: if note.warning { EventType::Warning } else { EventType::Normal },
+        reason: note.reason.into(),
+        note: Some(note.note.clone()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &run.object_ref(&())).await {
+        tracing::debug!(error = %e, "publishing an event failed");
+    }
+}
+
+pub async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Context>) -> Result<ControllerAction, ReconcileError> {
+    ctx.stats.reconciles.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let ns = run.namespace().unwrap_or_default();
+    let name = run.name_any();
+    let uid = run.uid().unwrap_or_default();
+    let runs: Api<WorkflowRun> = Api::namespaced(ctx.client.clone(), &ns);
+    let deleting = run.metadata.deletion_timestamp.is_some();
+    let has_finalizer = run.finalizers().iter().any(|f| f == FINALIZER);
+    if deleting && !has_finalizer {
+        return Ok(ControllerAction::await_change());
+    }
+    if !has_finalizer {
+        let patch = json!({"metadata": {"finalizers": [FINALIZER], "resourceVersion": run.resource_version()}});
+        runs.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+        // The patch's watch event brings the run back with the finalizer.
+        return Ok(ControllerAction::await_change());
+    }
+
+    // Read: caches only.
+    let jobs: Vec<Arc<Job>> = ctx
+        .jobs
+        .state()
+        .into_iter()
+        .filter(|j| j.namespace().as_deref() == Some(ns.as_str()) && owned_by(&j.metadata, &uid))
+        .collect();
+    let job_names: Vec<String> = jobs.iter().map(|j| j.name_any()).collect();
+    let pods: Vec<Arc<Pod>> = ctx
+        .pods
+        .state()
+        .into_iter()
+        .filter(|p| {
+            p.namespace().as_deref() == Some(ns.as_str())
+                && p.owner_references().iter().any(|o| o.kind == "Job" && job_names.contains(&o.name))
+        })
+        .collect();
+    let (target, mut degraded) = telemetry_target(&run, &ctx);
+
+    // Telemetry reports, for what status already recorded (the KEP-2307 order).
+    let stored = run.status.clone().unwrap_or_default();
+    let reported = stored.telemetry.clone().unwrap_or_default();
+    let mut report = reported.clone();
+    let mut retry_export = None;
+    let mut report_kind = |kind: ReportKind, report: &mut TelemetryReport| match ctx.telemetry.report(&run, kind) {
+        ReportState::Exported => match kind {
+            ReportKind::Started => report.started = true,
+            ReportKind::Finished => report.finished = true,
+        },
+        ReportState::Dropped { reason } => {
+            report.finished = true;
+            report.started = true;
+            report.dropped = kind == ReportKind::Finished || report.dropped;
+            degraded = Some(("TelemetryDropped".into(), format!("run telemetry was dropped: {reason}")));
+        }
+        ReportState::Failing { reason } => {
+            degraded = Some((reason.clone(), "exporting the run's telemetry failed; retrying".into()));
+            retry_export = Some(Duration::from_secs(2));
+        }
+        ReportState::Pending => {}
+    };
+    if stored.start_time.is_some() && !reported.started {
+        report_kind(ReportKind::Started, &mut report);
+    }
+    if plan::is_terminal(&stored) && !reported.finished {
+        report_kind(ReportKind::Finished, &mut report);
+    }
+
+    let obs = Observation {
+        now: plan::now_ms(jiff::Timestamp::now()),
+        jobs: jobs.iter().map(Arc::as_ref).collect(),
+        pods: pods.iter().map(Arc::as_ref).collect(),
+        telemetry_degraded: degraded,
+    };
+    let mut plan = plan::plan(&run, &obs, &ctx.settings);
+    plan.status.telemetry = Some(report.clone());
+
+    match &plan.action {
+        Action::None => {}
+        Action::CreateJob { attempt, deadline_seconds } => {
+            let desired = job::build_job(&run, *attempt, &target, Some(*deadline_seconds))?;
+            let job_name = desired.name_any();
+            let existing = ctx.jobs.get(&ObjectRef::new(&job_name).within(&ns));
+            if existing.as_ref().is_some_and(|j| !job::is_controlled_by(j, &uid)) {
+                return Err(ReconcileError::JobNameConflict(job_name));
+            }
+            let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
+            jobs_api.patch(&job_name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&desired)).await?;
+        }
+        Action::DeleteJob { name: job_name } => {
+            let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
+            let dp = DeleteParams { propagation_policy: Some(PropagationPolicy::Background), ..Default::default() };
+            match jobs_api.delete(job_name, &dp).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Action::DeleteRun => {
+            runs.delete(&name, &DeleteParams::background()).await?;
+        }
+    }
+
+    if Some(&plan.status) != run.status.as_ref() {
+        let patch = json!({"apiVersion": WorkflowRun::api_version(&()), "kind": WorkflowRun::kind(&()),
+            "status": plan.status});
+        runs.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+        ctx.stats.status_writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if report.started && !reported.started {
+            ctx.telemetry.forget(&run, ReportKind::Started);
+        }
+        if report.finished && !reported.finished {
+            ctx.telemetry.forget(&run, ReportKind::Finished);
+        }
+    }
+    for note in &plan.events {
+        publish(&ctx, &run, note).await;
+    }
+
+    // Deletion waits for the telemetry: the finalizer goes once the report is in status.
+    if deleting && plan::is_terminal(&stored) && reported.finished {
+        let finalizers: Vec<String> = run.finalizers().iter().filter(|f| *f != FINALIZER).cloned().collect();
+        let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": run.resource_version()}});
+        match runs.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+
+    let requeue = [plan.requeue_after, retry_export].into_iter().flatten().min();
+    Ok(requeue.map_or_else(ControllerAction::await_change, ControllerAction::requeue))
+}
+
+pub fn error_policy(run: Arc<WorkflowRun>, error: &ReconcileError, ctx: Arc<Context>) -> ControllerAction {
+    ctx.stats.errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::warn!(run = %run.name_any(), namespace = ?run.namespace(), %error, "reconcile failed");
+    ControllerAction::requeue(Duration::from_secs(5))
+}
+
+/// Where the controller watches.
+#[derive(Clone, Debug)]
+pub struct Scope {
+    /// One namespace, or all when None.
+    pub namespace: Option<String>,
+}
+
+fn api<K>(client: &Client, scope: &Scope) -> Api<K>
+where
+    K: Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>,
+{
+    match &scope.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// The pieces `run` needs beyond the client.
+pub struct ControllerSettings {
+    pub scope: Scope,
+    pub settings: Settings,
+    pub default_otlp_endpoint: Option<String>,
+    pub concurrency: u16,
+}
+
+/// Runs the controller until shutdown. `ready` flips when every watch has synced.
+pub async fn run(
+    client: Client,
+    telemetry: Telemetry,
+    notifications: mpsc::UnboundedReceiver<ObjectRef<WorkflowRun>>,
+    config: ControllerSettings,
+    stats: Arc<ReconcileStats>,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let managed = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
+    let (jobs, jobs_writer) = reflector::store();
+    let (pods, pods_writer) = reflector::store();
+    let (stacks, stacks_writer) = reflector::store();
+    // Job status carries no exit codes or disruption conditions, the pods do: both are watched, trimmed.
+    let job_stream = watcher(api::<Job>(&client, &config.scope), managed.clone())
+        .default_backoff()
+        .modify(|j| {
+            j.managed_fields_mut().clear();
+        })
+        .reflect(jobs_writer)
+        .touched_objects();
+    let pod_stream = watcher(api::<Pod>(&client, &config.scope), managed)
+        .default_backoff()
+        .modify(|p| {
+            p.managed_fields_mut().clear();
+        })
+        .reflect(pods_writer)
+        .touched_objects();
+    let stack_stream = watcher(api::<TelemetryStack>(&client, &config.scope), watcher::Config::default())
+        .default_backoff()
+        .reflect(stacks_writer)
+        .touched_objects()
+        .for_each(|_| futures::future::ready(()));
+    tokio::spawn(stack_stream);
+
+    let runs_api = api::<WorkflowRun>(&client, &config.scope);
+    let controller = Controller::new(runs_api, watcher::Config::default());
+    let runs_store = controller.store();
+    let context = Arc::new(Context {
+        client: client.clone(),
+        jobs: jobs.clone(),
+        pods: pods.clone(),
+        stacks: stacks.clone(),
+        telemetry,
+        settings: config.settings,
+        default_otlp_endpoint: config.default_otlp_endpoint,
+        recorder: Recorder::new(client.clone(), Reporter { controller: "flowtel".into(), instance: None }),
+        stats,
+    });
+    tokio::spawn(async move {
+        let _ = runs_store.wait_until_ready().await;
+        let _ = jobs.wait_until_ready().await;
+        let _ = pods.wait_until_ready().await;
+        let _ = stacks.wait_until_ready().await;
+        ready.store(true, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!("watches synced; ready");
+    });
+    let notifications = tokio_stream_from(notifications);
+    controller
+        .owns_stream(job_stream)
+        .watches_stream(pod_stream, |pod: Pod| {
+            let name = pod.annotations().get(RUN_NAME_ANNOTATION)?.clone();
+            Some(ObjectRef::new(&name).within(&pod.namespace()?))
+        })
+        .reconcile_on(notifications)
+        .with_config(kube::runtime::controller::Config::default().concurrency(config.concurrency))
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, context)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}
+
+fn tokio_stream_from<T: Send + 'static>(mut rx: mpsc::UnboundedReceiver<T>) -> impl futures::Stream<Item = T> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}

@@ -1,0 +1,677 @@
+//! The pure core of the WorkflowRun reconcile: from the run, what the caches show of its Jobs and pods, and the
+//! time, compute the desired status and the one action to take. No I/O here, so every rule is unit-tested.
+
+use flowtel_crds::WorkflowRun;
+use flowtel_crds::workflow_run::{
+    AttemptClassification, AttemptStatus, RetryPolicy, TelemetryReport, WorkflowRunPhase, WorkflowRunStatus,
+};
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
+use kube::ResourceExt;
+
+use super::ids;
+use super::job::{attempt_of, job_name};
+
+/// Condition types.
+pub const SUCCEEDED: &str = "Succeeded";
+pub const TELEMETRY_DEGRADED: &str = "TelemetryDegraded";
+/// Attempts kept in status; older ones are dropped (their count stays in `attemptCount`).
+pub const MAX_ATTEMPTS_KEPT: usize = 32;
+
+/// Operator-wide defaults.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub default_deadline_seconds: i64,
+    pub default_ttl_seconds: i64,
+}
+
+/// What the caches show, and what the telemetry exporter reports.
+pub struct Observation<'a> {
+    pub now: Timestamp,
+    /// Jobs controlled by this run.
+    pub jobs: Vec<&'a Job>,
+    /// Pods of this run.
+    pub pods: Vec<&'a Pod>,
+    /// Why the run's telemetry is degraded, when it is (no endpoint, export failures).
+    pub telemetry_degraded: Option<(String, String)>,
+}
+
+/// The one thing to do besides writing status.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    None,
+    /// Apply the Job of this attempt, with what remains of the run's deadline.
+    CreateJob {
+        attempt: i32,
+        deadline_seconds: i64,
+    },
+    /// Delete the active Job (cancel, deadline).
+    DeleteJob {
+        name: String,
+    },
+    /// The TTL after completion passed: delete the run.
+    DeleteRun,
+}
+
+/// A Kubernetes Event to record.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EventNote {
+    pub warning: bool,
+    pub reason: &'static str,
+    pub note: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub status: WorkflowRunStatus,
+    pub action: Action,
+    /// When to look again even if nothing changes (backoff end, deadline, TTL).
+    pub requeue_after: Option<std::time::Duration>,
+    pub events: Vec<EventNote>,
+}
+
+/// How an attempt ended, read from its pod (exit codes, DisruptionTarget) or, when the pod is gone, its Job.
+#[derive(Clone, Debug, PartialEq)]
+struct Outcome {
+    classification: AttemptClassification,
+    exit_code: Option<i32>,
+    reason: String,
+    /// The container that failed first (the `step_name` of `workflow.retry.count`).
+    container: Option<String>,
+}
+
+pub fn is_terminal(status: &WorkflowRunStatus) -> bool {
+    matches!(status.phase, Some(WorkflowRunPhase::Succeeded | WorkflowRunPhase::Failed))
+}
+
+/// Milliseconds are what the operator observes and reports; the extra digits would only be noise.
+pub fn now_ms(now: Timestamp) -> Timestamp {
+    Timestamp::from_millisecond(now.as_millisecond()).unwrap_or(now)
+}
+
+fn micro(t: Timestamp) -> MicroTime {
+    MicroTime(t)
+}
+
+fn classify_exit(code: i32, retry: &RetryPolicy) -> AttemptClassification {
+    if retry.permanent_exit_codes.contains(&code) {
+        return AttemptClassification::Permanent;
+    }
+    match &retry.transient_exit_codes {
+        Some(transient) if !transient.contains(&code) => AttemptClassification::Permanent,
+        _ => AttemptClassification::Transient,
+    }
+}
+
+fn pod_outcome(pod: &Pod, retry: &RetryPolicy) -> Option<Outcome> {
+    let status = pod.status.as_ref()?;
+    let disrupted = status.conditions.iter().flatten().any(|c| c.type_ == "DisruptionTarget" && c.status == "True");
+    match status.phase.as_deref()? {
+        "Succeeded" => Some(Outcome {
+            classification: AttemptClassification::Succeeded,
+            exit_code: Some(0),
+            reason: "Completed".into(),
+            container: None,
+        }),
+        "Failed" => {
+            // The first container to exit non-zero decides (earliest finish, then spec order).
+            let first_failed = status
+                .container_statuses
+                .iter()
+                .flatten()
+                .filter_map(|c| {
+                    let t = c.state.as_ref()?.terminated.as_ref()?;
+                    (t.exit_code != 0).then(|| (t.finished_at.as_ref().map(|f| f.0), c.name.clone(), t))
+                })
+                .min_by_key(|(finished, _, _)| *finished);
+            let (exit_code, container, term_reason) = match first_failed {
+                Some((_, name, t)) => (Some(t.exit_code), Some(name), t.reason.clone()),
+                None => (None, None, None),
+            };
+            if disrupted {
+                return Some(Outcome {
+                    classification: AttemptClassification::Disruption,
+                    exit_code,
+                    reason: "DisruptionTarget".into(),
+                    container,
+                });
+            }
+            let classification = exit_code.map_or(AttemptClassification::Transient, |c| classify_exit(c, retry));
+            let reason = term_reason.or_else(|| status.reason.clone()).unwrap_or_else(|| "Error".into());
+            Some(Outcome { classification, exit_code, reason, container })
+        }
+        _ => None,
+    }
+}
+
+fn job_outcome(job: &Job) -> Option<Outcome> {
+    let conditions = job.status.as_ref()?.conditions.as_ref()?;
+    let finished = |t: &str| conditions.iter().find(|c| c.type_ == t && c.status == "True");
+    if finished("Complete").is_some() {
+        return Some(Outcome {
+            classification: AttemptClassification::Succeeded,
+            exit_code: Some(0),
+            reason: "Completed".into(),
+            container: None,
+        });
+    }
+    let failed = finished("Failed")?;
+    let reason = failed.reason.clone().unwrap_or_else(|| "JobFailed".into());
+    // A Job deadline is the run's deadline reaching the pod: never retried.
+    let classification =
+        if reason == "DeadlineExceeded" { AttemptClassification::Permanent } else { AttemptClassification::Transient };
+    Some(Outcome { classification, exit_code: None, reason, container: None })
+}
+
+/// Sets a condition; `lastTransitionTime` changes only when the status flips.
+pub fn set_condition(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    status: &str,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: Timestamp,
+) {
+    let seconds = Timestamp::from_second(now.as_second()).unwrap_or(now);
+    match conditions.iter_mut().find(|c| c.type_ == type_) {
+        Some(c) => {
+            if c.status != status {
+                c.last_transition_time = Time(seconds);
+            }
+            c.status = status.into();
+            c.reason = reason.into();
+            c.message = message.into();
+            c.observed_generation = generation;
+        }
+        None => conditions.push(Condition {
+            type_: type_.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message: message.into(),
+            observed_generation: generation,
+            last_transition_time: Time(seconds),
+        }),
+    }
+}
+
+/// Delay before retry number `n` (from 1): `min(base * factor^(n-1), max)` seconds.
+pub fn backoff_seconds(retry: &RetryPolicy, n: i32) -> i64 {
+    let b = &retry.backoff;
+    let mut delay = i64::from(b.base_seconds);
+    for _ in 1..n.max(1) {
+        delay = delay.saturating_mul(i64::from(b.factor));
+        if delay >= i64::from(b.max_seconds) {
+            break;
+        }
+    }
+    delay.min(i64::from(b.max_seconds))
+}
+
+fn until(now: Timestamp, at: Timestamp) -> std::time::Duration {
+    let d = at.duration_since(now);
+    std::time::Duration::try_from(d.max(SignedDuration::ZERO)).unwrap_or_default()
+}
+
+struct Planner<'a> {
+    run: &'a WorkflowRun,
+    obs: &'a Observation<'a>,
+    status: WorkflowRunStatus,
+    action: Action,
+    requeue_at: Option<Timestamp>,
+    events: Vec<EventNote>,
+}
+
+impl Planner<'_> {
+    fn requeue_at(&mut self, at: Timestamp) {
+        self.requeue_at = Some(self.requeue_at.map_or(at, |r| r.min(at)));
+    }
+
+    fn event(&mut self, warning: bool, reason: &'static str, note: String) {
+        self.events.push(EventNote { warning, reason, note });
+    }
+
+    fn phase(&mut self, phase: WorkflowRunPhase, reason: &str, message: &str) {
+        let generation = self.run.metadata.generation;
+        let now = self.obs.now;
+        let (status, reason) = match phase {
+            WorkflowRunPhase::Succeeded => ("True", reason),
+            WorkflowRunPhase::Failed => ("False", reason),
+            _ => ("Unknown", reason),
+        };
+        set_condition(&mut self.status.conditions, SUCCEEDED, status, reason, message, generation, now);
+        self.status.phase = Some(phase);
+    }
+
+    fn finish(&mut self, phase: WorkflowRunPhase, reason: &'static str, message: String) {
+        let now = self.obs.now;
+        self.phase(phase, reason, &message);
+        self.status.completion_time = Some(micro(now));
+        self.status.next_attempt_time = None;
+        if let Some(start) = &self.status.start_time {
+            self.status.duration_ms = Some(now.as_millisecond() - start.0.as_millisecond());
+        }
+        self.event(phase == WorkflowRunPhase::Failed, reason, message);
+    }
+
+    fn start_attempt(&mut self, number: i32, deadline_at: Timestamp) {
+        let now = self.obs.now;
+        self.status.attempts.push(AttemptStatus {
+            number,
+            job_name: job_name(&self.run.name_any(), number),
+            start_time: Some(micro(now)),
+            ..Default::default()
+        });
+        if self.status.attempts.len() > MAX_ATTEMPTS_KEPT {
+            self.status.attempts.remove(0);
+        }
+        self.status.attempt_count = Some(number);
+        self.status.next_attempt_time = None;
+        self.phase(WorkflowRunPhase::Running, "Running", &format!("attempt {number} is running"));
+        let deadline_seconds = deadline_at.duration_since(now).as_secs().max(1);
+        self.action = Action::CreateJob { attempt: number, deadline_seconds };
+        self.event(false, "AttemptStarted", format!("attempt {number} started"));
+    }
+
+    /// Reads the current attempt's end from its pod or Job, if it ended.
+    fn observe_current_attempt(&mut self) {
+        let retry = &self.run.spec.retry;
+        let Some(current) = self.status.attempts.last() else { return };
+        if current.end_time.is_some() {
+            return;
+        }
+        let number = current.number;
+        let job_name = current.job_name.clone();
+        let pod = self
+            .obs
+            .pods
+            .iter()
+            .filter(|p| attempt_of(&p.metadata) == Some(number))
+            .max_by_key(|p| p.metadata.creation_timestamp.as_ref().map(|t| t.0));
+        let pod_name = pod.map(|p| p.name_any());
+        let outcome = pod
+            .and_then(|p| pod_outcome(p, retry))
+            .or_else(|| self.obs.jobs.iter().find(|j| j.name_any() == job_name).and_then(|j| job_outcome(j)));
+        let now = self.obs.now;
+        let Some(a) = self.status.attempts.last_mut() else { return };
+        if pod_name.is_some() {
+            a.pod_name = pod_name;
+        }
+        if let Some(o) = outcome {
+            a.end_time = Some(micro(now));
+            a.exit_code = o.exit_code;
+            a.reason = Some(o.reason.clone());
+            a.classification = Some(o.classification);
+            let note = match (o.classification, o.exit_code) {
+                (AttemptClassification::Succeeded, _) => format!("attempt {number} succeeded"),
+                (c, Some(code)) => format!("attempt {number} failed with exit code {code} ({c:?})"),
+                (c, None) => format!("attempt {number} failed: {} ({c:?})", o.reason),
+            };
+            a.container = o.container;
+            let warning = o.classification != AttemptClassification::Succeeded;
+            self.event(warning, "AttemptFinished", note);
+        }
+    }
+
+    /// Ends the active attempt (cancel, deadline) and deletes its Job.
+    fn stop_active_attempt(&mut self, reason: &str) {
+        let now = self.obs.now;
+        if let Some(a) = self.status.attempts.last_mut().filter(|a| a.end_time.is_none()) {
+            a.end_time = Some(micro(now));
+            a.reason = Some(reason.into());
+            a.classification = Some(AttemptClassification::Permanent);
+            self.action = Action::DeleteJob { name: a.job_name.clone() };
+        }
+    }
+
+    fn count(&self, class: AttemptClassification) -> i32 {
+        let counted = self.status.attempts.iter().filter(|a| a.classification == Some(class)).count();
+        i32::try_from(counted).unwrap_or(i32::MAX)
+    }
+
+    fn plan(mut self, settings: &Settings) -> Plan {
+        let now = self.obs.now;
+        let spec = &self.run.spec;
+        let generation = self.run.metadata.generation;
+        self.status.observed_generation = generation;
+        if self.status.trace_id.is_none() {
+            self.status.trace_id = self.run.uid().map(|uid| ids::trace_id(&uid).to_string());
+        }
+        match &self.obs.telemetry_degraded {
+            Some((reason, message)) => {
+                set_condition(&mut self.status.conditions, TELEMETRY_DEGRADED, "True", reason, message, generation, now)
+            }
+            None => set_condition(
+                &mut self.status.conditions,
+                TELEMETRY_DEGRADED,
+                "False",
+                "TelemetryHealthy",
+                "run telemetry is exported",
+                generation,
+                now,
+            ),
+        }
+        if self.status.telemetry.is_none() {
+            self.status.telemetry = Some(TelemetryReport::default());
+        }
+        let start = match &self.status.start_time {
+            Some(t) => t.0,
+            None => {
+                self.status.start_time = Some(micro(now));
+                self.phase(WorkflowRunPhase::Pending, "Pending", "the run was accepted");
+                now
+            }
+        };
+
+        if is_terminal(&self.status) {
+            return self.after_finish(settings);
+        }
+
+        let deadline = spec.active_deadline_seconds.unwrap_or(settings.default_deadline_seconds);
+        let deadline_at = start.saturating_add(SignedDuration::from_secs(deadline)).unwrap_or(start);
+        self.observe_current_attempt();
+
+        if spec.cancel || self.run.metadata.deletion_timestamp.is_some() {
+            self.stop_active_attempt("Cancelled");
+            self.finish(WorkflowRunPhase::Failed, "Cancelled", "the run was cancelled".into());
+        } else if now >= deadline_at {
+            self.stop_active_attempt("DeadlineExceeded");
+            self.finish(WorkflowRunPhase::Failed, "DeadlineExceeded", format!("the run exceeded {deadline}s"));
+        } else {
+            self.advance(deadline_at);
+        }
+        if !is_terminal(&self.status) {
+            self.requeue_at(deadline_at);
+        }
+        self.into_plan()
+    }
+
+    /// Decides what follows the last attempt: nothing (running), a retry, or the end of the run.
+    fn advance(&mut self, deadline_at: Timestamp) {
+        let now = self.obs.now;
+        let retry = &self.run.spec.retry;
+        let Some(last) = self.status.attempts.last().cloned() else {
+            self.start_attempt(1, deadline_at);
+            return;
+        };
+        let Some(class) = last.classification else {
+            self.phase(WorkflowRunPhase::Running, "Running", &format!("attempt {} is running", last.number));
+            return;
+        };
+        let next_delay = match class {
+            AttemptClassification::Succeeded => {
+                self.finish(WorkflowRunPhase::Succeeded, "Succeeded", format!("attempt {} succeeded", last.number));
+                return;
+            }
+            AttemptClassification::Permanent => {
+                let reason = if last.reason.as_deref() == Some("DeadlineExceeded") {
+                    "DeadlineExceeded"
+                } else {
+                    "PermanentFailure"
+                };
+                self.finish(WorkflowRunPhase::Failed, reason, format!("attempt {} failed permanently", last.number));
+                return;
+            }
+            AttemptClassification::Transient => {
+                let failures = self.count(AttemptClassification::Transient);
+                if failures > retry.limit {
+                    self.finish(
+                        WorkflowRunPhase::Failed,
+                        "RetryLimitExceeded",
+                        format!("{} retries used, limit {}", failures - 1, retry.limit),
+                    );
+                    return;
+                }
+                backoff_seconds(retry, failures)
+            }
+            AttemptClassification::Disruption => {
+                let disruptions = self.count(AttemptClassification::Disruption);
+                if disruptions > retry.disruption_limit {
+                    self.finish(
+                        WorkflowRunPhase::Failed,
+                        "DisruptionLimitExceeded",
+                        format!("{disruptions} disruptions, limit {}", retry.disruption_limit),
+                    );
+                    return;
+                }
+                // A disrupted pod did nothing wrong: it is replaced at once, outside the retry budget.
+                0
+            }
+        };
+        let ended = last.end_time.map_or(now, |t| t.0);
+        let next_at = match &self.status.next_attempt_time {
+            Some(t) => t.0,
+            None => {
+                let at = ended.saturating_add(SignedDuration::from_secs(next_delay)).unwrap_or(ended);
+                self.status.next_attempt_time = Some(micro(at));
+                at
+            }
+        };
+        if now >= next_at {
+            self.start_attempt(last.number + 1, deadline_at);
+        } else {
+            self.phase(
+                WorkflowRunPhase::Retrying,
+                "Retrying",
+                &format!("attempt {} starts after the backoff", last.number + 1),
+            );
+            self.requeue_at(next_at);
+        }
+    }
+
+    fn after_finish(mut self, settings: &Settings) -> Plan {
+        let now = self.obs.now;
+        let exported = self.status.telemetry.as_ref().is_some_and(|t| t.finished);
+        // The TTL starts once the run's telemetry left: deleting earlier would lose the only record of it.
+        if exported {
+            let ttl = self.run.spec.ttl_seconds_after_finished.map_or(settings.default_ttl_seconds, i64::from);
+            let done = self.status.completion_time.as_ref().map_or(now, |t| t.0);
+            let delete_at = done.saturating_add(SignedDuration::from_secs(ttl)).unwrap_or(done);
+            if now >= delete_at {
+                if self.run.metadata.deletion_timestamp.is_none() {
+                    self.action = Action::DeleteRun;
+                }
+            } else {
+                self.requeue_at(delete_at);
+            }
+        }
+        self.into_plan()
+    }
+
+    fn into_plan(self) -> Plan {
+        let now = self.obs.now;
+        Plan {
+            requeue_after: self.requeue_at.map(|at| until(now, at)),
+            status: self.status,
+            action: self.action,
+            events: self.events,
+        }
+    }
+}
+
+/// The desired status and the next action for `run`.
+pub fn plan(run: &WorkflowRun, obs: &Observation<'_>, settings: &Settings) -> Plan {
+    let planner = Planner {
+        run,
+        obs,
+        status: run.status.clone().unwrap_or_default(),
+        action: Action::None,
+        requeue_at: None,
+        events: Vec::new(),
+    };
+    planner.plan(settings)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn settings() -> Settings {
+        Settings { default_deadline_seconds: 3600, default_ttl_seconds: 600 }
+    }
+
+    fn run(retry: serde_json::Value) -> WorkflowRun {
+        serde_json::from_value(json!({
+            "apiVersion": "flowtel.dev/v1alpha1", "kind": "WorkflowRun",
+            "metadata": {"name": "r", "namespace": "ns", "uid": "uid-1", "generation": 1},
+            "spec": {"workflowName": "w", "template": {"spec": {"containers": [{"name": "main", "image": "x"}]}},
+                     "retry": retry}
+        }))
+        .expect("run")
+    }
+
+    fn t(s: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + s).expect("time")
+    }
+
+    fn pod(attempt: i32, phase: &str, exit: Option<i32>, disrupted: bool) -> Pod {
+        let mut conditions = vec![];
+        if disrupted {
+            conditions.push(json!({"type": "DisruptionTarget", "status": "True"}));
+        }
+        let statuses = match exit {
+            Some(code) => json!([{"name": "main", "ready": false, "restartCount": 0, "image": "x", "imageID": "",
+                "state": {"terminated": {"exitCode": code, "reason": if code == 0 {"Completed"} else {"Error"}}}}]),
+            None => json!([]),
+        };
+        serde_json::from_value(json!({
+            "metadata": {"name": format!("r-{attempt}-abc"), "labels": {"flowtel.dev/attempt": attempt.to_string()}},
+            "status": {"phase": phase, "conditions": conditions, "containerStatuses": statuses}
+        }))
+        .expect("pod")
+    }
+
+    fn step(run: &mut WorkflowRun, pods: &[Pod], now: Timestamp) -> Plan {
+        let obs = Observation { now, jobs: vec![], pods: pods.iter().collect(), telemetry_degraded: None };
+        let p = plan(run, &obs, &settings());
+        run.status = Some(p.status.clone());
+        p
+    }
+
+    #[test]
+    fn first_visit_starts_attempt_one() {
+        let mut r = run(json!({}));
+        let p = step(&mut r, &[], t(0));
+        assert_eq!(p.action, Action::CreateJob { attempt: 1, deadline_seconds: 3600 });
+        assert_eq!(p.status.phase, Some(WorkflowRunPhase::Running));
+        assert_eq!(p.status.attempts[0].job_name, "r-1");
+        assert_eq!(p.status.trace_id.as_deref().map(str::len), Some(32));
+        let succeeded = p.status.conditions.iter().find(|c| c.type_ == SUCCEEDED).expect("condition");
+        assert_eq!(succeeded.status, "Unknown");
+    }
+
+    #[test]
+    fn success_ends_the_run() {
+        let mut r = run(json!({}));
+        step(&mut r, &[], t(0));
+        let p = step(&mut r, &[pod(1, "Succeeded", Some(0), false)], t(2));
+        assert_eq!(p.status.phase, Some(WorkflowRunPhase::Succeeded));
+        assert_eq!(p.status.duration_ms, Some(2000));
+        assert_eq!(p.action, Action::None);
+    }
+
+    #[test]
+    fn transient_failure_retries_after_backoff_then_succeeds() {
+        let mut r = run(json!({"limit": 1, "backoff": {"baseSeconds": 5, "factor": 2, "maxSeconds": 60}}));
+        step(&mut r, &[], t(0));
+        let failed = pod(1, "Failed", Some(3), false);
+        let p = step(&mut r, std::slice::from_ref(&failed), t(1));
+        assert_eq!(p.status.phase, Some(WorkflowRunPhase::Retrying));
+        assert_eq!(p.requeue_after, Some(std::time::Duration::from_secs(5)));
+        assert_eq!(p.status.attempts[0].classification, Some(AttemptClassification::Transient));
+        let p = step(&mut r, std::slice::from_ref(&failed), t(6));
+        assert_eq!(p.action, Action::CreateJob { attempt: 2, deadline_seconds: 3594 });
+        let p = step(&mut r, &[failed, pod(2, "Succeeded", Some(0), false)], t(8));
+        assert_eq!(p.status.phase, Some(WorkflowRunPhase::Succeeded));
+        assert_eq!(p.status.attempt_count, Some(2));
+    }
+
+    #[test]
+    fn permanent_exit_code_is_not_retried_and_the_budget_ends_retries() {
+        let mut r = run(json!({"limit": 3, "permanentExitCodes": [42]}));
+        step(&mut r, &[], t(0));
+        let p = step(&mut r, &[pod(1, "Failed", Some(42), false)], t(1));
+        assert_eq!(p.status.phase, Some(WorkflowRunPhase::Failed));
+        let c = p.status.conditions.iter().find(|c| c.type_ == SUCCEEDED).expect("condition");
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "PermanentFailure"));
+
+        let mut r = run(json!({"limit": 0}));
+        step(&mut r, &[], t(0));
+        let p = step(&mut r, &[pod(1, "Failed", Some(1), false)], t(1));
+        assert_eq!(
+            p.status.conditions.iter().find(|c| c.type_ == SUCCEEDED).map(|c| c.reason.as_str()),
+            Some("RetryLimitExceeded")
+        );
+    }
+
+    #[test]
+    fn only_listed_transient_codes_retry() {
+        let mut r = run(json!({"limit": 3, "transientExitCodes": [3]}));
+        step(&mut r, &[], t(0));
+        let p = step(&mut r, &[pod(1, "Failed", Some(4), false)], t(1));
+        assert_eq!(p.status.phase, Some(WorkflowRunPhase::Failed));
+    }
+
+    #[test]
+    fn disruption_retries_at_once_without_using_the_budget() {
+        let mut r = run(json!({"limit": 0}));
+        step(&mut r, &[], t(0));
+        let p = step(&mut r, &[pod(1, "Failed", Some(137), true)], t(1));
+        assert_eq!(p.action, Action::CreateJob { attempt: 2, deadline_seconds: 3599 });
+        assert_eq!(p.status.attempts[0].classification, Some(AttemptClassification::Disruption));
+    }
+
+    #[test]
+    fn deadline_and_cancel_stop_the_active_job() {
+        let mut r = run(json!({}));
+        r.spec.active_deadline_seconds = Some(10);
+        step(&mut r, &[], t(0));
+        let p = step(&mut r, &[], t(11));
+        assert_eq!(p.action, Action::DeleteJob { name: "r-1".into() });
+        assert_eq!(
+            p.status.conditions.iter().find(|c| c.type_ == SUCCEEDED).map(|c| c.reason.as_str()),
+            Some("DeadlineExceeded")
+        );
+
+        let mut r = run(json!({}));
+        step(&mut r, &[], t(0));
+        r.spec.cancel = true;
+        let p = step(&mut r, &[], t(1));
+        assert_eq!(p.action, Action::DeleteJob { name: "r-1".into() });
+        assert_eq!(p.status.phase, Some(WorkflowRunPhase::Failed));
+    }
+
+    #[test]
+    fn ttl_counts_only_after_export() {
+        let mut r = run(json!({}));
+        r.spec.ttl_seconds_after_finished = Some(10);
+        step(&mut r, &[], t(0));
+        step(&mut r, &[pod(1, "Succeeded", Some(0), false)], t(1));
+        let p = step(&mut r, &[], t(100));
+        assert_eq!(p.action, Action::None, "not exported yet");
+        if let Some(s) = r.status.as_mut() {
+            s.telemetry = Some(TelemetryReport { started: true, finished: true, dropped: false });
+        }
+        assert_eq!(step(&mut r, &[], t(100)).action, Action::DeleteRun);
+    }
+
+    #[test]
+    fn a_finished_run_plans_no_change() {
+        let mut r = run(json!({}));
+        step(&mut r, &[], t(0));
+        step(&mut r, &[pod(1, "Succeeded", Some(0), false)], t(1));
+        let before = r.status.clone();
+        let p = step(&mut r, &[], t(50));
+        assert_eq!(Some(p.status), before, "status of a finished run must not move");
+    }
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let r = run(json!({"backoff": {"baseSeconds": 10, "factor": 3, "maxSeconds": 60}}));
+        let got: Vec<i64> = (1..=4).map(|n| backoff_seconds(&r.spec.retry, n)).collect();
+        assert_eq!(got, [10, 30, 60, 60]);
+    }
+}
