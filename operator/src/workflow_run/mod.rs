@@ -331,10 +331,13 @@ pub async fn run(
         stats,
     });
     tokio::spawn(async move {
-        let _ = runs_store.wait_until_ready().await;
-        let _ = jobs.wait_until_ready().await;
-        let _ = pods.wait_until_ready().await;
-        let _ = stacks.wait_until_ready().await;
+        let synced = |what: &str, r: Result<(), reflector::store::WriterDropped>| {
+            tracing::info!(watch = what, synced = r.is_ok(), "watch synced");
+        };
+        synced("jobs", jobs.wait_until_ready().await);
+        synced("pods", pods.wait_until_ready().await);
+        synced("telemetrystacks", stacks.wait_until_ready().await);
+        synced("workflowruns", runs_store.wait_until_ready().await);
         ready.store(true, std::sync::atomic::Ordering::Relaxed);
         tracing::info!("watches synced; ready");
     });
