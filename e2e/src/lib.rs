@@ -151,3 +151,241 @@ impl Drop for TestNamespace {
         }
     }
 }
+
+/// A free TCP port on loopback (bound and released; good enough for a test's own processes).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
+}
+
+/// A child process killed when dropped.
+pub struct Process {
+    pub child: std::process::Child,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The real OpenTelemetry Collector (built by `e2e/build-binaries collector`), receiving OTLP gRPC on a free
+/// loopback port and writing what it receives as OTLP JSON lines into a fresh directory.
+pub struct Collector {
+    pub endpoint: String,
+    pub dir: PathBuf,
+    _process: Process,
+}
+
+fn versions_env(key: &str) -> Option<String> {
+    let text = std::fs::read_to_string(repo_root().join("e2e/versions.env")).ok()?;
+    text.lines().find_map(|l| l.strip_prefix(&format!("{key}=")).map(str::to_string))
+}
+
+fn cache_bin() -> PathBuf {
+    let cache = std::env::var_os("FLOWTEL_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/flowtel"));
+    cache.join("bin")
+}
+
+impl Collector {
+    pub fn start(test: &str) -> Result<Self, HarnessError> {
+        run(Command::new(repo_root().join("e2e/build-binaries")).arg("collector"))?;
+        let version = versions_env("OTELCOL_VERSION").unwrap_or_default();
+        let bin = cache_bin().join(format!("otelcol-flowtel-{version}"));
+        let dir = std::env::temp_dir().join(format!("flowtel-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|source| HarnessError::Spawn { command: "mkdir".into(), source })?;
+        let port = free_port();
+        let config = format!(
+            "receivers:\n  otlp:\n    protocols:\n      grpc: {{endpoint: 127.0.0.1:{port}}}\n\
+             exporters:\n  file/traces: {{path: {d}/traces.json, flush_interval: 100ms}}\n  \
+             file/metrics: {{path: {d}/metrics.json, flush_interval: 100ms}}\n\
+             service:\n  telemetry:\n    metrics: {{level: none}}\n  pipelines:\n    \
+             traces: {{receivers: [otlp], exporters: [file/traces]}}\n    \
+             metrics: {{receivers: [otlp], exporters: [file/metrics]}}\n",
+            d = dir.display()
+        );
+        let config_path = dir.join("config.yaml");
+        std::fs::write(&config_path, config)
+            .map_err(|source| HarnessError::Spawn { command: "write".into(), source })?;
+        let log = std::fs::File::create(dir.join("collector.log"))
+            .map_err(|source| HarnessError::Spawn { command: "log".into(), source })?;
+        let child = Command::new(&bin)
+            .arg("--config")
+            .arg(&config_path)
+            .stdout(log.try_clone().map_err(|source| HarnessError::Spawn { command: "log".into(), source })?)
+            .stderr(log)
+            .spawn()
+            .map_err(|source| HarnessError::Spawn { command: bin.display().to_string(), source })?;
+        let process = Process { child };
+        wait_for_port(port)?;
+        Ok(Self { endpoint: format!("http://127.0.0.1:{port}"), dir, _process: process })
+    }
+
+    fn lines(&self, file: &str) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.join(file))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Every span received, flattened: the OTLP JSON span objects.
+    pub fn spans(&self) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        for doc in self.lines("traces.json") {
+            for rs in doc["resourceSpans"].as_array().into_iter().flatten() {
+                for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
+                    out.extend(ss["spans"].as_array().into_iter().flatten().cloned());
+                }
+            }
+        }
+        out
+    }
+
+    /// The latest data point of metric `name` whose attributes include all of `attrs`, with the metric object.
+    pub fn latest_point(&self, name: &str, attrs: &[(&str, &str)]) -> Option<(serde_json::Value, serde_json::Value)> {
+        let mut found = None;
+        for doc in self.lines("metrics.json") {
+            for rm in doc["resourceMetrics"].as_array().into_iter().flatten() {
+                for sm in rm["scopeMetrics"].as_array().into_iter().flatten() {
+                    for m in sm["metrics"].as_array().into_iter().flatten().filter(|m| m["name"] == name) {
+                        let points = ["sum", "histogram", "gauge"]
+                            .iter()
+                            .find_map(|k| m[*k]["dataPoints"].as_array())
+                            .cloned()
+                            .unwrap_or_default();
+                        for p in points {
+                            if attrs.iter().all(|(k, v)| attribute(&p, k).as_deref() == Some(*v)) {
+                                found = Some((m.clone(), p));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        found
+    }
+}
+
+/// A string attribute of an OTLP JSON span or data point.
+pub fn attribute(item: &serde_json::Value, key: &str) -> Option<String> {
+    item["attributes"].as_array()?.iter().find(|a| a["key"] == key).and_then(|a| {
+        let v = &a["value"];
+        v["stringValue"].as_str().map(str::to_string).or_else(|| v["intValue"].as_str().map(str::to_string))
+    })
+}
+
+fn wait_for_port(port: u16) -> Result<(), HarnessError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if std::time::Instant::now() > deadline {
+            return Err(HarnessError::Timeout(format!("port {port} to accept connections")));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// The `flowtel` binary of this workspace. `cargo test --workspace` builds it (the operator's own integration tests
+/// need it); a nested `cargo build` here would wait forever on the lock the running `cargo test` holds.
+pub fn flowtel_binary() -> Result<PathBuf, HarnessError> {
+    let exe =
+        std::env::current_exe().map_err(|source| HarnessError::Spawn { command: "current_exe".into(), source })?;
+    // target/<profile>/deps/<test> -> target/<profile>/flowtel
+    let bin = exe.parent().and_then(Path::parent).map(|d| d.join("flowtel")).unwrap_or_default();
+    if !bin.exists() {
+        return Err(HarnessError::Timeout(format!(
+            "the operator binary {} (run the suite with `cargo test --workspace`, or `cargo build -p flowtel-operator`)",
+            bin.display()
+        )));
+    }
+    Ok(bin)
+}
+
+/// The operator, as its own process, watching one namespace.
+pub struct Operator {
+    pub admin: String,
+    pub log: PathBuf,
+    process: Option<Process>,
+    args: Vec<String>,
+}
+
+impl Operator {
+    /// Starts `flowtel run` for `namespace`, exporting to `otlp_endpoint`, and waits until it is ready.
+    pub fn start(namespace: &str, otlp_endpoint: &str, extra: &[&str]) -> Result<Self, HarnessError> {
+        let admin = format!("127.0.0.1:{}", free_port());
+        let mut args = vec![
+            "run".to_string(),
+            "--namespace".into(),
+            namespace.into(),
+            "--otlp-endpoint".into(),
+            otlp_endpoint.into(),
+            "--admin-addr".into(),
+            admin.clone(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let log = std::env::temp_dir().join(format!("flowtel-operator-{namespace}.log"));
+        let mut op = Self { admin, log, process: None, args };
+        op.spawn()?;
+        Ok(op)
+    }
+
+    fn spawn(&mut self) -> Result<(), HarnessError> {
+        let bin = flowtel_binary()?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(|source| HarnessError::Spawn { command: "log".into(), source })?;
+        let child = Command::new(&bin)
+            .args(&self.args)
+            .env("KUBECONFIG", cluster_kubeconfig())
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().map_err(|source| HarnessError::Spawn { command: "log".into(), source })?)
+            .stderr(log)
+            .spawn()
+            .map_err(|source| HarnessError::Spawn { command: bin.display().to_string(), source })?;
+        self.process = Some(Process { child });
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while self.get("/readyz").map(|(code, _)| code) != Some(200) {
+            if std::time::Instant::now() > deadline {
+                return Err(HarnessError::Timeout(format!("operator /readyz (log: {})", self.log.display())));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        self.process = None;
+    }
+
+    /// Starts it again with the same arguments.
+    pub fn restart(&mut self) -> Result<(), HarnessError> {
+        self.process = None;
+        self.spawn()
+    }
+
+    /// A plain HTTP GET on the admin port: (status code, body).
+    pub fn get(&self, path: &str) -> Option<(u16, String)> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&self.admin).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", self.admin).ok()?;
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).ok()?;
+        let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+        let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        Some((code, body))
+    }
+
+    /// A counter from `/metrics`.
+    pub fn counter(&self, name: &str) -> Option<u64> {
+        let (_, body) = self.get("/metrics")?;
+        body.lines().find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok())
+    }
+}

@@ -166,9 +166,13 @@ pub async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Context>) -> Result<Contr
             ReportKind::Finished => report.finished = true,
         },
         ReportState::Dropped { reason } => {
-            report.finished = true;
-            report.started = true;
-            report.dropped = kind == ReportKind::Finished || report.dropped;
+            match kind {
+                ReportKind::Started => report.started = true,
+                ReportKind::Finished => {
+                    report.finished = true;
+                    report.dropped = true;
+                }
+            }
             degraded = Some(("TelemetryDropped".into(), format!("run telemetry was dropped: {reason}")));
         }
         ReportState::Failing { reason } => {

@@ -1,0 +1,393 @@
+//! The WorkflowRun controller end to end: the operator as its own process against the real control plane (KWOK
+//! simulates the pods), exporting over loopback gRPC to the real OpenTelemetry Collector, whose file output the
+//! tests read. Tests assert outcomes, never durations.
+
+use std::time::Duration;
+
+use flowtel_crds::WorkflowRun;
+use flowtel_crds::workflow_run::{AttemptClassification, WorkflowRunPhase};
+use flowtel_e2e::{Collector, Operator, TEST_MANAGER, TestNamespace, attribute, client, install_crds};
+use k8s_openapi::api::batch::v1::Job;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::wait::await_condition;
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(90);
+
+struct Env {
+    client: kube::Client,
+    ns: TestNamespace,
+    collector: Collector,
+    operator: Operator,
+}
+
+impl Env {
+    async fn new(test: &str, extra: &[&str]) -> Self {
+        let client = client().await.expect("client");
+        install_crds(&client).await.expect("CRDs");
+        let ns = TestNamespace::new(&client, test).await.expect("namespace");
+        let collector = Collector::start(test).expect("collector");
+        let operator = Operator::start(&ns.name, &collector.endpoint, extra).expect("operator");
+        Self { client, ns, collector, operator }
+    }
+
+    fn runs(&self) -> Api<WorkflowRun> {
+        Api::namespaced(self.client.clone(), &self.ns.name)
+    }
+
+    fn jobs(&self) -> Api<Job> {
+        Api::namespaced(self.client.clone(), &self.ns.name)
+    }
+
+    async fn submit(&self, run: Value) -> WorkflowRun {
+        let name = run["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        self.runs().patch(&name, &PatchParams::apply(TEST_MANAGER), &Patch::Apply(&run)).await.expect("run submitted")
+    }
+
+    /// Waits until the run satisfies `done`; panics with the run's status otherwise.
+    async fn wait(&self, name: &str, what: &str, done: impl Fn(&WorkflowRun) -> bool) -> WorkflowRun {
+        let cond = move |r: Option<&WorkflowRun>| r.is_some_and(&done);
+        match tokio::time::timeout(WAIT, await_condition(self.runs(), name, cond)).await {
+            Ok(Ok(Some(run))) => run,
+            other => {
+                let current = self.runs().get_opt(name).await.ok().flatten().and_then(|r| r.status);
+                panic!(
+                    "run {name}: {what} did not happen: {other:?}\nstatus: {current:#?}\noperator log: {}",
+                    self.operator.log.display()
+                )
+            }
+        }
+    }
+
+    async fn wait_exported(&self, name: &str) -> WorkflowRun {
+        self.wait(name, "terminal telemetry exported", |r| {
+            r.status.as_ref().and_then(|s| s.telemetry.as_ref()).is_some_and(|t| t.finished)
+        })
+        .await
+    }
+
+    async fn jobs_of(&self, run: &str) -> Vec<Job> {
+        let lp = ListParams::default().labels(&format!("flowtel.dev/run={run}"));
+        self.jobs().list(&lp).await.expect("list jobs").items
+    }
+
+    /// Spans of one trace, waiting (bounded) until at least `count` arrived.
+    async fn spans(&self, trace_id: &str, count: usize) -> Vec<Value> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let spans: Vec<Value> = self.collector.spans().into_iter().filter(|s| s["traceId"] == trace_id).collect();
+            if spans.len() >= count || tokio::time::Instant::now() > deadline {
+                return spans;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+fn run_json(name: &str, workflow: &str, labels: Value, annotations: Value, extra_spec: Value) -> Value {
+    let mut run = json!({
+        "apiVersion": "flowtel.dev/v1alpha1", "kind": "WorkflowRun", "metadata": {"name": name},
+        "spec": {
+            "workflowName": workflow,
+            "template": {
+                "metadata": {"labels": labels, "annotations": annotations},
+                "spec": {"containers": [{"name": "main", "image": "registry.example/app:2.1"}]}
+            }
+        }
+    });
+    if let (Some(spec), Some(extra)) = (run["spec"].as_object_mut(), extra_spec.as_object()) {
+        spec.extend(extra.clone());
+    }
+    run
+}
+
+fn phase(r: &WorkflowRun) -> Option<WorkflowRunPhase> {
+    r.status.as_ref().and_then(|s| s.phase)
+}
+
+fn condition_reason(r: &WorkflowRun, type_: &str) -> Option<String> {
+    r.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_).map(|c| c.reason.clone())
+}
+
+fn env_of(job: &Job) -> Vec<(String, Option<String>)> {
+    job.spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|p| p.containers.first())
+        .and_then(|c| c.env.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|e| (e.name, e.value))
+        .collect()
+}
+
+fn env_value(env: &[(String, Option<String>)], name: &str) -> Option<String> {
+    env.iter().find(|(n, _)| n == name).and_then(|(_, v)| v.clone())
+}
+
+fn counter_value(point: &Value) -> i64 {
+    point["asInt"].as_str().and_then(|s| s.parse().ok()).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_successful_run_injects_otel_and_reports_spans_and_metrics() {
+    let env = Env::new("wfr-success", &[]).await;
+    let mut run = run_json("ok", "wf-success", json!({}), json!({"sim.flowtel.dev/duration": "1s"}), json!({}));
+    // The user's own variables: one wins over flowtel's, one is merged key by key.
+    run["spec"]["template"]["spec"]["containers"][0]["env"] = json!([
+        {"name": "MODE", "value": "full"},
+        {"name": "OTEL_PROPAGATORS", "value": "tracecontext"},
+        {"name": "OTEL_RESOURCE_ATTRIBUTES", "value": "team=data,workflow.name=user-value"}
+    ]);
+    let submitted = env.submit(run).await;
+    let uid = submitted.metadata.uid.clone().unwrap_or_default();
+    let done = env.wait_exported("ok").await;
+    let status = done.status.clone().unwrap_or_default();
+    assert_eq!(phase(&done), Some(WorkflowRunPhase::Succeeded));
+    assert_eq!(condition_reason(&done, "Succeeded").as_deref(), Some("Succeeded"));
+    assert_eq!(status.attempt_count, Some(1));
+    assert_eq!(status.observed_generation, done.metadata.generation);
+    let trace_id = status.trace_id.clone().expect("traceId");
+
+    // The Job: one per attempt, labelled, owned, with the environment injected.
+    let jobs = env.jobs_of("ok").await;
+    assert_eq!(jobs.len(), 1);
+    let job = &jobs[0];
+    assert_eq!(job.metadata.name.as_deref(), Some("ok-1"));
+    let labels = job.metadata.labels.clone().unwrap_or_default();
+    assert_eq!(labels.get("app.kubernetes.io/managed-by").map(String::as_str), Some("flowtel"));
+    assert_eq!(labels.get("flowtel.dev/workflow").map(String::as_str), Some("wf-success"));
+    assert_eq!(labels.get("flowtel.dev/attempt").map(String::as_str), Some("1"));
+    assert_eq!(job.spec.as_ref().and_then(|s| s.backoff_limit), Some(0));
+    let owner = job.metadata.owner_references.clone().unwrap_or_default();
+    assert!(owner.iter().any(|o| o.uid == uid && o.controller == Some(true)));
+    let job_env = env_of(job);
+    assert_eq!(env_value(&job_env, "MODE").as_deref(), Some("full"));
+    assert_eq!(env_value(&job_env, "OTEL_SERVICE_NAME").as_deref(), Some("wf-success"));
+    assert_eq!(env_value(&job_env, "OTEL_PROPAGATORS").as_deref(), Some("tracecontext"), "the user's value wins");
+    assert_eq!(env_value(&job_env, "OTEL_EXPORTER_OTLP_ENDPOINT").as_deref(), Some(env.collector.endpoint.as_str()));
+    let attrs = env_value(&job_env, "OTEL_RESOURCE_ATTRIBUTES").unwrap_or_default();
+    assert!(attrs.starts_with("team=data,workflow.name=user-value,"), "{attrs}");
+    assert!(attrs.contains(&format!("workflow.run_id={uid}")), "{attrs}");
+    assert!(attrs.contains("k8s.pod.name=$(OTEL_RESOURCE_ATTRIBUTES_POD_NAME)"), "{attrs}");
+    assert_eq!(job_env.last().map(|(n, _)| n.as_str()), Some("OTEL_RESOURCE_ATTRIBUTES"));
+    let traceparent = env_value(&job_env, "TRACEPARENT").unwrap_or_default();
+    assert!(traceparent.starts_with(&format!("00-{trace_id}-")), "{traceparent}");
+
+    // Spans: one workflow.run, one attempt child whose id is the workload's TRACEPARENT parent.
+    let spans = env.spans(&trace_id, 2).await;
+    let run_spans: Vec<&Value> = spans.iter().filter(|s| s["name"] == "workflow.run").collect();
+    assert_eq!(run_spans.len(), 1, "{spans:#?}");
+    let run_span = run_spans[0];
+    assert_eq!(attribute(run_span, "workflow.run_id").as_deref(), Some(uid.as_str()));
+    let attempt = spans.iter().find(|s| s["name"] == "workflow.attempt").expect("attempt span");
+    assert_eq!(attempt["parentSpanId"], run_span["spanId"]);
+    assert_eq!(attribute(attempt, "workflow.attempt").as_deref(), Some("1"));
+    assert!(traceparent.contains(attempt["spanId"].as_str().unwrap_or("?")), "TRACEPARENT names the attempt span");
+    // Span times are the times status recorded, not the time of export.
+    let start_ns = status.start_time.map(|t| t.0.as_nanosecond()).unwrap_or_default();
+    assert_eq!(run_span["startTimeUnixNano"].as_str().and_then(|s| s.parse::<i128>().ok()), Some(start_ns));
+
+    // Metrics: names, labels and bucket boundaries exactly as the user's spec.
+    let (_, total) =
+        env.collector.latest_point("workflow.run.total", &[("workflow_name", "wf-success")]).expect("run.total");
+    assert_eq!(counter_value(&total), 1);
+    let (_, st) = env
+        .collector
+        .latest_point("workflow.run.status", &[("workflow_name", "wf-success"), ("status", "success")])
+        .expect("run.status");
+    assert_eq!(counter_value(&st), 1);
+    let (metric, hist) =
+        env.collector.latest_point("workflow.run.duration_ms", &[("workflow_name", "wf-success")]).expect("duration");
+    assert_eq!(metric["unit"], "ms");
+    let bounds: Vec<f64> = hist["explicitBounds"].as_array().into_iter().flatten().filter_map(Value::as_f64).collect();
+    assert_eq!(bounds, [5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0]);
+    assert_eq!(hist["count"], "1");
+}
+
+#[tokio::test]
+async fn a_transient_failure_is_retried_after_backoff_and_counted() {
+    let env = Env::new("wfr-transient", &[]).await;
+    let run = run_json(
+        "flaky",
+        "wf-transient",
+        json!({"sim.flowtel.dev/outcome": "fail-once"}),
+        json!({"sim.flowtel.dev/exit-code": "3"}),
+        json!({"retry": {"limit": 2, "backoff": {"baseSeconds": 1, "factor": 2, "maxSeconds": 10}}}),
+    );
+    env.submit(run).await;
+    let retrying = env.wait("flaky", "Retrying", |r| phase(r) == Some(WorkflowRunPhase::Retrying)).await;
+    assert!(retrying.status.as_ref().and_then(|s| s.next_attempt_time.as_ref()).is_some());
+    let done = env.wait_exported("flaky").await;
+    let status = done.status.clone().unwrap_or_default();
+    assert_eq!(phase(&done), Some(WorkflowRunPhase::Succeeded));
+    assert_eq!(status.attempt_count, Some(2));
+    assert_eq!(status.attempts[0].classification, Some(AttemptClassification::Transient));
+    assert_eq!(status.attempts[0].exit_code, Some(3));
+    assert_eq!(env.jobs_of("flaky").await.len(), 2, "exactly one Job per attempt");
+    let (_, retries) = env
+        .collector
+        .latest_point("workflow.retry.count", &[("workflow_name", "wf-transient"), ("step_name", "main")])
+        .expect("retry.count");
+    assert_eq!(counter_value(&retries), 1);
+    let spans = env.spans(status.trace_id.as_deref().unwrap_or_default(), 3).await;
+    assert_eq!(spans.iter().filter(|s| s["name"] == "workflow.attempt").count(), 2);
+    let failed = spans.iter().find(|s| attribute(s, "workflow.attempt").as_deref() == Some("1")).expect("attempt 1");
+    assert_eq!(failed["events"][0]["name"], "attempt.failed");
+}
+
+#[tokio::test]
+async fn a_permanent_failure_is_not_retried() {
+    let env = Env::new("wfr-permanent", &[]).await;
+    let run = run_json(
+        "broken",
+        "wf-permanent",
+        json!({"sim.flowtel.dev/outcome": "fail"}),
+        json!({"sim.flowtel.dev/exit-code": "42"}),
+        json!({"retry": {"limit": 3, "permanentExitCodes": [42]}}),
+    );
+    env.submit(run).await;
+    let done = env.wait_exported("broken").await;
+    assert_eq!(phase(&done), Some(WorkflowRunPhase::Failed));
+    assert_eq!(condition_reason(&done, "Succeeded").as_deref(), Some("PermanentFailure"));
+    let status = done.status.clone().unwrap_or_default();
+    assert_eq!(status.attempt_count, Some(1));
+    assert_eq!(status.attempts[0].classification, Some(AttemptClassification::Permanent));
+    assert_eq!(env.jobs_of("broken").await.len(), 1);
+    let (_, st) = env
+        .collector
+        .latest_point("workflow.run.status", &[("workflow_name", "wf-permanent"), ("status", "failure")])
+        .expect("run.status failure");
+    assert_eq!(counter_value(&st), 1);
+}
+
+#[tokio::test]
+async fn a_disruption_gets_a_new_attempt_without_using_the_budget() {
+    let env = Env::new("wfr-disruption", &[]).await;
+    let run = run_json(
+        "evicted",
+        "wf-disruption",
+        json!({"sim.flowtel.dev/outcome": "disrupt-once"}),
+        json!({}),
+        json!({"retry": {"limit": 0}}),
+    );
+    env.submit(run).await;
+    let done = env.wait_exported("evicted").await;
+    let status = done.status.clone().unwrap_or_default();
+    assert_eq!(phase(&done), Some(WorkflowRunPhase::Succeeded), "{status:#?}");
+    assert_eq!(status.attempt_count, Some(2));
+    assert_eq!(status.attempts[0].classification, Some(AttemptClassification::Disruption));
+    assert!(
+        env.collector.latest_point("workflow.retry.count", &[("workflow_name", "wf-disruption")]).is_none(),
+        "a disruption is not a retry"
+    );
+}
+
+#[tokio::test]
+async fn the_deadline_ends_a_run_that_runs_too_long() {
+    let env = Env::new("wfr-deadline", &[]).await;
+    let run = run_json(
+        "slow",
+        "wf-deadline",
+        json!({}),
+        json!({"sim.flowtel.dev/duration": "1h"}),
+        json!({"activeDeadlineSeconds": 3}),
+    );
+    env.submit(run).await;
+    let done = env.wait_exported("slow").await;
+    assert_eq!(phase(&done), Some(WorkflowRunPhase::Failed));
+    assert_eq!(condition_reason(&done, "Succeeded").as_deref(), Some("DeadlineExceeded"));
+}
+
+#[tokio::test]
+async fn cancel_stops_the_active_job_and_ends_the_run_cancelled() {
+    let env = Env::new("wfr-cancel", &[]).await;
+    let run = run_json("long", "wf-cancel", json!({}), json!({"sim.flowtel.dev/duration": "1h"}), json!({}));
+    env.submit(run).await;
+    env.wait("long", "Running", |r| phase(r) == Some(WorkflowRunPhase::Running)).await;
+    let patch = json!({"spec": {"cancel": true}});
+    env.runs().patch("long", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("cancel");
+    let done = env.wait_exported("long").await;
+    assert_eq!(phase(&done), Some(WorkflowRunPhase::Failed));
+    assert_eq!(condition_reason(&done, "Succeeded").as_deref(), Some("Cancelled"));
+    let jobs = Api::<Job>::namespaced(env.client.clone(), &env.ns.name);
+    let gone =
+        await_condition(jobs, "long-1", |j: Option<&Job>| j.is_none_or(|j| j.metadata.deletion_timestamp.is_some()));
+    tokio::time::timeout(WAIT, gone).await.expect("active Job deleted").expect("watch");
+    let (_, st) = env
+        .collector
+        .latest_point("workflow.run.status", &[("workflow_name", "wf-cancel"), ("status", "cancelled")])
+        .expect("run.status cancelled");
+    assert_eq!(counter_value(&st), 1);
+}
+
+#[tokio::test]
+async fn ttl_deletes_the_run_only_after_its_telemetry_was_exported() {
+    let env = Env::new("wfr-ttl", &[]).await;
+    let run = run_json("brief", "wf-ttl", json!({}), json!({}), json!({"ttlSecondsAfterFinished": 1}));
+    let submitted = env.submit(run).await;
+    let uid = submitted.metadata.uid.clone().unwrap_or_default();
+    let gone = await_condition(env.runs(), "brief", kube::runtime::conditions::is_deleted(&uid));
+    tokio::time::timeout(WAIT, gone).await.expect("run deleted by its TTL").expect("watch");
+    let spans: Vec<Value> = env
+        .collector
+        .spans()
+        .into_iter()
+        .filter(|s| s["name"] == "workflow.run" && attribute(s, "workflow.run_id").as_deref() == Some(uid.as_str()))
+        .collect();
+    assert_eq!(spans.len(), 1, "the run's span was exported before the run went");
+}
+
+#[tokio::test]
+async fn a_collector_that_never_answers_does_not_hold_runs_up() {
+    // Accepts connections and never answers: the worst kind of endpoint.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+    let _hold = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming().flatten().take(64) {
+            held.push(s);
+        }
+    });
+    let client = client().await.expect("client");
+    install_crds(&client).await.expect("CRDs");
+    let ns = TestNamespace::new(&client, "wfr-blackhole").await.expect("namespace");
+    let operator =
+        Operator::start(&ns.name, &endpoint, &["--export-timeout-seconds", "1", "--export-drop-seconds", "4"])
+            .expect("operator");
+    let runs: Api<WorkflowRun> = Api::namespaced(client.clone(), &ns.name);
+    let run = run_json("unheard", "wf-blackhole", json!({}), json!({}), json!({}));
+    runs.patch("unheard", &PatchParams::apply(TEST_MANAGER), &Patch::Apply(&run)).await.expect("submit");
+    let finished = await_condition(runs.clone(), "unheard", |r: Option<&WorkflowRun>| {
+        r.and_then(|r| r.status.as_ref()?.telemetry.as_ref()).is_some_and(|t| t.finished)
+    });
+    let done = tokio::time::timeout(WAIT, finished).await.expect("run finished").expect("watch").expect("run");
+    assert_eq!(phase(&done), Some(WorkflowRunPhase::Succeeded), "the workload is never stopped by telemetry");
+    assert!(done.status.as_ref().and_then(|s| s.telemetry.as_ref()).is_some_and(|t| t.dropped));
+    assert_eq!(condition_reason(&done, "TelemetryDegraded").as_deref(), Some("TelemetryDropped"));
+    assert!(operator.counter("flowtel_telemetry_export_failures_total").unwrap_or_default() >= 1);
+    assert!(operator.counter("flowtel_telemetry_dropped_total").unwrap_or_default() >= 1);
+}
+
+#[tokio::test]
+async fn an_operator_killed_during_backoff_resumes_without_duplicates() {
+    let mut env = Env::new("wfr-restart", &[]).await;
+    let run = run_json(
+        "resumed",
+        "wf-restart",
+        json!({"sim.flowtel.dev/outcome": "fail-once"}),
+        json!({}),
+        json!({"retry": {"limit": 1, "backoff": {"baseSeconds": 4, "factor": 1, "maxSeconds": 4}}}),
+    );
+    env.submit(run).await;
+    env.wait("resumed", "Retrying", |r| phase(r) == Some(WorkflowRunPhase::Retrying)).await;
+    env.operator.kill();
+    env.operator.restart().expect("operator restarted");
+    let done = env.wait_exported("resumed").await;
+    let status = done.status.clone().unwrap_or_default();
+    assert_eq!(phase(&done), Some(WorkflowRunPhase::Succeeded));
+    assert_eq!(env.jobs_of("resumed").await.len(), 2, "exactly one Job per attempt");
+    let spans = env.spans(status.trace_id.as_deref().unwrap_or_default(), 3).await;
+    assert_eq!(spans.iter().filter(|s| s["name"] == "workflow.run").count(), 1, "one workflow.run span per run");
+    assert_eq!(spans.iter().filter(|s| s["name"] == "workflow.attempt").count(), 2);
+}
