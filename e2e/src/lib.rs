@@ -343,7 +343,7 @@ impl Operator {
         let child = Command::new(&bin)
             .args(&self.args)
             .env("KUBECONFIG", cluster_kubeconfig())
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info,kube_runtime=debug")
             .stdout(log.try_clone().map_err(|source| HarnessError::Spawn { command: "log".into(), source })?)
             .stderr(log)
             .spawn()

@@ -71,6 +71,18 @@ impl Env {
         self.jobs().list(&lp).await.expect("list jobs").items
     }
 
+    /// The latest point of a metric, waiting (bounded) for the collector's file output to show it.
+    async fn point(&self, name: &str, attrs: &[(&str, &str)]) -> Option<(Value, Value)> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let found = self.collector.latest_point(name, attrs);
+            if found.is_some() || tokio::time::Instant::now() > deadline {
+                return found;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Spans of one trace, waiting (bounded) until at least `count` arrived.
     async fn spans(&self, trace_id: &str, count: usize) -> Vec<Value> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -189,16 +201,15 @@ async fn a_successful_run_injects_otel_and_reports_spans_and_metrics() {
     assert_eq!(run_span["startTimeUnixNano"].as_str().and_then(|s| s.parse::<i128>().ok()), Some(start_ns));
 
     // Metrics: names, labels and bucket boundaries exactly as the user's spec.
-    let (_, total) =
-        env.collector.latest_point("workflow.run.total", &[("workflow_name", "wf-success")]).expect("run.total");
+    let (_, total) = env.point("workflow.run.total", &[("workflow_name", "wf-success")]).await.expect("run.total");
     assert_eq!(counter_value(&total), 1);
     let (_, st) = env
-        .collector
-        .latest_point("workflow.run.status", &[("workflow_name", "wf-success"), ("status", "success")])
+        .point("workflow.run.status", &[("workflow_name", "wf-success"), ("status", "success")])
+        .await
         .expect("run.status");
     assert_eq!(counter_value(&st), 1);
     let (metric, hist) =
-        env.collector.latest_point("workflow.run.duration_ms", &[("workflow_name", "wf-success")]).expect("duration");
+        env.point("workflow.run.duration_ms", &[("workflow_name", "wf-success")]).await.expect("duration");
     assert_eq!(metric["unit"], "ms");
     let bounds: Vec<f64> = hist["explicitBounds"].as_array().into_iter().flatten().filter_map(Value::as_f64).collect();
     assert_eq!(bounds, [5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0]);
@@ -226,8 +237,8 @@ async fn a_transient_failure_is_retried_after_backoff_and_counted() {
     assert_eq!(status.attempts[0].exit_code, Some(3));
     assert_eq!(env.jobs_of("flaky").await.len(), 2, "exactly one Job per attempt");
     let (_, retries) = env
-        .collector
-        .latest_point("workflow.retry.count", &[("workflow_name", "wf-transient"), ("step_name", "main")])
+        .point("workflow.retry.count", &[("workflow_name", "wf-transient"), ("step_name", "main")])
+        .await
         .expect("retry.count");
     assert_eq!(counter_value(&retries), 1);
     let spans = env.spans(status.trace_id.as_deref().unwrap_or_default(), 3).await;
@@ -255,8 +266,8 @@ async fn a_permanent_failure_is_not_retried() {
     assert_eq!(status.attempts[0].classification, Some(AttemptClassification::Permanent));
     assert_eq!(env.jobs_of("broken").await.len(), 1);
     let (_, st) = env
-        .collector
-        .latest_point("workflow.run.status", &[("workflow_name", "wf-permanent"), ("status", "failure")])
+        .point("workflow.run.status", &[("workflow_name", "wf-permanent"), ("status", "failure")])
+        .await
         .expect("run.status failure");
     assert_eq!(counter_value(&st), 1);
 }
@@ -315,8 +326,8 @@ async fn cancel_stops_the_active_job_and_ends_the_run_cancelled() {
         await_condition(jobs, "long-1", |j: Option<&Job>| j.is_none_or(|j| j.metadata.deletion_timestamp.is_some()));
     tokio::time::timeout(WAIT, gone).await.expect("active Job deleted").expect("watch");
     let (_, st) = env
-        .collector
-        .latest_point("workflow.run.status", &[("workflow_name", "wf-cancel"), ("status", "cancelled")])
+        .point("workflow.run.status", &[("workflow_name", "wf-cancel"), ("status", "cancelled")])
+        .await
         .expect("run.status cancelled");
     assert_eq!(counter_value(&st), 1);
 }

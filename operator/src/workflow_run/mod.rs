@@ -295,6 +295,7 @@ pub async fn run(
     ready: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let managed = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
+    let sync = SyncTracker::new(4, ready);
     let (jobs, jobs_writer) = reflector::store();
     let (pods, pods_writer) = reflector::store();
     let (stacks, stacks_writer) = reflector::store();
@@ -305,6 +306,7 @@ pub async fn run(
             j.managed_fields_mut().clear();
         })
         .reflect(jobs_writer)
+        .inspect(sync.watch("jobs"))
         .touched_objects();
     let pod_stream = watcher(api::<Pod>(&client, &config.scope), managed)
         .default_backoff()
@@ -312,17 +314,24 @@ pub async fn run(
             p.managed_fields_mut().clear();
         })
         .reflect(pods_writer)
+        .inspect(sync.watch("pods"))
         .touched_objects();
     let stack_stream = watcher(api::<TelemetryStack>(&client, &config.scope), watcher::Config::default())
         .default_backoff()
         .reflect(stacks_writer)
+        .inspect(sync.watch("telemetrystacks"))
         .touched_objects()
         .for_each(|_| futures::future::ready(()));
     tokio::spawn(stack_stream);
 
-    let runs_api = api::<WorkflowRun>(&client, &config.scope);
-    let controller = Controller::new(runs_api, watcher::Config::default());
-    let runs_store = controller.store();
+    // The runs' own reflector, so readiness can wait on it like on the others.
+    let (runs_store, runs_writer) = reflector::store();
+    let run_stream = watcher(api::<WorkflowRun>(&client, &config.scope), watcher::Config::default())
+        .default_backoff()
+        .reflect(runs_writer)
+        .inspect(sync.watch("workflowruns"))
+        .touched_objects();
+    let controller = Controller::for_stream(run_stream, runs_store.clone());
     let context = Arc::new(Context {
         client: client.clone(),
         jobs: jobs.clone(),
@@ -333,17 +342,6 @@ pub async fn run(
         default_otlp_endpoint: config.default_otlp_endpoint,
         recorder: Recorder::new(client.clone(), Reporter { controller: "flowtel".into(), instance: None }),
         stats,
-    });
-    tokio::spawn(async move {
-        let synced = |what: &str, r: Result<(), reflector::store::WriterDropped>| {
-            tracing::info!(watch = what, synced = r.is_ok(), "watch synced");
-        };
-        synced("jobs", jobs.wait_until_ready().await);
-        synced("pods", pods.wait_until_ready().await);
-        synced("telemetrystacks", stacks.wait_until_ready().await);
-        synced("workflowruns", runs_store.wait_until_ready().await);
-        ready.store(true, std::sync::atomic::Ordering::Relaxed);
-        tracing::info!("watches synced; ready");
     });
     let notifications = tokio_stream_from(notifications);
     controller
@@ -358,6 +356,35 @@ pub async fn run(
         .run(reconcile, error_policy, context)
         .for_each(|_| futures::future::ready(()))
         .await;
+}
+
+/// Flips `ready` once every watch delivered its initial list. (Awaiting `Store::wait_until_ready` beside the
+/// controller, which awaits the same store, could miss the wake-up; the watch events themselves cannot.)
+struct SyncTracker {
+    pending: Arc<std::sync::atomic::AtomicUsize>,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SyncTracker {
+    fn new(watches: usize, ready: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        Self { pending: Arc::new(watches.into()), ready }
+    }
+
+    fn watch<K>(&self, what: &'static str) -> impl FnMut(&Result<watcher::Event<K>, watcher::Error>) + use<K> {
+        let pending = self.pending.clone();
+        let ready = self.ready.clone();
+        let mut synced = false;
+        move |event| {
+            if !synced && matches!(event, Ok(watcher::Event::InitDone)) {
+                synced = true;
+                tracing::info!(watch = what, "watch synced");
+                if pending.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+                    ready.store(true, std::sync::atomic::Ordering::SeqCst);
+                    tracing::info!("every watch synced; ready");
+                }
+            }
+        }
+    }
 }
 
 fn tokio_stream_from<T: Send + 'static>(mut rx: mpsc::UnboundedReceiver<T>) -> impl futures::Stream<Item = T> {

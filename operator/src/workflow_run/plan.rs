@@ -157,7 +157,8 @@ fn job_outcome(job: &Job) -> Option<Outcome> {
             container: None,
         });
     }
-    let failed = finished("Failed")?;
+    // FailureTarget comes first: the Job controller sets it, then stops the pods, then sets Failed.
+    let failed = finished("Failed").or_else(|| finished("FailureTarget"))?;
     let reason = failed.reason.clone().unwrap_or_else(|| "JobFailed".into());
     // A Job deadline is the run's deadline reaching the pod: never retried.
     let classification =
@@ -270,7 +271,10 @@ impl Planner<'_> {
         self.status.attempt_count = Some(number);
         self.status.next_attempt_time = None;
         self.phase(WorkflowRunPhase::Running, "Running", &format!("attempt {number} is running"));
-        let deadline_seconds = deadline_at.duration_since(now).as_secs().max(1);
+        // The Job's deadline is a backstop for when the operator is down: rounded up plus a second, because the
+        // Job controller counts from a startTime truncated to whole seconds and must not fire before the run's.
+        let remaining_ms = deadline_at.duration_since(now).as_millis();
+        let deadline_seconds = i64::try_from((remaining_ms + 999) / 1000).unwrap_or(i64::MAX).max(1) + 1;
         self.action = Action::CreateJob { attempt: number, deadline_seconds };
         self.event(false, "AttemptStarted", format!("attempt {number} started"));
     }
@@ -291,9 +295,12 @@ impl Planner<'_> {
             .filter(|p| attempt_of(&p.metadata) == Some(number))
             .max_by_key(|p| p.metadata.creation_timestamp.as_ref().map(|t| t.0));
         let pod_name = pod.map(|p| p.name_any());
-        let outcome = pod
-            .and_then(|p| pod_outcome(p, retry))
-            .or_else(|| self.obs.jobs.iter().find(|j| j.name_any() == job_name).and_then(|j| job_outcome(j)));
+        let job = self.obs.jobs.iter().find(|j| j.name_any() == job_name).and_then(|j| job_outcome(j));
+        // A Job deadline kills the pod (exit 137), which alone would look transient: the Job's reason wins then.
+        let outcome = match job {
+            Some(o) if o.reason == "DeadlineExceeded" => Some(o),
+            job => pod.and_then(|p| pod_outcome(p, retry)).or(job),
+        };
         let now = self.obs.now;
         let Some(a) = self.status.attempts.last_mut() else { return };
         if pod_name.is_some() {
@@ -555,7 +562,7 @@ mod tests {
     fn first_visit_starts_attempt_one() {
         let mut r = run(json!({}));
         let p = step(&mut r, &[], t(0));
-        assert_eq!(p.action, Action::CreateJob { attempt: 1, deadline_seconds: 3600 });
+        assert_eq!(p.action, Action::CreateJob { attempt: 1, deadline_seconds: 3601 });
         assert_eq!(p.status.phase, Some(WorkflowRunPhase::Running));
         assert_eq!(p.status.attempts[0].job_name, "r-1");
         assert_eq!(p.status.trace_id.as_deref().map(str::len), Some(32));
@@ -583,7 +590,7 @@ mod tests {
         assert_eq!(p.requeue_after, Some(std::time::Duration::from_secs(5)));
         assert_eq!(p.status.attempts[0].classification, Some(AttemptClassification::Transient));
         let p = step(&mut r, std::slice::from_ref(&failed), t(6));
-        assert_eq!(p.action, Action::CreateJob { attempt: 2, deadline_seconds: 3594 });
+        assert_eq!(p.action, Action::CreateJob { attempt: 2, deadline_seconds: 3595 });
         let p = step(&mut r, &[failed, pod(2, "Succeeded", Some(0), false)], t(8));
         assert_eq!(p.status.phase, Some(WorkflowRunPhase::Succeeded));
         assert_eq!(p.status.attempt_count, Some(2));
@@ -620,7 +627,7 @@ mod tests {
         let mut r = run(json!({"limit": 0}));
         step(&mut r, &[], t(0));
         let p = step(&mut r, &[pod(1, "Failed", Some(137), true)], t(1));
-        assert_eq!(p.action, Action::CreateJob { attempt: 2, deadline_seconds: 3599 });
+        assert_eq!(p.action, Action::CreateJob { attempt: 2, deadline_seconds: 3600 });
         assert_eq!(p.status.attempts[0].classification, Some(AttemptClassification::Disruption));
     }
 
