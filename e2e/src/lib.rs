@@ -294,8 +294,14 @@ fn wait_for_port(port: u16) -> Result<(), HarnessError> {
 pub fn flowtel_binary() -> Result<PathBuf, HarnessError> {
     let exe =
         std::env::current_exe().map_err(|source| HarnessError::Spawn { command: "current_exe".into(), source })?;
-    // target/<profile>/deps/<test> -> target/<profile>/flowtel
-    let bin = exe.parent().and_then(Path::parent).map(|d| d.join("flowtel")).unwrap_or_default();
+    // A test runs from target/<profile>/deps/, a bench binary from target/<profile>/: flowtel is in the latter.
+    let bin = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|d| d.join("flowtel"))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("target/debug/flowtel"));
     if !bin.exists() {
         return Err(HarnessError::Timeout(format!(
             "the operator binary {} (run the suite with `cargo test --workspace`, or `cargo build -p flowtel-operator`)",
@@ -388,4 +394,87 @@ impl Operator {
         let (_, body) = self.get("/metrics")?;
         body.lines().find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok())
     }
+}
+
+/// A WorkflowRun whose pod KWOK completes after `duration`.
+pub fn simple_run(name: &str, workflow: &str, duration: &str) -> serde_json::Value {
+    json!({
+        "apiVersion": "flowtel.dev/v1alpha1", "kind": "WorkflowRun", "metadata": {"name": name},
+        "spec": {
+            "workflowName": workflow,
+            "template": {
+                "metadata": {"annotations": {"sim.flowtel.dev/duration": duration}},
+                "spec": {"containers": [{"name": "main", "image": "registry.example/app:1.0"}]}
+            }
+        }
+    })
+}
+
+/// Submits `count` runs at once into `namespace` and waits (up to `timeout`) until every one is terminal with its
+/// telemetry exported. Returns the wall time from the first submission to the last such run.
+pub async fn burst(
+    client: &Client,
+    namespace: &str,
+    workflow: &str,
+    count: usize,
+    timeout: Duration,
+) -> Result<Duration, HarnessError> {
+    use flowtel_crds::WorkflowRun;
+    use futures::StreamExt;
+    let runs: Api<WorkflowRun> = Api::namespaced(client.clone(), namespace);
+    let started = std::time::Instant::now();
+    let submissions = (0..count).map(|i| {
+        let runs = runs.clone();
+        let run = simple_run(&format!("burst-{i}"), workflow, "1s");
+        async move { runs.patch(&format!("burst-{i}"), &PatchParams::apply(TEST_MANAGER), &Patch::Apply(&run)).await }
+    });
+    let results: Vec<_> = futures::stream::iter(submissions).buffer_unordered(32).collect().await;
+    for r in results {
+        r?;
+    }
+    let done = |r: &WorkflowRun| r.status.as_ref().and_then(|s| s.telemetry.as_ref()).is_some_and(|t| t.finished);
+    let stream = kube::runtime::watcher(runs, kube::runtime::watcher::Config::default());
+    let mut store = kube::runtime::reflector::store::Writer::<WorkflowRun>::default();
+    let reader = store.as_reader();
+    let mut stream = std::pin::pin!(stream);
+    let wait = async {
+        while let Some(event) = stream.next().await {
+            if let Ok(event) = event {
+                store.apply_watcher_event(&event);
+                let state = reader.state();
+                if state.len() >= count && state.iter().all(|r| done(r)) {
+                    return Ok(started.elapsed());
+                }
+            }
+        }
+        Err(HarnessError::Timeout("the burst's watch ended".into()))
+    };
+    tokio::time::timeout(timeout, wait).await.map_err(|_| {
+        let finished = reader.state().iter().filter(|r| done(r)).count();
+        HarnessError::Timeout(format!("{count} runs terminal and exported ({finished} were)"))
+    })?
+}
+
+/// Write requests (not Events) the operator (user agent `flowtel/…`) sent for objects in `namespace`, from the
+/// apiserver's audit log, by verb and resource.
+pub fn operator_writes(namespace: &str) -> Vec<(String, u64)> {
+    let log = cluster_kubeconfig().parent().map(|d| d.join("logs/audit.log")).unwrap_or_default();
+    let mut counts = std::collections::BTreeMap::<String, u64>::new();
+    for line in std::fs::read_to_string(log).unwrap_or_default().lines() {
+        let Ok(e) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let ours = e["userAgent"].as_str().is_some_and(|ua| ua.starts_with("flowtel/"));
+        let object = &e["objectRef"];
+        if !ours
+            || e["stage"] != "ResponseComplete"
+            || object["namespace"] != namespace
+            || object["resource"] == "events"
+        {
+            continue;
+        }
+        let sub = object["subresource"].as_str().map(|s| format!("/{s}")).unwrap_or_default();
+        let key =
+            format!("{} {}{}", e["verb"].as_str().unwrap_or("?"), object["resource"].as_str().unwrap_or("?"), sub);
+        *counts.entry(key).or_default() += 1;
+    }
+    counts.into_iter().collect()
 }

@@ -402,3 +402,28 @@ async fn an_operator_killed_during_backoff_resumes_without_duplicates() {
     assert_eq!(spans.iter().filter(|s| s["name"] == "workflow.run").count(), 1, "one workflow.run span per run");
     assert_eq!(spans.iter().filter(|s| s["name"] == "workflow.attempt").count(), 2);
 }
+
+#[tokio::test]
+async fn a_burst_of_200_runs_all_end_and_each_is_counted_once() {
+    let env = Env::new("wfr-burst", &["--concurrency", "32"]).await;
+    flowtel_e2e::burst(&env.client, &env.ns.name, "wf-burst", 200, Duration::from_secs(600)).await.expect("burst");
+    let runs = env.runs().list(&ListParams::default()).await.expect("list").items;
+    assert_eq!(runs.len(), 200);
+    assert!(runs.iter().all(|r| phase(r) == Some(WorkflowRunPhase::Succeeded)));
+    let (_, total) = env.point("workflow.run.total", &[("workflow_name", "wf-burst")]).await.expect("run.total");
+    assert_eq!(counter_value(&total), 200);
+    let (_, ok) = env
+        .point("workflow.run.status", &[("workflow_name", "wf-burst"), ("status", "success")])
+        .await
+        .expect("status");
+    assert_eq!(counter_value(&ok), 200);
+    let run_ids: std::collections::BTreeSet<String> = runs.iter().filter_map(|r| r.metadata.uid.clone()).collect();
+    let spans: Vec<Value> = env
+        .collector
+        .spans()
+        .into_iter()
+        .filter(|s| s["name"] == "workflow.run")
+        .filter(|s| attribute(s, "workflow.run_id").is_some_and(|id| run_ids.contains(&id)))
+        .collect();
+    assert_eq!(spans.len(), 200, "exactly one workflow.run span per run");
+}

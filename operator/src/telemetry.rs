@@ -64,7 +64,13 @@ pub enum ReportState {
 struct Entry {
     state: ReportState,
     first_try: Instant,
+    /// When the reconcile recorded the result in status. The entry is kept a while after that: a reconcile that
+    /// still reads the previous status from its cache must get "exported" again, not a second export.
+    recorded_at: Option<Instant>,
 }
+
+/// How long a report's result is remembered after it reached status (far longer than any cache lag).
+const REMEMBER: Duration = Duration::from_secs(600);
 
 /// Counters of the exporter itself, shown on the admin port's `/metrics`.
 #[derive(Default, Debug)]
@@ -206,14 +212,19 @@ impl Telemetry {
         } else {
             ReportState::Failing { reason: "ExportQueueFull".into() }
         };
-        entries.insert(key, Entry { state: state.clone(), first_try: Instant::now() });
+        if entries.len().is_multiple_of(1024) {
+            entries.retain(|_, e| e.recorded_at.is_none_or(|t| t.elapsed() < REMEMBER));
+        }
+        entries.insert(key, Entry { state: state.clone(), first_try: Instant::now(), recorded_at: None });
         state
     }
 
-    /// Forgets a run's report once its state is in status.
-    pub fn forget(&self, run: &WorkflowRun, kind: ReportKind) {
-        if let Some(uid) = run.uid() {
-            self.entries.lock().unwrap_or_else(|e| e.into_inner()).remove(&(uid, kind));
+    /// Marks a run's report as recorded in status; it is forgotten some minutes later.
+    pub fn recorded(&self, run: &WorkflowRun, kind: ReportKind) {
+        if let Some(uid) = run.uid()
+            && let Some(entry) = self.entries.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&(uid, kind))
+        {
+            entry.recorded_at.get_or_insert_with(Instant::now);
         }
     }
 
@@ -357,8 +368,8 @@ struct Worker {
     entries: Arc<Mutex<HashMap<(String, ReportKind), Entry>>>,
     stats: Arc<ExportStats>,
     notify: mpsc::UnboundedSender<ObjectRef<WorkflowRun>>,
-    /// Metrics recorded in this process, so a retried export does not count them twice.
-    recorded: HashMap<(String, ReportKind), ()>,
+    /// Metrics recorded in this process (and when), so a retried export does not count them twice.
+    recorded: HashMap<(String, ReportKind), Instant>,
 }
 
 impl Worker {
@@ -367,9 +378,13 @@ impl Worker {
         let mut batch = Vec::with_capacity(BATCH);
         while self.rx.recv_many(&mut batch, BATCH).await > 0 {
             let requests = std::mem::take(&mut batch);
+            if self.recorded.len() > 100_000 {
+                // A run's export is retried for drop_after at most; an hour covers it many times over.
+                self.recorded.retain(|_, at| at.elapsed() < Duration::from_secs(3600));
+            }
             let mut spans = Vec::new();
             for r in &requests {
-                let first = self.recorded.insert(r.key.clone(), ()).is_none();
+                let first = self.recorded.insert(r.key.clone(), Instant::now()).is_none();
                 match &r.report {
                     Report::Started { workflow } => {
                         if first {

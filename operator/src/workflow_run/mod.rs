@@ -30,6 +30,8 @@ use plan::{Action, Observation, Settings};
 
 /// The field manager of everything flowtel writes.
 pub const FIELD_MANAGER: &str = "flowtel";
+/// How long the `started` telemetry flag may wait for another status change before it is written on its own.
+const STARTED_FLAG_DEFER_SECONDS: i64 = 30;
 /// Holds a run's deletion until its telemetry was exported (or dropped after the timeout).
 pub const FINALIZER: &str = "flowtel.dev/telemetry";
 
@@ -223,16 +225,33 @@ pub async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Context>) -> Result<Contr
         }
     }
 
-    if Some(&plan.status) != run.status.as_ref() {
+    // What is worth a write: any change, except (a) a deleted run that already finished and reported (deletion
+    // bumps the generation; there is nothing left to record), and (b) the `started` report alone, early in a
+    // run: it rides along with the next change, or is written on its own once the run has run a while. A crash in
+    // between re-exports `workflow.run.total` once (documented).
+    let mut unchanged_but_started = plan.status.clone();
+    if let Some(t) = unchanged_but_started.telemetry.as_mut() {
+        t.started = reported.started;
+    }
+    let running_for = stored.start_time.as_ref().map(|t| jiff::Timestamp::now().duration_since(t.0));
+    let defer_started = Some(&unchanged_but_started) == run.status.as_ref()
+        && running_for.is_some_and(|d| d < jiff::SignedDuration::from_secs(STARTED_FLAG_DEFER_SECONDS));
+    let finished_and_deleting = deleting && reported.finished;
+    let mut requeue_started = None;
+    if defer_started {
+        let left = STARTED_FLAG_DEFER_SECONDS - running_for.map_or(0, |d| d.as_secs());
+        requeue_started = Some(Duration::from_secs(u64::try_from(left.max(1)).unwrap_or(1)));
+    }
+    if Some(&plan.status) != run.status.as_ref() && !defer_started && !finished_and_deleting {
         let patch = json!({"apiVersion": WorkflowRun::api_version(&()), "kind": WorkflowRun::kind(&()),
             "status": plan.status});
         runs.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
         ctx.stats.status_writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if report.started && !reported.started {
-            ctx.telemetry.forget(&run, ReportKind::Started);
+            ctx.telemetry.recorded(&run, ReportKind::Started);
         }
         if report.finished && !reported.finished {
-            ctx.telemetry.forget(&run, ReportKind::Finished);
+            ctx.telemetry.recorded(&run, ReportKind::Finished);
         }
     }
     for note in &plan.events {
@@ -250,7 +269,7 @@ pub async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Context>) -> Result<Contr
         }
     }
 
-    let requeue = [plan.requeue_after, retry_export].into_iter().flatten().min();
+    let requeue = [plan.requeue_after, retry_export, requeue_started].into_iter().flatten().min();
     Ok(requeue.map_or_else(ControllerAction::await_change, ControllerAction::requeue))
 }
 

@@ -303,10 +303,9 @@ impl Planner<'_> {
         };
         let now = self.obs.now;
         let Some(a) = self.status.attempts.last_mut() else { return };
-        if pod_name.is_some() {
-            a.pod_name = pod_name;
-        }
         if let Some(o) = outcome {
+            // Recorded with the outcome only: a write just for the pod's name would cost a status write per run.
+            a.pod_name = pod_name;
             a.end_time = Some(micro(now));
             a.exit_code = o.exit_code;
             a.reason = Some(o.reason.clone());
