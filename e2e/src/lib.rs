@@ -317,11 +317,22 @@ pub struct Operator {
     pub log: PathBuf,
     process: Option<Process>,
     args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Operator {
     /// Starts `flowtel run` for `namespace`, exporting to `otlp_endpoint`, and waits until it is ready.
     pub fn start(namespace: &str, otlp_endpoint: &str, extra: &[&str]) -> Result<Self, HarnessError> {
+        Self::start_with_env(namespace, otlp_endpoint, extra, &[])
+    }
+
+    /// As `start`, with extra environment (e.g. `FLOWTEL_CRASH_AT`), kept only until the next `restart`.
+    pub fn start_with_env(
+        namespace: &str,
+        otlp_endpoint: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self, HarnessError> {
         let admin = format!("127.0.0.1:{}", free_port());
         let mut args = vec![
             "run".to_string(),
@@ -334,7 +345,8 @@ impl Operator {
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = std::env::temp_dir().join(format!("flowtel-operator-{namespace}.log"));
-        let mut op = Self { admin, log, process: None, args };
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut op = Self { admin, log, process: None, args, env };
         op.spawn()?;
         Ok(op)
     }
@@ -350,6 +362,7 @@ impl Operator {
             .args(&self.args)
             .env("KUBECONFIG", cluster_kubeconfig())
             .env("RUST_LOG", "info,kube_runtime=debug")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(log.try_clone().map_err(|source| HarnessError::Spawn { command: "log".into(), source })?)
             .stderr(log)
             .spawn()
@@ -370,10 +383,26 @@ impl Operator {
         self.process = None;
     }
 
-    /// Starts it again with the same arguments.
+    /// Starts it again with the same arguments (without the extra environment).
     pub fn restart(&mut self) -> Result<(), HarnessError> {
         self.process = None;
+        self.env.clear();
         self.spawn()
+    }
+
+    /// Waits (bounded) until the process exited by itself, as at a crash point.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while let Some(p) = self.process.as_mut() {
+            if matches!(p.child.try_wait(), Ok(Some(_))) {
+                return true;
+            }
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        true
     }
 
     /// A plain HTTP GET on the admin port: (status code, body).

@@ -427,3 +427,132 @@ async fn a_burst_of_200_runs_all_end_and_each_is_counted_once() {
         .collect();
     assert_eq!(spans.len(), 200, "exactly one workflow.run span per run");
 }
+
+#[tokio::test]
+async fn bad_references_and_rejected_templates_are_reported_never_lost() {
+    let env = Env::new("wfr-bad-input", &[]).await;
+    // A TelemetryStack that does not exist: the run still runs, with TelemetryDegraded and the reason.
+    let run =
+        run_json("no-stack", "wf-bad-input", json!({}), json!({}), json!({"telemetryStackRef": {"name": "missing"}}));
+    env.submit(run).await;
+    let done = env.wait_exported("no-stack").await;
+    assert_eq!(phase(&done), Some(WorkflowRunPhase::Succeeded));
+    assert_eq!(condition_reason(&done, "TelemetryDegraded").as_deref(), Some("TelemetryStackNotFound"));
+
+    // A template the apiserver rejects as a Job (a container name that is not a DNS label): the run fails once,
+    // naming the reason, instead of retrying forever.
+    let mut run = run_json("bad-template", "wf-bad-input", json!({}), json!({}), json!({}));
+    run["spec"]["template"]["spec"]["containers"][0]["name"] = json!("Not_A_DNS_Label");
+    env.submit(run).await;
+    let done = env.wait_exported("bad-template").await;
+    assert_eq!(phase(&done), Some(WorkflowRunPhase::Failed));
+    assert_eq!(condition_reason(&done, "Succeeded").as_deref(), Some("JobRejected"));
+    let message = done
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Succeeded"))
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(message.contains("spec.template"), "{message}");
+    assert!(env.jobs_of("bad-template").await.is_empty());
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), &env.ns.name);
+    let warnings = events.list(&ListParams::default()).await.expect("events").items;
+    assert!(
+        warnings.iter().any(|e| e.reason.as_deref() == Some("JobRejected") && e.type_.as_deref() == Some("Warning"))
+    );
+}
+
+#[tokio::test]
+async fn a_restarted_operator_does_not_write_to_finished_runs() {
+    let mut env = Env::new("wfr-idle-restart", &[]).await;
+    env.submit(run_json("finished", "wf-idle", json!({}), json!({}), json!({}))).await;
+    let done = env.wait_exported("finished").await;
+    let version = done.metadata.resource_version.clone();
+    env.operator.restart().expect("restart");
+    // Once the new process has reconciled the run, its resourceVersion must not have moved.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while env.operator.counter("flowtel_reconciles_total").unwrap_or_default() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the restarted operator never reconciled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = env.runs().get("finished").await.expect("run");
+    assert_eq!(after.metadata.resource_version, version);
+    assert_eq!(env.operator.counter("flowtel_status_writes_total"), Some(0));
+}
+
+/// Sum over operator processes of the latest cumulative value of a counter (each process is its own series).
+fn total_across_processes(collector: &Collector, name: &str, workflow: &str) -> i64 {
+    let mut latest = std::collections::BTreeMap::<String, i64>::new();
+    for doc in std::fs::read_to_string(collector.dir.join("metrics.json")).unwrap_or_default().lines() {
+        let Ok(doc) = serde_json::from_str::<Value>(doc) else { continue };
+        for rm in doc["resourceMetrics"].as_array().into_iter().flatten() {
+            for sm in rm["scopeMetrics"].as_array().into_iter().flatten() {
+                for m in sm["metrics"].as_array().into_iter().flatten().filter(|m| m["name"] == name) {
+                    for p in m["sum"]["dataPoints"].as_array().into_iter().flatten() {
+                        if attribute(p, "workflow_name").as_deref() == Some(workflow) {
+                            let start = p["startTimeUnixNano"].as_str().unwrap_or_default().to_string();
+                            let v = counter_value(p);
+                            let e = latest.entry(start).or_default();
+                            *e = (*e).max(v);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    latest.values().sum()
+}
+
+#[tokio::test]
+async fn a_crash_at_any_named_point_never_double_counts() {
+    for point in ["after-job-create", "after-terminal-status", "during-backoff"] {
+        let client = client().await.expect("client");
+        install_crds(&client).await.expect("CRDs");
+        let ns = TestNamespace::new(&client, &format!("wfr-crash-{point}")).await.expect("namespace");
+        let collector = Collector::start(&format!("crash-{point}")).expect("collector");
+        let mut operator = Operator::start_with_env(&ns.name, &collector.endpoint, &[], &[("FLOWTEL_CRASH_AT", point)])
+            .expect("operator");
+        let workflow = format!("wf-crash-{point}");
+        let labels =
+            if point == "during-backoff" { json!({"sim.flowtel.dev/outcome": "fail-once"}) } else { json!({}) };
+        let run = run_json(
+            "crashy",
+            &workflow,
+            labels,
+            json!({}),
+            json!({"retry": {"limit": 1, "backoff": {"baseSeconds": 2, "factor": 1, "maxSeconds": 2}}}),
+        );
+        let runs: Api<WorkflowRun> = Api::namespaced(client.clone(), &ns.name);
+        runs.patch("crashy", &PatchParams::apply(TEST_MANAGER), &Patch::Apply(&run)).await.expect("submit");
+        assert!(operator.wait_exit(WAIT), "{point}: the operator did not reach its crash point");
+        operator.restart().expect("restart");
+        let finished = await_condition(runs.clone(), "crashy", |r: Option<&WorkflowRun>| {
+            r.and_then(|r| r.status.as_ref()?.telemetry.as_ref()).is_some_and(|t| t.finished)
+        });
+        let done = tokio::time::timeout(WAIT, finished).await.expect("finished").expect("watch").expect("run");
+        assert_eq!(phase(&done), Some(WorkflowRunPhase::Succeeded), "{point}");
+        let status = done.status.clone().unwrap_or_default();
+        let attempts = status.attempt_count.unwrap_or_default();
+        let jobs: Api<Job> = Api::namespaced(client.clone(), &ns.name);
+        let job_count = jobs.list(&ListParams::default()).await.expect("jobs").items.len();
+        assert_eq!(job_count, usize::try_from(attempts).unwrap_or_default(), "{point}: one Job per attempt");
+        let trace_id = status.trace_id.clone().unwrap_or_default();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let run_spans = loop {
+            let n =
+                collector.spans().iter().filter(|s| s["traceId"] == trace_id && s["name"] == "workflow.run").count();
+            if n >= 1 || tokio::time::Instant::now() > deadline {
+                break n;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert_eq!(run_spans, 1, "{point}: one workflow.run span");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while total_across_processes(&collector, "workflow.run.status", &workflow) < 1 {
+            assert!(tokio::time::Instant::now() < deadline, "{point}: workflow.run.status never arrived");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert_eq!(total_across_processes(&collector, "workflow.run.status", &workflow), 1, "{point}: counted once");
+        assert_eq!(total_across_processes(&collector, "workflow.run.total", &workflow), 1, "{point}: started once");
+    }
+}

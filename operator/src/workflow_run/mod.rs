@@ -35,6 +35,17 @@ const STARTED_FLAG_DEFER_SECONDS: i64 = 30;
 /// Holds a run's deletion until its telemetry was exported (or dropped after the timeout).
 pub const FINALIZER: &str = "flowtel.dev/telemetry";
 
+/// Test hook: `FLOWTEL_CRASH_AT=<point>` aborts the process at that point, as a crash would, so the end-to-end
+/// tests can show that a restart never double-counts. Points: `after-job-create`, `after-terminal-status`,
+/// `during-backoff`.
+fn crash_point(point: &str) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if AT.get_or_init(|| std::env::var("FLOWTEL_CRASH_AT").ok()).as_deref() == Some(point) {
+        tracing::error!(point, "FLOWTEL_CRASH_AT: aborting");
+        std::process::abort();
+    }
+}
+
 /// Errors of one reconcile.
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -205,11 +216,23 @@ pub async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Context>) -> Result<Contr
             let desired = job::build_job(&run, *attempt, &target, Some(*deadline_seconds))?;
             let job_name = desired.name_any();
             let existing = ctx.jobs.get(&ObjectRef::new(&job_name).within(&ns));
+            let generation = run.metadata.generation;
             if existing.as_ref().is_some_and(|j| !job::is_controlled_by(j, &uid)) {
-                return Err(ReconcileError::JobNameConflict(job_name));
+                let message = ReconcileError::JobNameConflict(job_name).to_string();
+                plan::reject_attempt(&mut plan, "JobNameConflict", &message, generation, obs.now);
+            } else {
+                let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
+                let params = PatchParams::apply(FIELD_MANAGER).force();
+                match jobs_api.patch(&job_name, &params, &Patch::Apply(&desired)).await {
+                    Ok(_) => crash_point("after-job-create"),
+                    // The template is invalid for a Job: say so once, with the apiserver's words, and end the run.
+                    Err(kube::Error::Api(s)) if s.code == 400 || s.code == 422 => {
+                        let message = format!("spec.template: the apiserver rejected Job {job_name}: {}", s.message);
+                        plan::reject_attempt(&mut plan, "JobRejected", &message, generation, obs.now);
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
-            let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
-            jobs_api.patch(&job_name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&desired)).await?;
         }
         Action::DeleteJob { name: job_name } => {
             let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
@@ -247,6 +270,12 @@ pub async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Context>) -> Result<Contr
             "status": plan.status});
         runs.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
         ctx.stats.status_writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if plan::is_terminal(&plan.status) && !plan::is_terminal(&stored) {
+            crash_point("after-terminal-status");
+        }
+        if plan.status.phase == Some(flowtel_crds::workflow_run::WorkflowRunPhase::Retrying) {
+            crash_point("during-backoff");
+        }
         if report.started && !reported.started {
             ctx.telemetry.recorded(&run, ReportKind::Started);
         }

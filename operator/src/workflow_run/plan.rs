@@ -510,6 +510,27 @@ pub fn plan(run: &WorkflowRun, obs: &Observation<'_>, settings: &Settings) -> Pl
     planner.plan(settings)
 }
 
+/// The attempt's Job could not be created (the apiserver rejected it, or its name is taken by a Job this run does
+/// not own): the run ends Failed with that reason, so bad input is reported once instead of retried forever.
+pub fn reject_attempt(plan: &mut Plan, reason: &'static str, message: &str, generation: Option<i64>, now: Timestamp) {
+    let status = &mut plan.status;
+    if let Some(a) = status.attempts.last_mut() {
+        a.end_time = Some(micro(now));
+        a.reason = Some(reason.into());
+        a.classification = Some(AttemptClassification::Permanent);
+    }
+    status.phase = Some(WorkflowRunPhase::Failed);
+    status.completion_time = Some(micro(now));
+    status.next_attempt_time = None;
+    if let Some(start) = &status.start_time {
+        status.duration_ms = Some(now.as_millisecond() - start.0.as_millisecond());
+    }
+    set_condition(&mut status.conditions, SUCCEEDED, "False", reason, message, generation, now);
+    plan.action = Action::None;
+    plan.requeue_after = None;
+    plan.events.push(EventNote { warning: true, reason, note: message.to_string() });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -672,6 +693,16 @@ mod tests {
         let before = r.status.clone();
         let p = step(&mut r, &[], t(50));
         assert_eq!(Some(p.status), before, "status of a finished run must not move");
+    }
+
+    #[test]
+    fn a_rejected_job_ends_the_run_with_the_reason() {
+        let mut r = run(json!({}));
+        let mut p = step(&mut r, &[], t(0));
+        reject_attempt(&mut p, "JobRejected", "spec.template: invalid", Some(1), t(0));
+        assert_eq!(p.status.phase, Some(WorkflowRunPhase::Failed));
+        assert_eq!(p.status.attempts[0].classification, Some(AttemptClassification::Permanent));
+        assert!(p.events.iter().any(|e| e.warning && e.reason == "JobRejected"));
     }
 
     #[test]
