@@ -29,6 +29,8 @@ use serde::{Deserialize, Serialize};
 )]
 #[x_kube(validation = Rule::new("!has(oldSelf.cancel) || !oldSelf.cancel || (has(self.cancel) && self.cancel)")
     .message("cancel can only change from false to true").field_path(".cancel").reason(Reason::FieldValueForbidden))]
+#[x_kube(validation = Rule::new("self.workflowName == oldSelf.workflowName && self.template == oldSelf.template && self.retry == oldSelf.retry && has(self.telemetryStackRef) == has(oldSelf.telemetryStackRef) && (!has(self.telemetryStackRef) || self.telemetryStackRef == oldSelf.telemetryStackRef) && has(self.activeDeadlineSeconds) == has(oldSelf.activeDeadlineSeconds) && (!has(self.activeDeadlineSeconds) || self.activeDeadlineSeconds == oldSelf.activeDeadlineSeconds)")
+    .message("the spec is immutable once the run exists, except cancel (false to true) and ttlSecondsAfterFinished").reason(Reason::FieldValueForbidden))]
 #[serde(rename_all = "camelCase")]
 pub struct WorkflowRunSpec {
     /// Name of the workflow this run belongs to. It becomes the `workflow_name` metric label, the

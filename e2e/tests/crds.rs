@@ -386,3 +386,37 @@ async fn crds_install_from_the_checked_in_files_and_become_established() {
         assert_eq!(crd.spec.names.categories, Some(vec!["flowtel".to_string()]));
     }
 }
+
+#[tokio::test]
+async fn the_spec_is_immutable_except_cancel_and_ttl() {
+    let client = client().await.expect("client");
+    install_crds(&client).await.expect("CRDs installed and Established");
+    let ns = TestNamespace::new(&client, "crd-immutable").await.expect("namespace");
+    let api = api(&client, &ns.name, "WorkflowRun");
+    let mut obj = valid_workflow_run("fixed");
+    apply(&api, &obj).await.expect("created");
+
+    for (path, value) in [
+        ("/spec/workflowName", json!("other")),
+        ("/spec/retry/limit", json!(5)),
+        ("/spec/activeDeadlineSeconds", json!(60)),
+    ] {
+        let mut changed = obj.clone();
+        set(&mut changed, path, Some(value));
+        match apply(&api, &changed).await {
+            Err(kube::Error::Api(status)) => {
+                assert_eq!(status.code, 422, "{path}: {status:?}");
+                assert!(status.message.contains("immutable"), "{path}: {}", status.message);
+            }
+            other => panic!("{path}: changing it was not rejected: {other:?}"),
+        }
+    }
+    let mut image = obj.clone();
+    image["spec"]["template"]["spec"]["containers"][0]["image"] = json!("registry.example/sync:2.0");
+    assert!(apply(&api, &image).await.is_err(), "the template is immutable");
+
+    set(&mut obj, "/spec/ttlSecondsAfterFinished", Some(json!(60)));
+    apply(&api, &obj).await.expect("the TTL may change");
+    set(&mut obj, "/spec/cancel", Some(json!(true)));
+    apply(&api, &obj).await.expect("cancel may go to true");
+}

@@ -457,9 +457,11 @@ async fn bad_references_and_rejected_templates_are_reported_never_lost() {
     assert!(env.jobs_of("bad-template").await.is_empty());
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), &env.ns.name);
     let warnings = events.list(&ListParams::default()).await.expect("events").items;
-    assert!(
-        warnings.iter().any(|e| e.reason.as_deref() == Some("JobRejected") && e.type_.as_deref() == Some("Warning"))
-    );
+    let warned = |reason: &str| {
+        warnings.iter().any(|e| e.reason.as_deref() == Some(reason) && e.type_.as_deref() == Some("Warning"))
+    };
+    assert!(warned("JobRejected"));
+    assert!(warned("TelemetryDegraded"), "a missing TelemetryStack is a Warning event too");
 }
 
 #[tokio::test]
@@ -555,4 +557,22 @@ async fn a_crash_at_any_named_point_never_double_counts() {
         assert_eq!(total_across_processes(&collector, "workflow.run.status", &workflow), 1, "{point}: counted once");
         assert_eq!(total_across_processes(&collector, "workflow.run.total", &workflow), 1, "{point}: started once");
     }
+}
+
+#[tokio::test]
+async fn deleting_a_running_run_ends_it_cancelled_and_reports_it_before_it_goes() {
+    let env = Env::new("wfr-delete", &[]).await;
+    let submitted = env
+        .submit(run_json("doomed", "wf-delete", json!({}), json!({"sim.flowtel.dev/duration": "1h"}), json!({})))
+        .await;
+    let uid = submitted.metadata.uid.clone().unwrap_or_default();
+    env.wait("doomed", "Running", |r| phase(r) == Some(WorkflowRunPhase::Running)).await;
+    env.runs().delete("doomed", &kube::api::DeleteParams::default()).await.expect("delete");
+    let gone = await_condition(env.runs(), "doomed", kube::runtime::conditions::is_deleted(&uid));
+    tokio::time::timeout(WAIT, gone).await.expect("run deleted").expect("watch");
+    let (_, st) = env
+        .point("workflow.run.status", &[("workflow_name", "wf-delete"), ("status", "cancelled")])
+        .await
+        .expect("the deleted run was reported, as cancelled");
+    assert_eq!(counter_value(&st), 1);
 }

@@ -166,7 +166,8 @@ fn job_outcome(job: &Job) -> Option<Outcome> {
     Some(Outcome { classification, exit_code: None, reason, container: None })
 }
 
-/// Sets a condition; `lastTransitionTime` changes only when the status flips.
+/// Sets a condition; `lastTransitionTime` changes only when the status flips. Returns whether it flipped (or is
+/// new).
 pub fn set_condition(
     conditions: &mut Vec<Condition>,
     type_: &str,
@@ -175,26 +176,31 @@ pub fn set_condition(
     message: &str,
     generation: Option<i64>,
     now: Timestamp,
-) {
+) -> bool {
     let seconds = Timestamp::from_second(now.as_second()).unwrap_or(now);
     match conditions.iter_mut().find(|c| c.type_ == type_) {
         Some(c) => {
-            if c.status != status {
+            let flipped = c.status != status;
+            if flipped {
                 c.last_transition_time = Time(seconds);
             }
             c.status = status.into();
             c.reason = reason.into();
             c.message = message.into();
             c.observed_generation = generation;
+            flipped
         }
-        None => conditions.push(Condition {
-            type_: type_.into(),
-            status: status.into(),
-            reason: reason.into(),
-            message: message.into(),
-            observed_generation: generation,
-            last_transition_time: Time(seconds),
-        }),
+        None => {
+            conditions.push(Condition {
+                type_: type_.into(),
+                status: status.into(),
+                reason: reason.into(),
+                message: message.into(),
+                observed_generation: generation,
+                last_transition_time: Time(seconds),
+            });
+            true
+        }
     }
 }
 
@@ -347,17 +353,22 @@ impl Planner<'_> {
         }
         match &self.obs.telemetry_degraded {
             Some((reason, message)) => {
-                set_condition(&mut self.status.conditions, TELEMETRY_DEGRADED, "True", reason, message, generation, now)
+                let conditions = &mut self.status.conditions;
+                if set_condition(conditions, TELEMETRY_DEGRADED, "True", reason, message, generation, now) {
+                    self.event(true, "TelemetryDegraded", format!("{reason}: {message}"));
+                }
             }
-            None => set_condition(
-                &mut self.status.conditions,
-                TELEMETRY_DEGRADED,
-                "False",
-                "TelemetryHealthy",
-                "run telemetry is exported",
-                generation,
-                now,
-            ),
+            None => {
+                _ = set_condition(
+                    &mut self.status.conditions,
+                    TELEMETRY_DEGRADED,
+                    "False",
+                    "TelemetryHealthy",
+                    "run telemetry is exported",
+                    generation,
+                    now,
+                )
+            }
         }
         if self.status.telemetry.is_none() {
             self.status.telemetry = Some(TelemetryReport::default());
