@@ -4,6 +4,7 @@
 
 pub mod env;
 pub mod ids;
+pub mod index;
 pub mod job;
 pub mod plan;
 
@@ -63,6 +64,9 @@ pub struct Context {
     pub jobs: Store<Job>,
     pub pods: Store<Pod>,
     pub stacks: Store<TelemetryStack>,
+    /// Job and pod names by run.
+    pub job_index: index::RunIndex,
+    pub pod_index: index::RunIndex,
     pub telemetry: Telemetry,
     pub settings: Settings,
     /// The workload's OTLP endpoint when a run references no TelemetryStack.
@@ -151,20 +155,19 @@ pub async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Context>) -> Result<Contr
 
     // Read: caches only.
     let jobs: Vec<Arc<Job>> = ctx
-        .jobs
-        .state()
-        .into_iter()
-        .filter(|j| j.namespace().as_deref() == Some(ns.as_str()) && owned_by(&j.metadata, &uid))
+        .job_index
+        .names(&ns, &name)
+        .iter()
+        .filter_map(|n| ctx.jobs.get(&ObjectRef::new(n).within(&ns)))
+        .filter(|j| owned_by(&j.metadata, &uid))
         .collect();
     let job_names: Vec<String> = jobs.iter().map(|j| j.name_any()).collect();
     let pods: Vec<Arc<Pod>> = ctx
-        .pods
-        .state()
-        .into_iter()
-        .filter(|p| {
-            p.namespace().as_deref() == Some(ns.as_str())
-                && p.owner_references().iter().any(|o| o.kind == "Job" && job_names.contains(&o.name))
-        })
+        .pod_index
+        .names(&ns, &name)
+        .iter()
+        .filter_map(|n| ctx.pods.get(&ObjectRef::new(n).within(&ns)))
+        .filter(|p| p.owner_references().iter().any(|o| o.kind == "Job" && job_names.contains(&o.name)))
         .collect();
     let (target, mut degraded) = telemetry_target(&run, &ctx);
 
@@ -344,6 +347,8 @@ pub async fn run(
 ) {
     let managed = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
     let sync = SyncTracker::new(4, ready);
+    let job_index = index::RunIndex::default();
+    let pod_index = index::RunIndex::default();
     let (jobs, jobs_writer) = reflector::store();
     let (pods, pods_writer) = reflector::store();
     let (stacks, stacks_writer) = reflector::store();
@@ -355,6 +360,10 @@ pub async fn run(
         })
         .reflect(jobs_writer)
         .inspect(sync.watch("jobs"))
+        .inspect(job_index.observe(|j: &Job| {
+            let run = j.owner_references().iter().find(|o| o.kind == "WorkflowRun" && o.controller == Some(true))?;
+            Some(((j.namespace()?, run.name.clone()), j.name_any()))
+        }))
         .touched_objects();
     let pod_stream = watcher(api::<Pod>(&client, &config.scope), managed)
         .default_backoff()
@@ -363,6 +372,9 @@ pub async fn run(
         })
         .reflect(pods_writer)
         .inspect(sync.watch("pods"))
+        .inspect(pod_index.observe(|p: &Pod| {
+            Some(((p.namespace()?, p.annotations().get(RUN_NAME_ANNOTATION)?.clone()), p.name_any()))
+        }))
         .touched_objects();
     let stack_stream = watcher(api::<TelemetryStack>(&client, &config.scope), watcher::Config::default())
         .default_backoff()
@@ -385,6 +397,8 @@ pub async fn run(
         jobs: jobs.clone(),
         pods: pods.clone(),
         stacks: stacks.clone(),
+        job_index,
+        pod_index,
         telemetry,
         settings: config.settings,
         default_otlp_endpoint: config.default_otlp_endpoint,
