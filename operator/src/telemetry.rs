@@ -139,7 +139,13 @@ impl Telemetry {
             endpoint: config.endpoint.clone(),
             message: e.to_string(),
         };
-        let resource = Resource::builder().with_service_name("flowtel").build();
+        // Each operator process is its own series of cumulative counters: name it, as a restart resets them.
+        let host =
+            std::env::var("POD_NAME").or_else(|_| std::env::var("HOSTNAME")).unwrap_or_else(|_| "flowtel".into());
+        let resource = Resource::builder()
+            .with_service_name("flowtel")
+            .with_attribute(KeyValue::new("service.instance.id", format!("{host}-{}", std::process::id())))
+            .build();
         let metric_exporter = MetricExporter::builder()
             .with_tonic()
             .with_endpoint(&config.endpoint)

@@ -345,37 +345,20 @@ pub async fn run(
     stats: Arc<ReconcileStats>,
     ready: Arc<std::sync::atomic::AtomicBool>,
 ) {
-    let managed = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
     let sync = SyncTracker::new(4, ready);
     let job_index = index::RunIndex::default();
     let pod_index = index::RunIndex::default();
-    let (jobs, jobs_writer) = reflector::store();
-    let (pods, pods_writer) = reflector::store();
     let (stacks, stacks_writer) = reflector::store();
-    // Job status carries no exit codes or disruption conditions, the pods do: both are watched, trimmed.
-    let job_stream = watcher(api::<Job>(&client, &config.scope), managed.clone())
-        .default_backoff()
-        .modify(|j| {
-            j.managed_fields_mut().clear();
-        })
-        .reflect(jobs_writer)
-        .inspect(sync.watch("jobs"))
-        .inspect(job_index.observe(|j: &Job| {
+    // Job status carries no exit codes or disruption conditions, the pods do: both are watched, trimmed, indexed.
+    let (jobs, job_stream) =
+        managed_children(api::<Job>(&client, &config.scope), &sync, "jobs", &job_index, |j: &Job| {
             let run = j.owner_references().iter().find(|o| o.kind == "WorkflowRun" && o.controller == Some(true))?;
             Some(((j.namespace()?, run.name.clone()), j.name_any()))
-        }))
-        .touched_objects();
-    let pod_stream = watcher(api::<Pod>(&client, &config.scope), managed)
-        .default_backoff()
-        .modify(|p| {
-            p.managed_fields_mut().clear();
-        })
-        .reflect(pods_writer)
-        .inspect(sync.watch("pods"))
-        .inspect(pod_index.observe(|p: &Pod| {
+        });
+    let (pods, pod_stream) =
+        managed_children(api::<Pod>(&client, &config.scope), &sync, "pods", &pod_index, |p: &Pod| {
             Some(((p.namespace()?, p.annotations().get(RUN_NAME_ANNOTATION)?.clone()), p.name_any()))
-        }))
-        .touched_objects();
+        });
     let stack_stream = watcher(api::<TelemetryStack>(&client, &config.scope), watcher::Config::default())
         .default_backoff()
         .reflect(stacks_writer)
@@ -418,6 +401,29 @@ pub async fn run(
         .run(reconcile, error_policy, context)
         .for_each(|_| futures::future::ready(()))
         .await;
+}
+
+/// A cached, trimmed and run-indexed watch of the objects flowtel manages (label managed-by=flowtel).
+fn managed_children<K>(
+    api: Api<K>,
+    sync: &SyncTracker,
+    what: &'static str,
+    index: &index::RunIndex,
+    key: impl Fn(&K) -> Option<((String, String), String)> + Send + 'static,
+) -> (Store<K>, impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static)
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    let managed = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
+    let (store, writer) = reflector::store();
+    let stream = watcher(api, managed)
+        .default_backoff()
+        .modify(|o| o.managed_fields_mut().clear())
+        .reflect(writer)
+        .inspect(sync.watch(what))
+        .inspect(index.observe(key))
+        .touched_objects();
+    (store, stream)
 }
 
 /// Flips `ready` once every watch delivered its initial list. (Awaiting `Store::wait_until_ready` beside the
