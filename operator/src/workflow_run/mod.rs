@@ -11,7 +11,7 @@ pub mod plan;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flowtel_crds::workflow_run::TelemetryReport;
+use flowtel_crds::workflow_run::{TelemetryReport, WorkflowRunPhase, WorkflowRunStatus};
 use flowtel_crds::{TelemetryStack, WorkflowRun};
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
@@ -135,25 +135,11 @@ async fn publish(ctx: &Context, run: &WorkflowRun, note: &plan::EventNote) {
     }
 }
 
-pub async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Context>) -> Result<ControllerAction, ReconcileError> {
-    ctx.stats.reconciles.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+/// The run's Jobs and pods, from the caches through the run index.
+fn read_children(run: &WorkflowRun, ctx: &Context) -> (Vec<Arc<Job>>, Vec<Arc<Pod>>) {
     let ns = run.namespace().unwrap_or_default();
     let name = run.name_any();
     let uid = run.uid().unwrap_or_default();
-    let runs: Api<WorkflowRun> = Api::namespaced(ctx.client.clone(), &ns);
-    let deleting = run.metadata.deletion_timestamp.is_some();
-    let has_finalizer = run.finalizers().iter().any(|f| f == FINALIZER);
-    if deleting && !has_finalizer {
-        return Ok(ControllerAction::await_change());
-    }
-    if !has_finalizer {
-        let patch = json!({"metadata": {"finalizers": [FINALIZER], "resourceVersion": run.resource_version()}});
-        runs.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
-        // The patch's watch event brings the run back with the finalizer.
-        return Ok(ControllerAction::await_change());
-    }
-
-    // Read: caches only.
     let jobs: Vec<Arc<Job>> = ctx
         .job_index
         .names(&ns, &name)
@@ -162,146 +148,210 @@ pub async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Context>) -> Result<Contr
         .filter(|j| owned_by(&j.metadata, &uid))
         .collect();
     let job_names: Vec<String> = jobs.iter().map(|j| j.name_any()).collect();
-    let pods: Vec<Arc<Pod>> = ctx
+    let pods = ctx
         .pod_index
         .names(&ns, &name)
         .iter()
         .filter_map(|n| ctx.pods.get(&ObjectRef::new(n).within(&ns)))
         .filter(|p| p.owner_references().iter().any(|o| o.kind == "Job" && job_names.contains(&o.name)))
         .collect();
-    let (target, mut degraded) = telemetry_target(&run, &ctx);
+    (jobs, pods)
+}
 
-    // Telemetry reports, for what status already recorded (the KEP-2307 order).
-    let stored = run.status.clone().unwrap_or_default();
-    let reported = stored.telemetry.clone().unwrap_or_default();
-    let mut report = reported.clone();
-    let mut retry_export = None;
-    let mut report_kind = |kind: ReportKind, report: &mut TelemetryReport| match ctx.telemetry.report(&run, kind) {
-        ReportState::Exported => match kind {
-            ReportKind::Started => report.started = true,
-            ReportKind::Finished => report.finished = true,
-        },
-        ReportState::Dropped { reason } => {
-            match kind {
-                ReportKind::Started => report.started = true,
-                ReportKind::Finished => {
-                    report.finished = true;
-                    report.dropped = true;
+/// Where the run's telemetry reports stand, for what status already recorded (the KEP-2307 order).
+struct Reports {
+    /// What status will say about the reports.
+    report: TelemetryReport,
+    /// Set when an export failed or was dropped.
+    degraded: Option<(String, String)>,
+    /// Look again soon: an export is being retried.
+    retry_after: Option<Duration>,
+}
+
+fn report_telemetry(run: &WorkflowRun, ctx: &Context, stored: &WorkflowRunStatus) -> Reports {
+    let mut out = Reports { report: stored.telemetry.clone().unwrap_or_default(), degraded: None, retry_after: None };
+    let mut wanted = Vec::new();
+    if stored.start_time.is_some() && !out.report.started {
+        wanted.push(ReportKind::Started);
+    }
+    if plan::is_terminal(stored) && !out.report.finished {
+        wanted.push(ReportKind::Finished);
+    }
+    for kind in wanted {
+        match ctx.telemetry.report(run, kind) {
+            ReportState::Exported => match kind {
+                ReportKind::Started => out.report.started = true,
+                ReportKind::Finished => out.report.finished = true,
+            },
+            ReportState::Dropped { reason } => {
+                match kind {
+                    ReportKind::Started => out.report.started = true,
+                    ReportKind::Finished => {
+                        out.report.finished = true;
+                        out.report.dropped = true;
+                    }
                 }
+                out.degraded = Some(("TelemetryDropped".into(), format!("run telemetry was dropped: {reason}")));
             }
-            degraded = Some(("TelemetryDropped".into(), format!("run telemetry was dropped: {reason}")));
+            ReportState::Failing { reason } => {
+                out.degraded = Some((reason, "exporting the run's telemetry failed; retrying".into()));
+                out.retry_after = Some(Duration::from_secs(2));
+            }
+            ReportState::Pending => {}
         }
-        ReportState::Failing { reason } => {
-            degraded = Some((reason.clone(), "exporting the run's telemetry failed; retrying".into()));
-            retry_export = Some(Duration::from_secs(2));
-        }
-        ReportState::Pending => {}
-    };
-    if stored.start_time.is_some() && !reported.started {
-        report_kind(ReportKind::Started, &mut report);
     }
-    if plan::is_terminal(&stored) && !reported.finished {
-        report_kind(ReportKind::Finished, &mut report);
-    }
+    out
+}
 
-    let obs = Observation {
-        now: plan::now_ms(jiff::Timestamp::now()),
-        jobs: jobs.iter().map(Arc::as_ref).collect(),
-        pods: pods.iter().map(Arc::as_ref).collect(),
-        telemetry_degraded: degraded,
-    };
-    let mut plan = plan::plan(&run, &obs, &ctx.settings);
-    plan.status.telemetry = Some(report.clone());
-
-    match &plan.action {
+/// Carries out the plan's action. A Job the apiserver rejects, or whose name another owner holds, ends the run
+/// (recorded into `plan`) instead of failing the reconcile forever.
+async fn apply_action(
+    run: &WorkflowRun,
+    ctx: &Context,
+    plan: &mut plan::Plan,
+    target: &OtlpTarget,
+    now: jiff::Timestamp,
+) -> Result<(), ReconcileError> {
+    let ns = run.namespace().unwrap_or_default();
+    let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
+    let generation = run.metadata.generation;
+    match plan.action.clone() {
         Action::None => {}
         Action::CreateJob { attempt, deadline_seconds } => {
-            let desired = job::build_job(&run, *attempt, &target, Some(*deadline_seconds))?;
+            let desired = job::build_job(run, attempt, target, Some(deadline_seconds))?;
             let job_name = desired.name_any();
             let existing = ctx.jobs.get(&ObjectRef::new(&job_name).within(&ns));
-            let generation = run.metadata.generation;
-            if existing.as_ref().is_some_and(|j| !job::is_controlled_by(j, &uid)) {
+            if existing.as_ref().is_some_and(|j| !job::is_controlled_by(j, &run.uid().unwrap_or_default())) {
                 let message = ReconcileError::JobNameConflict(job_name).to_string();
-                plan::reject_attempt(&mut plan, "JobNameConflict", &message, generation, obs.now);
-            } else {
-                let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
-                let params = PatchParams::apply(FIELD_MANAGER).force();
-                match jobs_api.patch(&job_name, &params, &Patch::Apply(&desired)).await {
-                    Ok(_) => crash_point("after-job-create"),
-                    // The template is invalid for a Job: say so once, with the apiserver's words, and end the run.
-                    Err(kube::Error::Api(s)) if s.code == 400 || s.code == 422 => {
-                        let message = format!("spec.template: the apiserver rejected Job {job_name}: {}", s.message);
-                        plan::reject_attempt(&mut plan, "JobRejected", &message, generation, obs.now);
-                    }
-                    Err(e) => return Err(e.into()),
+                plan::reject_attempt(plan, "JobNameConflict", &message, generation, now);
+                return Ok(());
+            }
+            let params = PatchParams::apply(FIELD_MANAGER).force();
+            match jobs_api.patch(&job_name, &params, &Patch::Apply(&desired)).await {
+                Ok(_) => crash_point("after-job-create"),
+                // The template is invalid for a Job: say so once, with the apiserver's words, and end the run.
+                Err(kube::Error::Api(s)) if s.code == 400 || s.code == 422 => {
+                    let message = format!("spec.template: the apiserver rejected Job {job_name}: {}", s.message);
+                    plan::reject_attempt(plan, "JobRejected", &message, generation, now);
                 }
+                Err(e) => return Err(e.into()),
             }
         }
-        Action::DeleteJob { name: job_name } => {
-            let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
+        Action::DeleteJob { name } => {
             let dp = DeleteParams { propagation_policy: Some(PropagationPolicy::Background), ..Default::default() };
-            match jobs_api.delete(job_name, &dp).await {
+            match jobs_api.delete(&name, &dp).await {
                 Ok(_) => {}
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
                 Err(e) => return Err(e.into()),
             }
         }
         Action::DeleteRun => {
-            runs.delete(&name, &DeleteParams::background()).await?;
+            let runs: Api<WorkflowRun> = Api::namespaced(ctx.client.clone(), &ns);
+            runs.delete(&run.name_any(), &DeleteParams::background()).await?;
         }
     }
+    Ok(())
+}
 
-    // What is worth a write: any change, except (a) a deleted run that already finished and reported (deletion
-    // bumps the generation; there is nothing left to record), and (b) the `started` report alone, early in a
-    // run: it rides along with the next change, or is written on its own once the run has run a while. A crash in
-    // between re-exports `workflow.run.total` once (documented).
-    let mut unchanged_but_started = plan.status.clone();
-    if let Some(t) = unchanged_but_started.telemetry.as_mut() {
+/// Writes the planned status when it is worth a write: any change, except (a) a deleted run that already finished
+/// and reported (deletion bumps the generation; nothing is left to record), and (b) the `started` report alone,
+/// early in a run: it rides along with the next change, or is written on its own once the run has run a while (a
+/// crash in between re-exports `workflow.run.total` once, documented). Returns when to look again for (b).
+async fn write_status(
+    run: &WorkflowRun,
+    ctx: &Context,
+    planned: &WorkflowRunStatus,
+    stored: &WorkflowRunStatus,
+) -> Result<Option<Duration>, ReconcileError> {
+    let reported = stored.telemetry.clone().unwrap_or_default();
+    let report = planned.telemetry.clone().unwrap_or_default();
+    let mut without_started = planned.clone();
+    if let Some(t) = without_started.telemetry.as_mut() {
         t.started = reported.started;
     }
-    let running_for = stored.start_time.as_ref().map(|t| jiff::Timestamp::now().duration_since(t.0));
-    let defer_started = Some(&unchanged_but_started) == run.status.as_ref()
-        && running_for.is_some_and(|d| d < jiff::SignedDuration::from_secs(STARTED_FLAG_DEFER_SECONDS));
-    let finished_and_deleting = deleting && reported.finished;
-    let mut requeue_started = None;
+    let running_for = stored.start_time.as_ref().map(|t| jiff::Timestamp::now().duration_since(t.0).as_secs());
+    let defer_started = Some(&without_started) == run.status.as_ref()
+        && running_for.is_some_and(|secs| secs < STARTED_FLAG_DEFER_SECONDS);
     if defer_started {
-        let left = STARTED_FLAG_DEFER_SECONDS - running_for.map_or(0, |d| d.as_secs());
-        requeue_started = Some(Duration::from_secs(u64::try_from(left.max(1)).unwrap_or(1)));
+        let left = STARTED_FLAG_DEFER_SECONDS - running_for.unwrap_or_default();
+        return Ok(Some(Duration::from_secs(u64::try_from(left.max(1)).unwrap_or(1))));
     }
-    if Some(&plan.status) != run.status.as_ref() && !defer_started && !finished_and_deleting {
-        let patch = json!({"apiVersion": WorkflowRun::api_version(&()), "kind": WorkflowRun::kind(&()),
-            "status": plan.status});
-        runs.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
-        ctx.stats.status_writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if plan::is_terminal(&plan.status) && !plan::is_terminal(&stored) {
-            crash_point("after-terminal-status");
-        }
-        if plan.status.phase == Some(flowtel_crds::workflow_run::WorkflowRunPhase::Retrying) {
-            crash_point("during-backoff");
-        }
-        if report.started && !reported.started {
-            ctx.telemetry.recorded(&run, ReportKind::Started);
-        }
-        if report.finished && !reported.finished {
-            ctx.telemetry.recorded(&run, ReportKind::Finished);
-        }
+    let finished_and_deleting = run.metadata.deletion_timestamp.is_some() && reported.finished;
+    if Some(planned) == run.status.as_ref() || finished_and_deleting {
+        return Ok(None);
     }
+    let runs: Api<WorkflowRun> = Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
+    let patch = json!({"apiVersion": WorkflowRun::api_version(&()), "kind": WorkflowRun::kind(&()), "status": planned});
+    runs.patch_status(&run.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+    ctx.stats.status_writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if plan::is_terminal(planned) && !plan::is_terminal(stored) {
+        crash_point("after-terminal-status");
+    }
+    if planned.phase == Some(WorkflowRunPhase::Retrying) {
+        crash_point("during-backoff");
+    }
+    if report.started && !reported.started {
+        ctx.telemetry.recorded(run, ReportKind::Started);
+    }
+    if report.finished && !reported.finished {
+        ctx.telemetry.recorded(run, ReportKind::Finished);
+    }
+    Ok(None)
+}
+
+/// Adds the finalizer on the first visit; removes it once a deleted run's telemetry is in status. Returns whether
+/// the reconcile ends here.
+async fn handle_finalizer(
+    run: &WorkflowRun,
+    ctx: &Context,
+    stored: &WorkflowRunStatus,
+) -> Result<bool, ReconcileError> {
+    let runs: Api<WorkflowRun> = Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
+    let has_finalizer = run.finalizers().iter().any(|f| f == FINALIZER);
+    let deleting = run.metadata.deletion_timestamp.is_some();
+    let finalizers: Vec<String> = match (deleting, has_finalizer) {
+        (true, false) => return Ok(true),
+        (false, false) => vec![FINALIZER.to_string()],
+        // Deletion waits for the telemetry: the finalizer goes once the report is in status.
+        (true, true) if plan::is_terminal(stored) && stored.telemetry.as_ref().is_some_and(|t| t.finished) => {
+            run.finalizers().iter().filter(|f| *f != FINALIZER).cloned().collect()
+        }
+        _ => return Ok(false),
+    };
+    let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": run.resource_version()}});
+    match runs.patch(&run.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(e) => return Err(e.into()),
+    }
+    // Adding it: the patch's watch event brings the run back. Removing it: the run goes.
+    Ok(true)
+}
+
+pub async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Context>) -> Result<ControllerAction, ReconcileError> {
+    ctx.stats.reconciles.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let stored = run.status.clone().unwrap_or_default();
+    if handle_finalizer(&run, &ctx, &stored).await? {
+        return Ok(ControllerAction::await_change());
+    }
+    // Read (caches only) → report telemetry for what status recorded → plan (pure) → act → write status.
+    let (jobs, pods) = read_children(&run, &ctx);
+    let (target, target_degraded) = telemetry_target(&run, &ctx);
+    let reports = report_telemetry(&run, &ctx, &stored);
+    let obs = Observation {
+        now: plan::now_ms(jiff::Timestamp::now()),
+        jobs: jobs.iter().map(Arc::as_ref).collect(),
+        pods: pods.iter().map(Arc::as_ref).collect(),
+        telemetry_degraded: reports.degraded.or(target_degraded),
+    };
+    let mut plan = plan::plan(&run, &obs, &ctx.settings);
+    plan.status.telemetry = Some(reports.report);
+    apply_action(&run, &ctx, &mut plan, &target, obs.now).await?;
+    let requeue_started = write_status(&run, &ctx, &plan.status, &stored).await?;
     for note in &plan.events {
         publish(&ctx, &run, note).await;
     }
-
-    // Deletion waits for the telemetry: the finalizer goes once the report is in status.
-    if deleting && plan::is_terminal(&stored) && reported.finished {
-        let finalizers: Vec<String> = run.finalizers().iter().filter(|f| *f != FINALIZER).cloned().collect();
-        let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": run.resource_version()}});
-        match runs.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-
-    let requeue = [plan.requeue_after, retry_export, requeue_started].into_iter().flatten().min();
+    let requeue = [plan.requeue_after, reports.retry_after, requeue_started].into_iter().flatten().min();
     Ok(requeue.map_or_else(ControllerAction::await_change, ControllerAction::requeue))
 }
 
