@@ -30,6 +30,8 @@ pub enum HarnessError {
     Kube(#[from] kube::Error),
     #[error("timed out waiting for {0}")]
     Timeout(String),
+    #[error("{0} is missing")]
+    Missing(String),
 }
 
 /// The repository's root directory.
@@ -303,7 +305,7 @@ pub fn flowtel_binary() -> Result<PathBuf, HarnessError> {
         .find(|p| p.exists())
         .unwrap_or_else(|| PathBuf::from("target/debug/flowtel"));
     if !bin.exists() {
-        return Err(HarnessError::Timeout(format!(
+        return Err(HarnessError::Missing(format!(
             "the operator binary {} (run the suite with `cargo test --workspace`, or `cargo build -p flowtel-operator`)",
             bin.display()
         )));
