@@ -46,7 +46,7 @@ pub fn render_metrics(s: &AdminState) -> String {
     };
     let r = &s.reconcile;
     let e = &s.export;
-    counter("flowtel_reconciles_total", "WorkflowRun reconciles.", r.reconciles.load(Ordering::Relaxed));
+    counter("flowtel_reconciles_total", "Completed WorkflowRun reconciles.", r.reconciles.load(Ordering::Relaxed));
     counter("flowtel_reconcile_errors_total", "Failed WorkflowRun reconciles.", r.errors.load(Ordering::Relaxed));
     counter("flowtel_status_writes_total", "WorkflowRun status writes.", r.status_writes.load(Ordering::Relaxed));
     counter("flowtel_telemetry_exported_total", "Run reports exported.", e.exported.load(Ordering::Relaxed));

@@ -329,27 +329,33 @@ async fn handle_finalizer(
 }
 
 pub async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Context>) -> Result<ControllerAction, ReconcileError> {
+    let result = reconcile_run(&run, &ctx).await;
+    // Counted when done, so a reader of /metrics sees the effects of every reconcile it counts.
     ctx.stats.reconciles.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    result
+}
+
+async fn reconcile_run(run: &WorkflowRun, ctx: &Context) -> Result<ControllerAction, ReconcileError> {
     let stored = run.status.clone().unwrap_or_default();
-    if handle_finalizer(&run, &ctx, &stored).await? {
+    if handle_finalizer(run, ctx, &stored).await? {
         return Ok(ControllerAction::await_change());
     }
     // Read (caches only) → report telemetry for what status recorded → plan (pure) → act → write status.
-    let (jobs, pods) = read_children(&run, &ctx);
-    let (target, target_degraded) = telemetry_target(&run, &ctx);
-    let reports = report_telemetry(&run, &ctx, &stored);
+    let (jobs, pods) = read_children(run, ctx);
+    let (target, target_degraded) = telemetry_target(run, ctx);
+    let reports = report_telemetry(run, ctx, &stored);
     let obs = Observation {
         now: plan::now_ms(jiff::Timestamp::now()),
         jobs: jobs.iter().map(Arc::as_ref).collect(),
         pods: pods.iter().map(Arc::as_ref).collect(),
         telemetry_degraded: reports.degraded.or(target_degraded),
     };
-    let mut plan = plan::plan(&run, &obs, &ctx.settings);
+    let mut plan = plan::plan(run, &obs, &ctx.settings);
     plan.status.telemetry = Some(reports.report);
-    apply_action(&run, &ctx, &mut plan, &target, obs.now).await?;
-    let requeue_started = write_status(&run, &ctx, &plan.status, &stored).await?;
+    apply_action(run, ctx, &mut plan, &target, obs.now).await?;
+    let requeue_started = write_status(run, ctx, &plan.status, &stored).await?;
     for note in &plan.events {
-        publish(&ctx, &run, note).await;
+        publish(ctx, run, note).await;
     }
     let requeue = [plan.requeue_after, reports.retry_after, requeue_started].into_iter().flatten().min();
     Ok(requeue.map_or_else(ControllerAction::await_change, ControllerAction::requeue))
