@@ -64,10 +64,14 @@ pub enum ReportState {
 struct Entry {
     state: ReportState,
     first_try: Instant,
+    last_try: Instant,
     /// When the reconcile recorded the result in status. The entry is kept a while after that: a reconcile that
     /// still reads the previous status from its cache must get "exported" again, not a second export.
     recorded_at: Option<Instant>,
 }
+
+/// The shortest interval between two export attempts of one report; the reconcile looks again after it.
+pub const RETRY_EVERY: Duration = Duration::from_secs(2);
 
 /// How long a report's result is remembered after it reached status (far longer than any cache lag).
 const REMEMBER: Duration = Duration::from_secs(600);
@@ -202,10 +206,13 @@ impl Telemetry {
                     entry.state = ReportState::Dropped { reason: reason.clone() };
                 }
                 ReportState::Failing { .. } => {
-                    // Retry: the worker re-sends; metrics recorded before are not recorded again.
+                    // Retry, at most every RETRY_EVERY: an endpoint that refuses at once would otherwise turn
+                    // fail → notify → reconcile → re-send into a busy loop. Metrics recorded before are not
+                    // recorded again.
                     let failing = entry.state.clone();
-                    if self.enqueue(&key, run, kind) {
+                    if entry.last_try.elapsed() >= RETRY_EVERY && self.enqueue(&key, run, kind) {
                         entry.state = ReportState::Pending;
+                        entry.last_try = Instant::now();
                     }
                     return failing;
                 }
@@ -221,7 +228,8 @@ impl Telemetry {
         if entries.len().is_multiple_of(1024) {
             entries.retain(|_, e| e.recorded_at.is_none_or(|t| t.elapsed() < REMEMBER));
         }
-        entries.insert(key, Entry { state: state.clone(), first_try: Instant::now(), recorded_at: None });
+        let now = Instant::now();
+        entries.insert(key, Entry { state: state.clone(), first_try: now, last_try: now, recorded_at: None });
         state
     }
 

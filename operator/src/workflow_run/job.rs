@@ -51,17 +51,14 @@ pub fn job_name(run_name: &str, attempt: i32) -> String {
     shorten(&format!("{run_name}-{attempt}"))
 }
 
-/// Labels on the Job and its pods, and the selector of a run's Jobs and pods.
-pub fn labels(run: &WorkflowRun, attempt: Option<i32>) -> BTreeMap<String, String> {
-    let mut l = BTreeMap::from([
+/// Labels on an attempt's Job and its pods.
+pub fn labels(run: &WorkflowRun, attempt: i32) -> BTreeMap<String, String> {
+    BTreeMap::from([
         (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
         (WORKFLOW_LABEL.to_string(), run.spec.workflow_name.clone()),
         (RUN_LABEL.to_string(), shorten(&run.name_any())),
-    ]);
-    if let Some(a) = attempt {
-        l.insert(ATTEMPT_LABEL.to_string(), a.to_string());
-    }
-    l
+        (ATTEMPT_LABEL.to_string(), attempt.to_string()),
+    ])
 }
 
 /// `service.version`: the template's `app.kubernetes.io/version` label, else the first container's image tag.
@@ -91,7 +88,7 @@ pub fn build_job(
     let namespace = run.namespace().ok_or(BuildError::MissingMetadata("namespace"))?;
     let owner = run.controller_owner_ref(&()).ok_or(BuildError::MissingMetadata("name or uid"))?;
     let name = job_name(&run.name_any(), attempt);
-    let labels = labels(run, Some(attempt));
+    let labels = labels(run, attempt);
 
     let injection = Injection {
         workflow_name: run.spec.workflow_name.clone(),

@@ -83,10 +83,6 @@ pub struct ReconcileStats {
     pub status_writes: std::sync::atomic::AtomicU64,
 }
 
-fn owned_by(meta: &kube::api::ObjectMeta, uid: &str) -> bool {
-    meta.owner_references.iter().flatten().any(|o| o.controller == Some(true) && o.uid == uid)
-}
-
 /// The workload's telemetry target, and why telemetry is degraded when it is.
 fn telemetry_target(run: &WorkflowRun, ctx: &Context) -> (OtlpTarget, Option<(String, String)>) {
     let default = OtlpTarget { endpoint: ctx.default_otlp_endpoint.clone(), protocol: "grpc".into() };
@@ -145,7 +141,7 @@ fn read_children(run: &WorkflowRun, ctx: &Context) -> (Vec<Arc<Job>>, Vec<Arc<Po
         .names(&ns, &name)
         .iter()
         .filter_map(|n| ctx.jobs.get(&ObjectRef::new(n).within(&ns)))
-        .filter(|j| owned_by(&j.metadata, &uid))
+        .filter(|j| job::is_controlled_by(j, &uid))
         .collect();
     let job_names: Vec<String> = jobs.iter().map(|j| j.name_any()).collect();
     let pods = ctx
@@ -195,7 +191,7 @@ fn report_telemetry(run: &WorkflowRun, ctx: &Context, stored: &WorkflowRunStatus
             }
             ReportState::Failing { reason } => {
                 out.degraded = Some((reason, "exporting the run's telemetry failed; retrying".into()));
-                out.retry_after = Some(Duration::from_secs(2));
+                out.retry_after = Some(crate::telemetry::RETRY_EVERY);
             }
             ReportState::Pending => {}
         }
