@@ -193,7 +193,19 @@ pub struct WorkflowRunStatus {
 
     /// How many attempts were started in all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
     pub attempt_count: Option<i32>,
+
+    /// How many attempts ended in a transient failure, in all (not only those kept in `attempts`): the retry budget
+    /// `spec.retry.limit` is checked against it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub transient_failures: Option<i32>,
+
+    /// How many attempts ended in a pod disruption, in all: `spec.retry.disruptionLimit` is checked against it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub disruptions: Option<i32>,
 
     /// When the operator saw the run start (millisecond precision).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -299,7 +311,8 @@ pub struct TelemetryReport {
     /// The terminal metrics and the run's spans were exported (or dropped, see `dropped`).
     #[serde(default)]
     pub finished: bool,
-    /// The terminal telemetry could not be exported before the export timeout and was dropped (and counted).
+    /// Some of the run's telemetry (its start or its end) could not be exported before the export timeout and was
+    /// dropped (and counted on the operator's `/metrics`).
     #[serde(default)]
     pub dropped: bool,
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::wait::{await_condition, conditions};
 use kube::{Client, Config};
@@ -115,7 +115,8 @@ pub async fn install_crds(client: &Client) -> Result<(), HarnessError> {
         .map(|_| ())
 }
 
-/// A fresh namespace for one test, named after it; removed when dropped (best effort, in the background).
+/// A fresh namespace for one test, named after it; deleted when dropped (the delete is sent before the drop
+/// returns, so a test's end never leaks it; the namespace's contents go in the background).
 pub struct TestNamespace {
     pub name: String,
     client: Client,
@@ -142,15 +143,17 @@ impl TestNamespace {
     }
 }
 
+impl TestNamespace {
+    /// The client the namespace was made with.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+}
+
 impl Drop for TestNamespace {
     fn drop(&mut self) {
-        let api: Api<Namespace> = Api::all(self.client.clone());
-        let name = self.name.clone();
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                let _ = api.delete(&name, &DeleteParams::background()).await;
-            });
-        }
+        // A task spawned here would die with the test's runtime before it ran: delete synchronously instead.
+        let _ = run(kubectl().args(["delete", "namespace", &self.name, "--wait=false", "--ignore-not-found"]));
     }
 }
 
@@ -192,7 +195,7 @@ fn cache_bin() -> PathBuf {
 }
 
 impl Collector {
-    pub fn start(test: &str) -> Result<Self, HarnessError> {
+    pub async fn start(test: &str) -> Result<Self, HarnessError> {
         run(Command::new(repo_root().join("e2e/build-binaries")).arg("collector"))?;
         let version = versions_env("OTELCOL_VERSION").unwrap_or_default();
         let bin = cache_bin().join(format!("otelcol-flowtel-{version}"));
@@ -222,7 +225,7 @@ impl Collector {
             .spawn()
             .map_err(|source| HarnessError::Spawn { command: bin.display().to_string(), source })?;
         let process = Process { child };
-        wait_for_port(port)?;
+        wait_for_port(port).await?;
         Ok(Self { endpoint: format!("http://127.0.0.1:{port}"), dir, _process: process })
     }
 
@@ -280,13 +283,14 @@ pub fn attribute(item: &serde_json::Value, key: &str) -> Option<String> {
     })
 }
 
-fn wait_for_port(port: u16) -> Result<(), HarnessError> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if std::time::Instant::now() > deadline {
+/// Waits (bounded) until something accepts connections on the loopback port.
+pub async fn wait_for_port(port: u16) -> Result<(), HarnessError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        if tokio::time::Instant::now() > deadline {
             return Err(HarnessError::Timeout(format!("port {port} to accept connections")));
         }
-        std::thread::sleep(Duration::from_millis(50));
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok(())
 }
@@ -324,36 +328,33 @@ pub struct Operator {
 
 impl Operator {
     /// Starts `flowtel run` for `namespace`, exporting to `otlp_endpoint`, and waits until it is ready.
-    pub fn start(namespace: &str, otlp_endpoint: &str, extra: &[&str]) -> Result<Self, HarnessError> {
-        Self::start_with_env(namespace, otlp_endpoint, extra, &[])
+    pub async fn start(namespace: &str, otlp_endpoint: &str, extra: &[&str]) -> Result<Self, HarnessError> {
+        Self::start_with_env(namespace, Some(otlp_endpoint), extra, &[]).await
     }
 
-    /// As `start`, with extra environment (e.g. `FLOWTEL_CRASH_AT`), kept only until the next `restart`.
-    pub fn start_with_env(
+    /// As `start`, with no OTLP endpoint or with extra environment (e.g. `FLOWTEL_CRASH_AT`), the environment kept
+    /// only until the next `restart`.
+    pub async fn start_with_env(
         namespace: &str,
-        otlp_endpoint: &str,
+        otlp_endpoint: Option<&str>,
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Self, HarnessError> {
         let admin = format!("127.0.0.1:{}", free_port());
-        let mut args = vec![
-            "run".to_string(),
-            "--namespace".into(),
-            namespace.into(),
-            "--otlp-endpoint".into(),
-            otlp_endpoint.into(),
-            "--admin-addr".into(),
-            admin.clone(),
-        ];
+        let mut args =
+            vec!["run".to_string(), "--namespace".into(), namespace.into(), "--admin-addr".into(), admin.clone()];
+        if let Some(endpoint) = otlp_endpoint {
+            args.extend(["--otlp-endpoint".to_string(), endpoint.to_string()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = std::env::temp_dir().join(format!("flowtel-operator-{namespace}.log"));
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let mut op = Self { admin, log, process: None, args, env };
-        op.spawn()?;
+        op.spawn().await?;
         Ok(op)
     }
 
-    fn spawn(&mut self) -> Result<(), HarnessError> {
+    async fn spawn(&mut self) -> Result<(), HarnessError> {
         let bin = flowtel_binary()?;
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -370,14 +371,38 @@ impl Operator {
             .spawn()
             .map_err(|source| HarnessError::Spawn { command: bin.display().to_string(), source })?;
         self.process = Some(Process { child });
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while self.get("/readyz").map(|(code, _)| code) != Some(200) {
-            if std::time::Instant::now() > deadline {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while self.get("/readyz").await.map(|(code, _)| code) != Some(200) {
+            if let Some(Ok(Some(status))) = self.process.as_mut().map(|p| p.child.try_wait()) {
+                return Err(HarnessError::Command {
+                    command: format!("flowtel {}", self.args.join(" ")),
+                    status: status.to_string(),
+                    stderr: std::fs::read_to_string(&self.log).unwrap_or_default(),
+                });
+            }
+            if tokio::time::Instant::now() > deadline {
                 return Err(HarnessError::Timeout(format!("operator /readyz (log: {})", self.log.display())));
             }
-            std::thread::sleep(Duration::from_millis(100));
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Ok(())
+    }
+
+    /// SIGTERM, as a rolling update would, and waits (bounded) for the exit; returns the exit status.
+    pub async fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let p = self.process.as_mut()?;
+        let pid = p.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                return Some(status);
+            }
+            if tokio::time::Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// SIGKILL, as a crash would.
@@ -386,43 +411,47 @@ impl Operator {
     }
 
     /// Starts it again with the same arguments (without the extra environment).
-    pub fn restart(&mut self) -> Result<(), HarnessError> {
+    pub async fn restart(&mut self) -> Result<(), HarnessError> {
         self.process = None;
         self.env.clear();
-        self.spawn()
+        self.spawn().await
     }
 
     /// Waits (bounded) until the process exited by itself, as at a crash point.
-    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
-        let deadline = std::time::Instant::now() + timeout;
+    pub async fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
         while let Some(p) = self.process.as_mut() {
             if matches!(p.child.try_wait(), Ok(Some(_))) {
                 return true;
             }
-            if std::time::Instant::now() > deadline {
+            if tokio::time::Instant::now() > deadline {
                 return false;
             }
-            std::thread::sleep(Duration::from_millis(50));
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         true
     }
 
     /// A plain HTTP GET on the admin port: (status code, body).
-    pub fn get(&self, path: &str) -> Option<(u16, String)> {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(&self.admin).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(s, "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", self.admin).ok()?;
-        let mut buf = String::new();
-        s.read_to_string(&mut buf).ok()?;
+    pub async fn get(&self, path: &str) -> Option<(u16, String)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let exchange = async {
+            let mut s = tokio::net::TcpStream::connect(&self.admin).await.ok()?;
+            let request = format!("GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", self.admin);
+            s.write_all(request.as_bytes()).await.ok()?;
+            let mut buf = String::new();
+            s.read_to_string(&mut buf).await.ok()?;
+            Some(buf)
+        };
+        let buf = tokio::time::timeout(Duration::from_secs(5), exchange).await.ok()??;
         let code = buf.split_whitespace().nth(1)?.parse().ok()?;
         let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
         Some((code, body))
     }
 
-    /// A counter from `/metrics`.
-    pub fn counter(&self, name: &str) -> Option<u64> {
-        let (_, body) = self.get("/metrics")?;
+    /// A counter (or any unlabelled sample) from `/metrics`.
+    pub async fn counter(&self, name: &str) -> Option<u64> {
+        let (_, body) = self.get("/metrics").await?;
         body.lines().find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok())
     }
 }

@@ -26,8 +26,8 @@ impl Env {
         let client = client().await.expect("client");
         install_crds(&client).await.expect("CRDs");
         let ns = TestNamespace::new(&client, test).await.expect("namespace");
-        let collector = Collector::start(test).expect("collector");
-        let operator = Operator::start(&ns.name, &collector.endpoint, extra).expect("operator");
+        let collector = Collector::start(test).await.expect("collector");
+        let operator = Operator::start(&ns.name, &collector.endpoint, extra).await.expect("operator");
         Self { client, ns, collector, operator }
     }
 
@@ -365,6 +365,7 @@ async fn a_collector_that_never_answers_does_not_hold_runs_up() {
     let ns = TestNamespace::new(&client, "wfr-blackhole").await.expect("namespace");
     let operator =
         Operator::start(&ns.name, &endpoint, &["--export-timeout-seconds", "1", "--export-drop-seconds", "4"])
+            .await
             .expect("operator");
     let runs: Api<WorkflowRun> = Api::namespaced(client.clone(), &ns.name);
     let run = run_json("unheard", "wf-blackhole", json!({}), json!({}), json!({}));
@@ -376,8 +377,8 @@ async fn a_collector_that_never_answers_does_not_hold_runs_up() {
     assert_eq!(phase(&done), Some(WorkflowRunPhase::Succeeded), "the workload is never stopped by telemetry");
     assert!(done.status.as_ref().and_then(|s| s.telemetry.as_ref()).is_some_and(|t| t.dropped));
     assert_eq!(condition_reason(&done, "TelemetryDegraded").as_deref(), Some("TelemetryDropped"));
-    assert!(operator.counter("flowtel_telemetry_export_failures_total").unwrap_or_default() >= 1);
-    assert!(operator.counter("flowtel_telemetry_dropped_total").unwrap_or_default() >= 1);
+    assert!(operator.counter("flowtel_telemetry_export_failures_total").await.unwrap_or_default() >= 1);
+    assert!(operator.counter("flowtel_telemetry_dropped_total").await.unwrap_or_default() >= 1);
 }
 
 #[tokio::test]
@@ -393,7 +394,7 @@ async fn an_operator_killed_during_backoff_resumes_without_duplicates() {
     env.submit(run).await;
     env.wait("resumed", "Retrying", |r| phase(r) == Some(WorkflowRunPhase::Retrying)).await;
     env.operator.kill();
-    env.operator.restart().expect("operator restarted");
+    env.operator.restart().await.expect("operator restarted");
     let done = env.wait_exported("resumed").await;
     let status = done.status.clone().unwrap_or_default();
     assert_eq!(phase(&done), Some(WorkflowRunPhase::Succeeded));
@@ -470,16 +471,16 @@ async fn a_restarted_operator_does_not_write_to_finished_runs() {
     env.submit(run_json("finished", "wf-idle", json!({}), json!({}), json!({}))).await;
     let done = env.wait_exported("finished").await;
     let version = done.metadata.resource_version.clone();
-    env.operator.restart().expect("restart");
+    env.operator.restart().await.expect("restart");
     // Once the new process has reconciled the run, its resourceVersion must not have moved.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while env.operator.counter("flowtel_reconciles_total").unwrap_or_default() == 0 {
+    while env.operator.counter("flowtel_reconciles_total").await.unwrap_or_default() == 0 {
         assert!(tokio::time::Instant::now() < deadline, "the restarted operator never reconciled");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let after = env.runs().get("finished").await.expect("run");
     assert_eq!(after.metadata.resource_version, version);
-    assert_eq!(env.operator.counter("flowtel_status_writes_total"), Some(0));
+    assert_eq!(env.operator.counter("flowtel_status_writes_total").await, Some(0));
 }
 
 /// Sum over operator processes of the latest cumulative value of a counter (each process is its own series).
@@ -511,9 +512,11 @@ async fn a_crash_at_any_named_point_never_double_counts() {
         let client = client().await.expect("client");
         install_crds(&client).await.expect("CRDs");
         let ns = TestNamespace::new(&client, &format!("wfr-crash-{point}")).await.expect("namespace");
-        let collector = Collector::start(&format!("crash-{point}")).expect("collector");
-        let mut operator = Operator::start_with_env(&ns.name, &collector.endpoint, &[], &[("FLOWTEL_CRASH_AT", point)])
-            .expect("operator");
+        let collector = Collector::start(&format!("crash-{point}")).await.expect("collector");
+        let mut operator =
+            Operator::start_with_env(&ns.name, Some(&collector.endpoint), &[], &[("FLOWTEL_CRASH_AT", point)])
+                .await
+                .expect("operator");
         let workflow = format!("wf-crash-{point}");
         let labels =
             if point == "during-backoff" { json!({"sim.flowtel.dev/outcome": "fail-once"}) } else { json!({}) };
@@ -526,8 +529,8 @@ async fn a_crash_at_any_named_point_never_double_counts() {
         );
         let runs: Api<WorkflowRun> = Api::namespaced(client.clone(), &ns.name);
         runs.patch("crashy", &PatchParams::apply(TEST_MANAGER), &Patch::Apply(&run)).await.expect("submit");
-        assert!(operator.wait_exit(WAIT), "{point}: the operator did not reach its crash point");
-        operator.restart().expect("restart");
+        assert!(operator.wait_exit(WAIT).await, "{point}: the operator did not reach its crash point");
+        operator.restart().await.expect("restart");
         let finished = await_condition(runs.clone(), "crashy", |r: Option<&WorkflowRun>| {
             r.and_then(|r| r.status.as_ref()?.telemetry.as_ref()).is_some_and(|t| t.finished)
         });

@@ -1,6 +1,6 @@
 //! The flowtel operator.
 
-pub mod admin;
 pub mod crdgen;
+pub mod runtime;
 pub mod telemetry;
 pub mod workflow_run;

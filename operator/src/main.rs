@@ -1,11 +1,15 @@
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use flowtel::telemetry::{DEFAULT_DURATION_BOUNDARIES, ExportConfig, Telemetry};
-use flowtel::workflow_run::{self, ControllerSettings, ReconcileStats, Scope, plan::Settings};
+use flowtel::runtime::admin::AdminServer;
+use flowtel::runtime::readiness::Readiness;
+use flowtel::telemetry::{ExportConfig, ExportMetrics, Telemetry};
+use flowtel::workflow_run::report::{self, DEFAULT_DURATION_BOUNDARIES};
+use flowtel::workflow_run::{self, ControllerMetrics, ControllerSettings, Scope, plan::Settings};
+use prometheus_client::registry::Registry;
 
 /// flowtel: batch workflows on Kubernetes with OpenTelemetry for every run.
 #[derive(Parser)]
@@ -30,7 +34,7 @@ enum Command {
 #[derive(clap::Args)]
 struct RunArgs {
     /// OTLP gRPC endpoint of the operator's own run telemetry, and the workloads' default when a run references
-    /// no TelemetryStack.
+    /// no TelemetryStack. Without it, the operator exports nothing (runs say NoOtlpEndpoint once).
     #[arg(long, env = "FLOWTEL_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
     /// Watch only this namespace (default: all).
@@ -54,7 +58,7 @@ struct RunArgs {
     /// How long a run's telemetry export is retried before it is dropped (and counted), in seconds.
     #[arg(long, env = "FLOWTEL_EXPORT_DROP_SECONDS", default_value_t = 30)]
     export_drop_seconds: u64,
-    /// Timeout of one OTLP export, in seconds.
+    /// Timeout of one OTLP export, in seconds; also how long a stopping operator drains its export queue.
     #[arg(long, env = "FLOWTEL_EXPORT_TIMEOUT_SECONDS", default_value_t = 5)]
     export_timeout_seconds: u64,
 }
@@ -72,33 +76,39 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         axum::http::HeaderValue::from_static(concat!("flowtel/", env!("CARGO_PKG_VERSION"))),
     ));
     let client = kube::Client::try_from(kube_config).context("building the Kubernetes client")?;
+    let mut registry = Registry::default();
+    let readiness = Readiness::default();
+    let synced = readiness.gate("watches-synced", false);
     let (notify_tx, notify_rx) = tokio::sync::mpsc::unbounded_channel();
-    // Without an endpoint the operator still runs; its exports fail and are counted, runs are never held up.
-    let export_endpoint = args.otlp_endpoint.clone().unwrap_or_else(|| "http://127.0.0.1:4317".into());
-    let telemetry = Telemetry::start(
-        &ExportConfig {
-            endpoint: export_endpoint,
-            export_timeout: Duration::from_secs(args.export_timeout_seconds),
-            drop_after: Duration::from_secs(args.export_drop_seconds),
-            duration_boundaries: args.duration_buckets.clone(),
-            queue_capacity: 10_000,
-        },
-        notify_tx,
-    )?;
-    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let stats = Arc::new(ReconcileStats::default());
-    let admin =
-        flowtel::admin::AdminState { ready: ready.clone(), reconcile: stats.clone(), export: telemetry.stats.clone() };
-    let admin_addr = args.admin_addr;
+    // Without an endpoint the operator exports nothing, says so on every run once (NoOtlpEndpoint) and holds no
+    // finalizer; runs are never held up by telemetry.
+    let telemetry = match &args.otlp_endpoint {
+        None => Telemetry::disabled(),
+        Some(endpoint) => Telemetry::start(
+            &ExportConfig {
+                endpoint: endpoint.clone(),
+                export_timeout: Duration::from_secs(args.export_timeout_seconds),
+                drop_after: Duration::from_secs(args.export_drop_seconds),
+                histogram_boundaries: HashMap::from([(report::RUN_DURATION, args.duration_buckets.clone())]),
+                queue_capacity: 10_000,
+            },
+            notify_tx,
+            ExportMetrics::register(&mut registry),
+            readiness.gate("export-worker", true),
+        )?,
+    };
+    let metrics = ControllerMetrics::register(&mut registry);
+    // Bound before anything starts: a port in use ends the process with an error instead of a silent operator.
+    let admin = AdminServer::bind(args.admin_addr, readiness, registry).await?;
     tokio::spawn(async move {
-        if let Err(e) = flowtel::admin::serve(admin_addr, admin).await {
+        if let Err(e) = admin.serve().await {
             tracing::error!(error = %e, "admin server stopped");
         }
     });
     tracing::info!(admin = %args.admin_addr, namespace = ?args.namespace, "flowtel operator starting");
     workflow_run::run(
         client,
-        telemetry,
+        telemetry.clone(),
         notify_rx,
         ControllerSettings {
             scope: Scope { namespace: args.namespace },
@@ -109,10 +119,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             default_otlp_endpoint: args.otlp_endpoint,
             concurrency: args.concurrency,
         },
-        stats,
-        ready,
+        metrics,
+        synced,
     )
     .await;
+    // SIGTERM: what is queued is exported (bounded), so a rolling update loses no report that could still go out.
+    let drain = Duration::from_secs(args.export_timeout_seconds);
+    if !telemetry.shutdown(drain).await {
+        tracing::warn!(seconds = drain.as_secs(), "the export queue was not drained in time");
+    }
     tracing::info!("flowtel operator stopped");
     Ok(())
 }

@@ -1,35 +1,31 @@
-//! The operator's own telemetry of each run: `workflow.*` metrics and the run's spans, exported over OTLP by a
-//! background worker, so reconciliation never waits on a collector.
+//! The exporter of reports: metric increments and finished spans that a controller hands over, exported over OTLP
+//! by one background worker so that a reconcile never waits on a collector. It knows reports, keyed by a string
+//! the caller chooses, never the objects they describe.
 //!
-//! Exactly once across restarts (the KEP-2307 pattern): the reconcile first records the run's transition in
-//! status, then asks for the export here, and writes `status.telemetry.{started,finished}` only after the worker
-//! reported the export succeeded. A crash between the export and that status write re-exports once after the
-//! restart (same span ids, so a trace backend keeps one span; a metrics backend sees one duplicate increment):
-//! the only duplicate possible.
+//! A caller asks for a report with [`Telemetry::report`] on every reconcile until it is `Exported` or `Dropped`,
+//! and records that outcome in the object's status, which is what makes the export happen once across restarts
+//! (see `workflow_run/report.rs` for the order). The worker notifies the caller's `N` whenever a report's state
+//! changed. A report that is neither exported nor failed within `drop_after` (a dead worker, a collector that
+//! never answers) is dropped and counted: nothing waits on telemetry forever.
 
-use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use flowtel_crds::WorkflowRun;
-use flowtel_crds::workflow_run::{AttemptClassification, WorkflowRunPhase, WorkflowRunStatus};
-use kube::ResourceExt;
-use kube::runtime::reflector::ObjectRef;
-use opentelemetry::metrics::{Counter, Histogram, MeterProvider as _};
-use opentelemetry::trace::{SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceState};
-use opentelemetry::{InstrumentationScope, KeyValue};
+use futures::FutureExt;
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider as _};
 use opentelemetry_otlp::{MetricExporter, SpanExporter, WithExportConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
-use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks};
-use tokio::sync::mpsc;
+use opentelemetry_sdk::trace::{SpanData, SpanExporter as _};
+use prometheus_client::metrics::counter::Counter as PromCounter;
+use prometheus_client::registry::Registry;
+use tokio::sync::{Notify, mpsc, watch};
 
-use crate::workflow_run::ids;
-
-/// Default `workflow.run.duration_ms` boundaries, from the user's telemetry system.
-pub const DEFAULT_DURATION_BOUNDARIES: [f64; 11] =
-    [5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0];
+use crate::runtime::readiness::Gate;
 
 /// Errors setting up the exporters.
 #[derive(Debug, thiserror::Error)]
@@ -38,86 +34,123 @@ pub enum TelemetryError {
     Exporter { signal: &'static str, endpoint: String, message: String },
 }
 
-/// Which report of a run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ReportKind {
-    /// `workflow.run.total`.
-    Started,
-    /// `workflow.run.status`, `workflow.run.duration_ms`, `workflow.retry.count` and the spans.
-    Finished,
+/// `value` added to the counter `name`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CounterAdd {
+    pub name: &'static str,
+    pub description: &'static str,
+    pub value: u64,
+    pub attributes: Vec<KeyValue>,
+}
+
+/// `value` recorded into the histogram `name` (its boundaries come from [`ExportConfig::histogram_boundaries`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct HistogramRecord {
+    pub name: &'static str,
+    pub description: &'static str,
+    pub unit: &'static str,
+    pub value: f64,
+    pub attributes: Vec<KeyValue>,
+}
+
+/// What one report exports.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub counters: Vec<CounterAdd>,
+    pub histograms: Vec<HistogramRecord>,
+    pub spans: Vec<SpanData>,
 }
 
 /// Where a report stands.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ReportState {
-    /// Queued or being exported.
+    /// Queued or being exported, and nothing failed so far.
     Pending,
-    /// Exported: record it in status.
+    /// Exported: record it.
     Exported,
-    /// The last export failed; it is retried until the drop timeout.
+    /// The last export failed (a retry may be queued already); retried until the drop timeout.
     Failing { reason: String },
     /// Not exported within the drop timeout: record it as dropped (counted on /metrics).
     Dropped { reason: String },
+    /// This operator exports nothing (no OTLP endpoint).
+    Disabled,
+}
+
+/// The shortest interval between two export attempts of one report; the caller looks again after it.
+pub const RETRY_EVERY: Duration = Duration::from_secs(2);
+
+/// How long a report's outcome is remembered once it could be settled: far longer than any cache lag between the
+/// status write that records it and the reconcile that reads it back.
+const REMEMBER: Duration = Duration::from_secs(600);
+
+/// Reports exported in one OTLP request at most.
+const BATCH: usize = 512;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum EntryState {
+    Queued,
+    Failed,
+    Exported,
+    Dropped,
 }
 
 #[derive(Debug)]
 struct Entry {
-    state: ReportState,
+    state: EntryState,
     first_try: Instant,
     last_try: Instant,
-    /// When the reconcile recorded the result in status. The entry is kept a while after that: a reconcile that
-    /// still reads the previous status from its cache must get "exported" again, not a second export.
-    recorded_at: Option<Instant>,
+    last_failure: Option<String>,
+    /// The metrics were added to this process' cumulative instruments: a retried export must not add them again.
+    metrics_recorded: bool,
 }
 
-/// The shortest interval between two export attempts of one report; the reconcile looks again after it.
-pub const RETRY_EVERY: Duration = Duration::from_secs(2);
-
-/// How long a report's result is remembered after it reached status (far longer than any cache lag).
-const REMEMBER: Duration = Duration::from_secs(600);
-
-/// Counters of the exporter itself, shown on the admin port's `/metrics`.
-#[derive(Default, Debug)]
-pub struct ExportStats {
-    pub exported: std::sync::atomic::AtomicU64,
-    pub failed: std::sync::atomic::AtomicU64,
-    pub dropped: std::sync::atomic::AtomicU64,
-    pub queue_full: std::sync::atomic::AtomicU64,
+/// Report outcomes by key, forgotten in insertion order once they can no longer be asked for.
+#[derive(Default)]
+struct Ledger {
+    entries: HashMap<String, Entry>,
+    inserted: VecDeque<(Instant, String)>,
 }
 
-struct Request {
-    key: (String, ReportKind),
-    object: ObjectRef<WorkflowRun>,
-    report: Report,
+impl Ledger {
+    fn expire(&mut self, keep: Duration) {
+        while let Some((at, _)) = self.inserted.front() {
+            if at.elapsed() < keep {
+                break;
+            }
+            if let Some((_, key)) = self.inserted.pop_front() {
+                self.entries.remove(&key);
+            }
+        }
+    }
+
+    fn insert(&mut self, key: String, entry: Entry) {
+        self.inserted.push_back((entry.first_try, key.clone()));
+        self.entries.insert(key, entry);
+    }
 }
 
-enum Report {
-    Started {
-        workflow: String,
-    },
-    Finished {
-        workflow: String,
-        status: &'static str,
-        duration_ms: f64,
-        retried_steps: Vec<String>,
-        spans: Vec<SpanData>,
-    },
+/// The exporter's own counters, on the admin port's `/metrics`.
+#[derive(Clone, Debug, Default)]
+pub struct ExportMetrics {
+    pub exported: PromCounter,
+    pub failures: PromCounter,
+    pub dropped: PromCounter,
+    pub queue_full: PromCounter,
 }
 
-struct Instruments {
-    run_total: Counter<u64>,
-    run_status: Counter<u64>,
-    run_duration: Histogram<f64>,
-    retry_count: Counter<u64>,
-}
-
-/// Handle used by reconciles; cheap to clone.
-#[derive(Clone)]
-pub struct Telemetry {
-    queue: mpsc::Sender<Request>,
-    entries: Arc<Mutex<HashMap<(String, ReportKind), Entry>>>,
-    drop_after: Duration,
-    pub stats: Arc<ExportStats>,
+impl ExportMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register("flowtel_telemetry_exported", "Reports exported", m.exported.clone());
+        registry.register("flowtel_telemetry_export_failures", "Report exports that failed", m.failures.clone());
+        registry.register("flowtel_telemetry_dropped", "Reports dropped after the drop timeout", m.dropped.clone());
+        registry.register(
+            "flowtel_telemetry_queue_full",
+            "Reports refused by a full export queue",
+            m.queue_full.clone(),
+        );
+        m
+    }
 }
 
 /// OTLP target and tuning of the exporter.
@@ -126,17 +159,59 @@ pub struct ExportConfig {
     /// OTLP gRPC endpoint, e.g. `http://127.0.0.1:4317`.
     pub endpoint: String,
     pub export_timeout: Duration,
-    /// How long a run's telemetry is retried before it is dropped (and counted).
+    /// How long a report is retried before it is dropped (and counted).
     pub drop_after: Duration,
-    pub duration_boundaries: Vec<f64>,
+    /// Explicit bucket boundaries by histogram name.
+    pub histogram_boundaries: HashMap<&'static str, Vec<f64>>,
     pub queue_capacity: usize,
 }
 
-impl Telemetry {
-    /// Starts the export worker. `notify` receives the run of every report that changed state, to reconcile it.
+struct Request<N> {
+    key: String,
+    notify: N,
+    report: Report,
+}
+
+struct Shared<N> {
+    queue: mpsc::Sender<Request<N>>,
+    ledger: Mutex<Ledger>,
+    drop_after: Duration,
+    metrics: ExportMetrics,
+    last_batch_failed: AtomicBool,
+    shutdown: Notify,
+    stopped: watch::Receiver<bool>,
+}
+
+impl<N> Shared<N> {
+    fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Handle used by reconciles; cheap to clone. `N` is what the worker sends back when a report's state changed.
+pub struct Telemetry<N> {
+    shared: Option<Arc<Shared<N>>>,
+}
+
+impl<N> Clone for Telemetry<N> {
+    fn clone(&self) -> Self {
+        Self { shared: self.shared.clone() }
+    }
+}
+
+impl<N: Send + Sync + 'static> Telemetry<N> {
+    /// An exporter that exports nothing: every report is `Disabled`.
+    pub fn disabled() -> Self {
+        Self { shared: None }
+    }
+
+    /// Starts the export worker. `notify` receives a report's `N` whenever its state changed. `worker_gate`
+    /// closes (readiness fails) if the worker ever stops before shutdown.
     pub fn start(
         config: &ExportConfig,
-        notify: mpsc::UnboundedSender<ObjectRef<WorkflowRun>>,
+        notify: mpsc::UnboundedSender<N>,
+        metrics: ExportMetrics,
+        worker_gate: Gate,
     ) -> Result<Self, TelemetryError> {
         let err = |signal: &'static str, e: &dyn std::fmt::Display| TelemetryError::Exporter {
             signal,
@@ -166,288 +241,368 @@ impl Telemetry {
             .map_err(|e| err("traces", &e))?;
         span_exporter.set_resource(&resource);
 
-        let meter = meter_provider.meter("flowtel");
-        let instruments = Instruments {
-            run_total: meter.u64_counter("workflow.run.total").with_description("Total workflow runs").build(),
-            run_status: meter.u64_counter("workflow.run.status").with_description("Workflow status").build(),
-            run_duration: meter
-                .f64_histogram("workflow.run.duration_ms")
-                .with_description("Workflow duration")
-                .with_unit("ms")
-                .with_boundaries(config.duration_boundaries.clone())
-                .build(),
-            retry_count: meter.u64_counter("workflow.retry.count").with_description("Retry count").build(),
-        };
         let (queue, rx) = mpsc::channel(config.queue_capacity);
-        let telemetry = Self { queue, entries: Arc::default(), drop_after: config.drop_after, stats: Arc::default() };
+        let (stopped_tx, stopped) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            queue,
+            ledger: Mutex::default(),
+            drop_after: config.drop_after,
+            metrics,
+            last_batch_failed: AtomicBool::new(false),
+            shutdown: Notify::new(),
+            stopped,
+        });
         let worker = Worker {
             rx,
+            meter: meter_provider.meter("flowtel"),
             meter_provider,
             span_exporter,
-            instruments,
-            entries: telemetry.entries.clone(),
-            stats: telemetry.stats.clone(),
+            counters: HashMap::new(),
+            histograms: HashMap::new(),
+            boundaries: config.histogram_boundaries.clone(),
+            shared: shared.clone(),
             notify,
-            recorded: HashMap::new(),
         };
-        tokio::spawn(worker.run());
-        Ok(telemetry)
-    }
-
-    /// Asks for `kind` of `run` to be exported (once) and says where it stands. Never waits on the network.
-    pub fn report(&self, run: &WorkflowRun, kind: ReportKind) -> ReportState {
-        let Some(uid) = run.uid() else { return ReportState::Pending };
-        let key = (uid, kind);
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(entry) = entries.get_mut(&key) {
-            match &entry.state {
-                ReportState::Failing { reason } if entry.first_try.elapsed() >= self.drop_after => {
-                    self.stats.dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    entry.state = ReportState::Dropped { reason: reason.clone() };
-                }
-                ReportState::Failing { .. } => {
-                    // Retry, at most every RETRY_EVERY: an endpoint that refuses at once would otherwise turn
-                    // fail → notify → reconcile → re-send into a busy loop. Metrics recorded before are not
-                    // recorded again.
-                    let failing = entry.state.clone();
-                    if entry.last_try.elapsed() >= RETRY_EVERY && self.enqueue(&key, run, kind) {
-                        entry.state = ReportState::Pending;
-                        entry.last_try = Instant::now();
-                    }
-                    return failing;
-                }
-                _ => {}
+        // Supervised: whatever ends the worker closes the readiness gate, and reports stop waiting for it (the
+        // closed queue fails every later request at once; queued ones are dropped after `drop_after`).
+        let handle = tokio::spawn(worker.run());
+        tokio::spawn(async move {
+            match handle.await {
+                Ok(()) => tracing::info!("telemetry export worker stopped"),
+                Err(e) => tracing::error!(error = %e, "telemetry export worker died"),
             }
-            return entry.state.clone();
-        }
-        let state = if self.enqueue(&key, run, kind) {
-            ReportState::Pending
-        } else {
-            ReportState::Failing { reason: "ExportQueueFull".into() }
-        };
-        if entries.len().is_multiple_of(1024) {
-            entries.retain(|_, e| e.recorded_at.is_none_or(|t| t.elapsed() < REMEMBER));
-        }
-        let now = Instant::now();
-        entries.insert(key, Entry { state: state.clone(), first_try: now, last_try: now, recorded_at: None });
-        state
-    }
-
-    /// Marks a run's report as recorded in status; it is forgotten some minutes later.
-    pub fn recorded(&self, run: &WorkflowRun, kind: ReportKind) {
-        if let Some(uid) = run.uid()
-            && let Some(entry) = self.entries.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&(uid, kind))
-        {
-            entry.recorded_at.get_or_insert_with(Instant::now);
-        }
-    }
-
-    fn enqueue(&self, key: &(String, ReportKind), run: &WorkflowRun, kind: ReportKind) -> bool {
-        let Some(report) = build_report(run, kind) else { return false };
-        let request = Request { key: key.clone(), object: ObjectRef::from_obj(run), report };
-        match self.queue.try_send(request) {
-            Ok(()) => true,
-            Err(_) => {
-                self.stats.queue_full.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                false
-            }
-        }
-    }
-}
-
-fn status_label(status: &WorkflowRunStatus) -> &'static str {
-    let cancelled =
-        status.conditions.iter().any(|c| c.type_ == crate::workflow_run::plan::SUCCEEDED && c.reason == "Cancelled");
-    match status.phase {
-        Some(WorkflowRunPhase::Succeeded) => "success",
-        _ if cancelled => "cancelled",
-        _ => "failure",
-    }
-}
-
-fn system_time(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime) -> SystemTime {
-    SystemTime::from(t.0)
-}
-
-/// The run's report, built from what status recorded (not from the time of export).
-fn build_report(run: &WorkflowRun, kind: ReportKind) -> Option<Report> {
-    let workflow = run.spec.workflow_name.clone();
-    if kind == ReportKind::Started {
-        return Some(Report::Started { workflow });
-    }
-    let status = run.status.as_ref()?;
-    let uid = run.uid()?;
-    let trace_id = ids::trace_id(&uid);
-    let scope = InstrumentationScope::builder("flowtel").with_version(env!("CARGO_PKG_VERSION")).build();
-    let context =
-        |span_id: SpanId| SpanContext::new(trace_id, span_id, TraceFlags::SAMPLED, false, TraceState::default());
-    let start = system_time(status.start_time.as_ref()?);
-    let end = system_time(status.completion_time.as_ref()?);
-    let label = status_label(status);
-    let run_status = if label == "success" {
-        Status::Ok
-    } else {
-        let reason = status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == crate::workflow_run::plan::SUCCEEDED)
-            .map(|c| c.reason.clone())
-            .unwrap_or_default();
-        Status::error(reason)
-    };
-    let common = [
-        KeyValue::new("workflow.name", workflow.clone()),
-        KeyValue::new("workflow.run_id", uid.clone()),
-        KeyValue::new("k8s.namespace.name", run.namespace().unwrap_or_default()),
-    ];
-    let mut spans = vec![SpanData {
-        span_context: context(ids::run_span_id(&uid)),
-        parent_span_id: SpanId::INVALID,
-        parent_span_is_remote: false,
-        span_kind: SpanKind::Server,
-        name: Cow::Borrowed("workflow.run"),
-        start_time: start,
-        end_time: end,
-        attributes: common
-            .iter()
-            .cloned()
-            .chain([
-                KeyValue::new("workflow.status", label),
-                KeyValue::new("workflow.attempts", i64::from(status.attempt_count.unwrap_or_default())),
-            ])
-            .collect(),
-        dropped_attributes_count: 0,
-        events: SpanEvents::default(),
-        links: SpanLinks::default(),
-        status: run_status,
-        instrumentation_scope: scope.clone(),
-    }];
-    let mut retried_steps = Vec::new();
-    for (i, a) in status.attempts.iter().enumerate() {
-        let failed = a.classification.is_some_and(|c| c != AttemptClassification::Succeeded);
-        let mut attributes: Vec<KeyValue> = common.to_vec();
-        attributes.push(KeyValue::new("workflow.attempt", i64::from(a.number)));
-        attributes.push(KeyValue::new("k8s.job.name", a.job_name.clone()));
-        if let Some(pod) = &a.pod_name {
-            attributes.push(KeyValue::new("k8s.pod.name", pod.clone()));
-        }
-        if let Some(code) = a.exit_code {
-            attributes.push(KeyValue::new("process.exit.code", i64::from(code)));
-        }
-        if let Some(c) = a.classification {
-            attributes.push(KeyValue::new("workflow.attempt.classification", format!("{c:?}")));
-        }
-        let attempt_end = a.end_time.as_ref().map_or(end, system_time);
-        let mut events = SpanEvents::default();
-        if failed {
-            events.events.push(opentelemetry::trace::Event::new(
-                "attempt.failed",
-                attempt_end,
-                vec![
-                    KeyValue::new("reason", a.reason.clone().unwrap_or_default()),
-                    KeyValue::new("exit_code", i64::from(a.exit_code.unwrap_or(-1))),
-                ],
-                0,
-            ));
-        }
-        // Every failed attempt that a later attempt followed was a retry.
-        if failed && i + 1 < status.attempts.len() && a.classification != Some(AttemptClassification::Disruption) {
-            retried_steps.push(a.container.clone().unwrap_or_else(|| "main".into()));
-        }
-        spans.push(SpanData {
-            span_context: context(ids::attempt_span_id(&uid, a.number)),
-            parent_span_id: ids::run_span_id(&uid),
-            parent_span_is_remote: false,
-            span_kind: SpanKind::Internal,
-            name: Cow::Borrowed("workflow.attempt"),
-            start_time: a.start_time.as_ref().map_or(start, system_time),
-            end_time: attempt_end,
-            attributes,
-            dropped_attributes_count: 0,
-            events,
-            links: SpanLinks::default(),
-            status: if failed { Status::error(a.reason.clone().unwrap_or_default()) } else { Status::Ok },
-            instrumentation_scope: scope.clone(),
+            worker_gate.set(false);
+            let _ = stopped_tx.send(true);
         });
+        Ok(Self { shared: Some(shared) })
     }
-    let duration_ms = status.duration_ms.unwrap_or_default() as f64;
-    Some(Report::Finished { workflow, status: label, duration_ms, retried_steps, spans })
-}
 
-struct Worker {
-    rx: mpsc::Receiver<Request>,
-    meter_provider: SdkMeterProvider,
-    span_exporter: SpanExporter,
-    instruments: Instruments,
-    entries: Arc<Mutex<HashMap<(String, ReportKind), Entry>>>,
-    stats: Arc<ExportStats>,
-    notify: mpsc::UnboundedSender<ObjectRef<WorkflowRun>>,
-    /// Metrics recorded in this process (and when), so a retried export does not count them twice.
-    recorded: HashMap<(String, ReportKind), Instant>,
-}
+    /// Whether this operator exports at all.
+    pub fn is_enabled(&self) -> bool {
+        self.shared.is_some()
+    }
 
-impl Worker {
-    async fn run(mut self) {
-        const BATCH: usize = 512;
-        let mut batch = Vec::with_capacity(BATCH);
-        while self.rx.recv_many(&mut batch, BATCH).await > 0 {
-            let requests = std::mem::take(&mut batch);
-            if self.recorded.len() > 100_000 {
-                // A run's export is retried for drop_after at most; an hour covers it many times over.
-                self.recorded.retain(|_, at| at.elapsed() < Duration::from_secs(3600));
-            }
-            let mut spans = Vec::new();
-            for r in &requests {
-                let first = self.recorded.insert(r.key.clone(), Instant::now()).is_none();
-                match &r.report {
-                    Report::Started { workflow } => {
-                        if first {
-                            self.instruments.run_total.add(1, &[KeyValue::new("workflow_name", workflow.clone())]);
-                        }
-                    }
-                    Report::Finished { workflow, status, duration_ms, retried_steps, spans: s } => {
-                        if first {
-                            let name = KeyValue::new("workflow_name", workflow.clone());
-                            self.instruments.run_status.add(1, &[name.clone(), KeyValue::new("status", *status)]);
-                            self.instruments.run_duration.record(*duration_ms, std::slice::from_ref(&name));
-                            for step in retried_steps {
-                                self.instruments
-                                    .retry_count
-                                    .add(1, &[name.clone(), KeyValue::new("step_name", step.clone())]);
-                            }
-                        }
-                        spans.extend(s.iter().cloned());
-                    }
-                }
-            }
-            let spans_result = if spans.is_empty() { Ok(()) } else { self.span_exporter.export(spans).await };
-            // force_flush blocks on the export; keep it off the async workers.
-            let provider = self.meter_provider.clone();
-            let metrics_result = tokio::task::spawn_blocking(move || provider.force_flush())
-                .await
-                .unwrap_or_else(|e| Err(opentelemetry_sdk::error::OTelSdkError::InternalFailure(e.to_string())));
-            let outcome = match (spans_result, metrics_result) {
-                (Ok(()), Ok(())) => {
-                    self.stats.exported.fetch_add(requests.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                    ReportState::Exported
-                }
-                (Err(e), _) | (_, Err(e)) => {
-                    self.stats.failed.fetch_add(requests.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                    tracing::warn!(error = %e, runs = requests.len(), "exporting run telemetry failed");
-                    ReportState::Failing { reason: "ExportFailed".into() }
-                }
+    /// Whether exports currently succeed. While they fail, callers should not hold work up waiting for one.
+    pub fn is_healthy(&self) -> bool {
+        self.shared.as_ref().is_some_and(|s| !s.last_batch_failed.load(Ordering::Relaxed) && !s.queue.is_closed())
+    }
+
+    /// Asks for the report `key` to be exported (once) and says where it stands. Never waits on the network.
+    /// `build` is called only when the report is (re)queued.
+    pub fn report(&self, key: &str, notify: N, build: impl FnOnce() -> Report) -> ReportState {
+        let Some(shared) = &self.shared else { return ReportState::Disabled };
+        let mut ledger = shared.ledger();
+        ledger.expire(shared.drop_after + REMEMBER);
+        let now = Instant::now();
+        let Some(entry) = ledger.entries.get_mut(key) else {
+            let (state, last_failure) = match shared.enqueue(key, notify, build()) {
+                Ok(()) => (EntryState::Queued, None),
+                Err(reason) => (EntryState::Failed, Some(reason)),
             };
-            {
-                let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-                for r in &requests {
-                    if let Some(entry) = entries.get_mut(&r.key) {
-                        entry.state = outcome.clone();
-                    }
-                }
-            }
-            for r in requests {
-                let _ = self.notify.send(r.object);
+            let entry = Entry { state, first_try: now, last_try: now, last_failure, metrics_recorded: false };
+            let answer = entry.answer();
+            ledger.insert(key.to_string(), entry);
+            return answer;
+        };
+        let unsettled = matches!(entry.state, EntryState::Queued | EntryState::Failed);
+        if unsettled && entry.first_try.elapsed() >= shared.drop_after {
+            entry.state = EntryState::Dropped;
+            shared.metrics.dropped.inc();
+        } else if entry.state == EntryState::Failed && entry.last_try.elapsed() >= RETRY_EVERY {
+            // Retry at most every RETRY_EVERY: an endpoint that refuses at once would otherwise turn
+            // fail → notify → reconcile → re-send into a busy loop.
+            entry.last_try = now;
+            match shared.enqueue(key, notify, build()) {
+                Ok(()) => entry.state = EntryState::Queued,
+                Err(reason) => entry.last_failure = Some(reason),
             }
         }
+        entry.answer()
+    }
+
+    /// Stops the worker after it exported what is queued, waiting at most `timeout`. Returns whether it stopped.
+    pub async fn shutdown(&self, timeout: Duration) -> bool {
+        let Some(shared) = &self.shared else { return true };
+        shared.shutdown.notify_one();
+        let mut stopped = shared.stopped.clone();
+        tokio::time::timeout(timeout, stopped.wait_for(|s| *s)).await.is_ok()
+    }
+}
+
+impl Entry {
+    fn answer(&self) -> ReportState {
+        let reason = || self.last_failure.clone().unwrap_or_else(|| "ExportTimedOut".into());
+        match self.state {
+            EntryState::Exported => ReportState::Exported,
+            EntryState::Dropped => ReportState::Dropped { reason: reason() },
+            // A queued retry keeps the last failure: the state flips only when an export succeeds.
+            EntryState::Queued if self.last_failure.is_none() => ReportState::Pending,
+            EntryState::Queued | EntryState::Failed => ReportState::Failing { reason: reason() },
+        }
+    }
+}
+
+impl<N> Shared<N> {
+    fn enqueue(&self, key: &str, notify: N, report: Report) -> Result<(), String> {
+        match self.queue.try_send(Request { key: key.to_string(), notify, report }) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.metrics.queue_full.inc();
+                Err("ExportQueueFull".into())
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err("ExportWorkerStopped".into()),
+        }
+    }
+}
+
+struct Worker<N> {
+    rx: mpsc::Receiver<Request<N>>,
+    meter_provider: SdkMeterProvider,
+    meter: Meter,
+    span_exporter: SpanExporter,
+    counters: HashMap<&'static str, Counter<u64>>,
+    histograms: HashMap<&'static str, Histogram<f64>>,
+    boundaries: HashMap<&'static str, Vec<f64>>,
+    shared: Arc<Shared<N>>,
+    notify: mpsc::UnboundedSender<N>,
+}
+
+impl<N: Send + Sync + 'static> Worker<N> {
+    async fn run(mut self) {
+        loop {
+            let mut batch = Vec::with_capacity(BATCH);
+            let stopping = tokio::select! {
+                biased;
+                () = self.shared.shutdown.notified() => {
+                    while let Ok(r) = self.rx.try_recv() {
+                        batch.push(r);
+                    }
+                    true
+                }
+                n = self.rx.recv_many(&mut batch, BATCH) => n == 0,
+            };
+            // Drained in batches: one OTLP request per BATCH reports.
+            while !batch.is_empty() {
+                let rest = batch.split_off(batch.len().min(BATCH));
+                self.export_batch(batch).await;
+                batch = rest;
+            }
+            if stopping {
+                break;
+            }
+        }
+        let provider = self.meter_provider.clone();
+        let _ = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+    }
+
+    /// Exports one batch and settles its entries. A panic while exporting fails the batch, not the worker.
+    async fn export_batch(&mut self, requests: Vec<Request<N>>) {
+        let result = AssertUnwindSafe(self.export(&requests)).catch_unwind().await;
+        let failure = match result {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, reports = requests.len(), "exporting telemetry failed");
+                Some("ExportFailed")
+            }
+            Err(_) => {
+                tracing::error!(reports = requests.len(), "exporting telemetry panicked");
+                Some("ExportWorkerPanicked")
+            }
+        };
+        let count = requests.len() as u64;
+        match failure {
+            None => self.shared.metrics.exported.inc_by(count),
+            Some(_) => self.shared.metrics.failures.inc_by(count),
+        };
+        self.shared.last_batch_failed.store(failure.is_some(), Ordering::Relaxed);
+        {
+            let mut ledger = self.shared.ledger();
+            for r in &requests {
+                // A dropped report stays dropped: status may already say so.
+                if let Some(entry) = ledger.entries.get_mut(&r.key).filter(|e| e.state == EntryState::Queued) {
+                    match failure {
+                        None => entry.state = EntryState::Exported,
+                        Some(reason) => {
+                            entry.state = EntryState::Failed;
+                            entry.last_failure = Some(reason.into());
+                        }
+                    }
+                }
+            }
+        }
+        for r in requests {
+            let _ = self.notify.send(r.notify);
+        }
+    }
+
+    async fn export(&mut self, requests: &[Request<N>]) -> Result<(), opentelemetry_sdk::error::OTelSdkError> {
+        let mut spans = Vec::new();
+        let mut to_record = Vec::new();
+        {
+            let mut ledger = self.shared.ledger();
+            for r in requests {
+                let Some(entry) = ledger.entries.get_mut(&r.key).filter(|e| e.state == EntryState::Queued) else {
+                    continue;
+                };
+                if !entry.metrics_recorded {
+                    entry.metrics_recorded = true;
+                    to_record.push(&r.report);
+                }
+                spans.extend(r.report.spans.iter().cloned());
+            }
+        }
+        for report in to_record {
+            self.record(report);
+        }
+        if !spans.is_empty() {
+            self.span_exporter.export(spans).await?;
+        }
+        // force_flush blocks on the export; keep it off the async workers.
+        let provider = self.meter_provider.clone();
+        tokio::task::spawn_blocking(move || provider.force_flush())
+            .await
+            .unwrap_or_else(|e| Err(opentelemetry_sdk::error::OTelSdkError::InternalFailure(e.to_string())))
+    }
+
+    fn record(&mut self, report: &Report) {
+        for c in &report.counters {
+            let meter = &self.meter;
+            self.counters
+                .entry(c.name)
+                .or_insert_with(|| meter.u64_counter(c.name).with_description(c.description).build())
+                .add(c.value, &c.attributes);
+        }
+        for h in &report.histograms {
+            let meter = &self.meter;
+            let boundaries = self.boundaries.get(h.name).cloned();
+            self.histograms
+                .entry(h.name)
+                .or_insert_with(|| {
+                    let builder = meter.f64_histogram(h.name).with_description(h.description).with_unit(h.unit);
+                    match boundaries {
+                        Some(b) => builder.with_boundaries(b).build(),
+                        None => builder.build(),
+                    }
+                })
+                .record(h.value, &h.attributes);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A handle whose worker is never started: what the ledger says, without a network.
+    fn idle(drop_after: Duration, capacity: usize) -> (Telemetry<u32>, mpsc::Receiver<Request<u32>>) {
+        let (queue, rx) = mpsc::channel(capacity);
+        let (_tx, stopped) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            queue,
+            ledger: Mutex::default(),
+            drop_after,
+            metrics: ExportMetrics::default(),
+            last_batch_failed: AtomicBool::new(false),
+            shutdown: Notify::new(),
+            stopped,
+        });
+        (Telemetry { shared: Some(shared) }, rx)
+    }
+
+    fn settle(t: &Telemetry<u32>, key: &str, failure: Option<&str>) {
+        let shared = t.shared.as_ref().expect("enabled");
+        let mut ledger = shared.ledger();
+        let entry = ledger.entries.get_mut(key).expect("entry");
+        match failure {
+            None => entry.state = EntryState::Exported,
+            Some(reason) => {
+                entry.state = EntryState::Failed;
+                entry.last_failure = Some(reason.into());
+            }
+        }
+    }
+
+    fn backdate(t: &Telemetry<u32>, key: &str, by: Duration) {
+        let shared = t.shared.as_ref().expect("enabled");
+        let mut ledger = shared.ledger();
+        let entry = ledger.entries.get_mut(key).expect("entry");
+        entry.first_try -= by;
+        entry.last_try -= by;
+    }
+
+    #[test]
+    fn a_report_is_queued_once_and_then_exported() {
+        let (t, mut rx) = idle(Duration::from_secs(30), 8);
+        assert_eq!(t.report("a", 1, Report::default), ReportState::Pending);
+        assert_eq!(t.report("a", 1, Report::default), ReportState::Pending);
+        assert!(rx.try_recv().is_ok());
+        assert!(rx.try_recv().is_err(), "asked twice, queued once");
+        settle(&t, "a", None);
+        assert_eq!(t.report("a", 1, Report::default), ReportState::Exported);
+    }
+
+    #[test]
+    fn a_queued_retry_keeps_the_last_failure() {
+        let (t, mut rx) = idle(Duration::from_secs(30), 8);
+        t.report("a", 1, Report::default);
+        settle(&t, "a", Some("ExportFailed"));
+        let failing = ReportState::Failing { reason: "ExportFailed".into() };
+        assert_eq!(t.report("a", 1, Report::default), failing);
+        backdate(&t, "a", RETRY_EVERY);
+        assert_eq!(t.report("a", 1, Report::default), failing, "requeued, still failing until it succeeds");
+        assert_eq!(std::iter::from_fn(|| rx.try_recv().ok()).count(), 2, "first try and one retry");
+        assert_eq!(t.report("a", 1, Report::default), failing, "no second retry within RETRY_EVERY");
+        settle(&t, "a", None);
+        assert_eq!(t.report("a", 1, Report::default), ReportState::Exported);
+    }
+
+    #[test]
+    fn pending_and_failing_reports_are_dropped_after_the_timeout() {
+        let (t, _rx) = idle(Duration::from_secs(30), 8);
+        t.report("stuck", 1, Report::default);
+        backdate(&t, "stuck", Duration::from_secs(31));
+        assert_eq!(t.report("stuck", 1, Report::default), ReportState::Dropped { reason: "ExportTimedOut".into() });
+        t.report("failing", 1, Report::default);
+        settle(&t, "failing", Some("ExportFailed"));
+        backdate(&t, "failing", Duration::from_secs(31));
+        assert_eq!(t.report("failing", 1, Report::default), ReportState::Dropped { reason: "ExportFailed".into() });
+        let dropped = t.shared.as_ref().map(|s| s.metrics.dropped.get());
+        assert_eq!(dropped, Some(2));
+    }
+
+    #[test]
+    fn a_full_queue_fails_the_report_and_a_closed_one_says_the_worker_stopped() {
+        let (t, rx) = idle(Duration::from_secs(30), 1);
+        assert_eq!(t.report("a", 1, Report::default), ReportState::Pending);
+        assert_eq!(t.report("b", 2, Report::default), ReportState::Failing { reason: "ExportQueueFull".into() });
+        drop(rx);
+        assert!(!t.is_healthy());
+        assert_eq!(t.report("c", 3, Report::default), ReportState::Failing { reason: "ExportWorkerStopped".into() });
+    }
+
+    #[test]
+    fn outcomes_are_forgotten_in_insertion_order() {
+        let mut ledger = Ledger::default();
+        let old = Instant::now() - Duration::from_secs(100);
+        for (key, at) in [("old", old), ("new", Instant::now())] {
+            let entry = Entry {
+                state: EntryState::Exported,
+                first_try: at,
+                last_try: at,
+                last_failure: None,
+                metrics_recorded: true,
+            };
+            ledger.insert(key.into(), entry);
+        }
+        ledger.expire(Duration::from_secs(50));
+        assert!(!ledger.entries.contains_key("old"));
+        assert!(ledger.entries.contains_key("new"));
+    }
+
+    #[test]
+    fn disabled_exports_nothing() {
+        let t = Telemetry::<u32>::disabled();
+        assert_eq!(t.report("a", 1, Report::default), ReportState::Disabled);
+        assert!(!t.is_healthy());
     }
 }

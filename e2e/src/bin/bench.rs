@@ -17,11 +17,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let runs: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(200);
     let client = client().await?;
     install_crds(&client).await?;
-    let collector = Collector::start("bench")?;
+    let collector = Collector::start("bench").await?;
 
     // One run, start to deletion by its TTL: every write the operator makes for it.
     let ns = TestNamespace::new(&client, "bench-writes").await?;
-    let operator = Operator::start(&ns.name, &collector.endpoint, &[])?;
+    let operator = Operator::start(&ns.name, &collector.endpoint, &[]).await?;
     let api: Api<WorkflowRun> = Api::namespaced(client.clone(), &ns.name);
     let mut run = simple_run("single", "bench", "1s");
     run["spec"]["ttlSecondsAfterFinished"] = 1.into();
@@ -36,11 +36,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (what, n) in &writes {
         println!("  {n:>3}  {what}");
     }
-    println!("  (Events are not counted; reconciles: {:?})", operator.counter("flowtel_reconciles_total"));
+    println!("  (Events are not counted; reconciles: {:?})", operator.counter("flowtel_reconciles_total").await);
     drop(operator);
 
     let ns = TestNamespace::new(&client, "bench-burst").await?;
-    let operator = Operator::start(&ns.name, &collector.endpoint, &[])?;
+    let operator = Operator::start(&ns.name, &collector.endpoint, &[]).await?;
     let wall = burst(&client, &ns.name, "bench-burst", runs, Duration::from_secs(1200)).await?;
     println!(
         "burst of {runs} runs (pods run 1s): all terminal with telemetry exported in {:.1} s ({:.1} runs/s)",
@@ -49,9 +49,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     println!(
         "  status writes: {:?}, reconciles: {:?}, export failures: {:?}",
-        operator.counter("flowtel_status_writes_total"),
-        operator.counter("flowtel_reconciles_total"),
-        operator.counter("flowtel_telemetry_export_failures_total")
+        operator.counter("flowtel_status_writes_total").await,
+        operator.counter("flowtel_reconciles_total").await,
+        operator.counter("flowtel_telemetry_export_failures_total").await
     );
     Ok(())
 }

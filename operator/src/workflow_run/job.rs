@@ -9,7 +9,7 @@ use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
 use super::env::{Injection, inject};
-use super::ids;
+use crate::runtime::ids;
 
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "flowtel";

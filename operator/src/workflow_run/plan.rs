@@ -11,13 +11,14 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
 use kube::ResourceExt;
 
-use super::ids;
 use super::job::{attempt_of, job_name};
+use crate::runtime::ids;
 
 /// Condition types.
 pub const SUCCEEDED: &str = "Succeeded";
 pub const TELEMETRY_DEGRADED: &str = "TelemetryDegraded";
-/// Attempts kept in status; older ones are dropped (their count stays in `attemptCount`).
+/// Attempts kept in status; older ones are dropped (their counts stay in `attemptCount`, `transientFailures` and
+/// `disruptions`, which the retry limits are checked against).
 pub const MAX_ATTEMPTS_KEPT: usize = 32;
 
 /// Operator-wide defaults.
@@ -36,6 +37,8 @@ pub struct Observation<'a> {
     pub pods: Vec<&'a Pod>,
     /// Why the run's telemetry is degraded, when it is (no endpoint, export failures).
     pub telemetry_degraded: Option<(String, String)>,
+    /// Whether the operator exports run telemetry at all; when it does not, the TTL does not wait for it.
+    pub exports_telemetry: bool,
 }
 
 /// The one thing to do besides writing status.
@@ -324,6 +327,7 @@ impl Planner<'_> {
             a.container = o.container;
             let warning = o.classification != AttemptClassification::Succeeded;
             self.event(warning, "AttemptFinished", note);
+            self.count_outcome(o.classification);
         }
     }
 
@@ -338,9 +342,27 @@ impl Planner<'_> {
         }
     }
 
-    fn count(&self, class: AttemptClassification) -> i32 {
-        let counted = self.status.attempts.iter().filter(|a| a.classification == Some(class)).count();
-        i32::try_from(counted).unwrap_or(i32::MAX)
+    /// The counter in status of attempts that ended as `class`, if it has one.
+    fn counter(&mut self, class: AttemptClassification) -> Option<&mut Option<i32>> {
+        match class {
+            AttemptClassification::Transient => Some(&mut self.status.transient_failures),
+            AttemptClassification::Disruption => Some(&mut self.status.disruptions),
+            _ => None,
+        }
+    }
+
+    fn count_outcome(&mut self, class: AttemptClassification) {
+        if let Some(counter) = self.counter(class) {
+            *counter = Some(counter.unwrap_or_default().saturating_add(1));
+        }
+    }
+
+    /// How many attempts ended as `class`, in all. A status written before the counters existed counts what it
+    /// kept in `attempts`.
+    fn count(&mut self, class: AttemptClassification) -> i32 {
+        let kept = self.status.attempts.iter().filter(|a| a.classification == Some(class)).count();
+        let kept = i32::try_from(kept).unwrap_or(i32::MAX);
+        self.counter(class).map_or(kept, |c| *c.get_or_insert(kept))
     }
 
     fn plan(mut self, settings: &Settings) -> Plan {
@@ -370,6 +392,9 @@ impl Planner<'_> {
                 )
             }
         }
+        // Counters first: a status from before they existed counts its kept attempts, before any is observed.
+        self.count(AttemptClassification::Transient);
+        self.count(AttemptClassification::Disruption);
         if self.status.telemetry.is_none() {
             self.status.telemetry = Some(TelemetryReport::default());
         }
@@ -389,8 +414,14 @@ impl Planner<'_> {
         let deadline = spec.active_deadline_seconds.unwrap_or(settings.default_deadline_seconds);
         let deadline_at = start.saturating_add(SignedDuration::from_secs(deadline)).unwrap_or(start);
         self.observe_current_attempt();
+        // An attempt whose pod succeeded is a success even when seen after the deadline or a cancel: the work was done
+        // (its Job carries the deadline too, so it cannot have run past it by more than the backstop second).
+        let succeeded =
+            self.status.attempts.last().and_then(|a| a.classification) == Some(AttemptClassification::Succeeded);
 
-        if spec.cancel || self.run.metadata.deletion_timestamp.is_some() {
+        if succeeded {
+            self.advance(deadline_at);
+        } else if spec.cancel || self.run.metadata.deletion_timestamp.is_some() {
             self.stop_active_attempt("Cancelled");
             self.finish(WorkflowRunPhase::Failed, "Cancelled", "the run was cancelled".into());
         } else if now >= deadline_at {
@@ -480,7 +511,7 @@ impl Planner<'_> {
 
     fn after_finish(mut self, settings: &Settings) -> Plan {
         let now = self.obs.now;
-        let exported = self.status.telemetry.as_ref().is_some_and(|t| t.finished);
+        let exported = self.status.telemetry.as_ref().is_some_and(|t| t.finished) || !self.obs.exports_telemetry;
         // The TTL starts once the run's telemetry left: deleting earlier would lose the only record of it.
         if exported {
             let ttl = self.run.spec.ttl_seconds_after_finished.map_or(settings.default_ttl_seconds, i64::from);
@@ -523,7 +554,13 @@ pub fn plan(run: &WorkflowRun, obs: &Observation<'_>, settings: &Settings) -> Pl
 
 /// The attempt's Job could not be created (the apiserver rejected it, or its name is taken by a Job this run does
 /// not own): the run ends Failed with that reason, so bad input is reported once instead of retried forever.
-pub fn reject_attempt(plan: &mut Plan, reason: &'static str, message: &str, generation: Option<i64>, now: Timestamp) {
+pub fn reject_attempt(
+    mut plan: Plan,
+    reason: &'static str,
+    message: &str,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Plan {
     let status = &mut plan.status;
     if let Some(a) = status.attempts.last_mut() {
         a.end_time = Some(micro(now));
@@ -540,6 +577,7 @@ pub fn reject_attempt(plan: &mut Plan, reason: &'static str, message: &str, gene
     plan.action = Action::None;
     plan.requeue_after = None;
     plan.events.push(EventNote { warning: true, reason, note: message.to_string() });
+    plan
 }
 
 #[cfg(test)]
@@ -583,7 +621,13 @@ mod tests {
     }
 
     fn step(run: &mut WorkflowRun, pods: &[Pod], now: Timestamp) -> Plan {
-        let obs = Observation { now, jobs: vec![], pods: pods.iter().collect(), telemetry_degraded: None };
+        let obs = Observation {
+            now,
+            jobs: vec![],
+            pods: pods.iter().collect(),
+            telemetry_degraded: None,
+            exports_telemetry: true,
+        };
         let p = plan(run, &obs, &settings());
         run.status = Some(p.status.clone());
         p
@@ -709,8 +753,8 @@ mod tests {
     #[test]
     fn a_rejected_job_ends_the_run_with_the_reason() {
         let mut r = run(json!({}));
-        let mut p = step(&mut r, &[], t(0));
-        reject_attempt(&mut p, "JobRejected", "spec.template: invalid", Some(1), t(0));
+        let p = step(&mut r, &[], t(0));
+        let p = reject_attempt(p, "JobRejected", "spec.template: invalid", Some(1), t(0));
         assert_eq!(p.status.phase, Some(WorkflowRunPhase::Failed));
         assert_eq!(p.status.attempts[0].classification, Some(AttemptClassification::Permanent));
         assert!(p.events.iter().any(|e| e.warning && e.reason == "JobRejected"));
@@ -721,5 +765,160 @@ mod tests {
         let r = run(json!({"backoff": {"baseSeconds": 10, "factor": 3, "maxSeconds": 60}}));
         let got: Vec<i64> = (1..=4).map(|n| backoff_seconds(&r.spec.retry, n)).collect();
         assert_eq!(got, [10, 30, 60, 60]);
+    }
+
+    fn reason(p: &Plan) -> Option<&str> {
+        p.status.conditions.iter().find(|c| c.type_ == SUCCEEDED).map(|c| c.reason.as_str())
+    }
+
+    /// Drives a run whose every attempt ends with `outcome` (a pod of `pod(n)`) until it is terminal.
+    fn run_to_the_end(r: &mut WorkflowRun, pod: impl Fn(i32) -> Pod) -> Plan {
+        let mut now = 0;
+        let mut p = step(r, &[], t(now));
+        for _ in 0..2000 {
+            if is_terminal(&p.status) {
+                return p;
+            }
+            now += 1;
+            let current = p.status.attempts.last().map_or(0, |a| a.number);
+            p = step(r, &[pod(current)], t(now));
+        }
+        panic!("the run never ended: {:?}", p.status.phase);
+    }
+
+    #[test]
+    fn retry_limits_above_the_attempts_kept_are_enforced() {
+        let backoff = json!({"baseSeconds": 1, "factor": 1, "maxSeconds": 1});
+        let mut r = run(json!({"limit": 40, "backoff": backoff}));
+        let p = run_to_the_end(&mut r, |n| pod(n, "Failed", Some(1), false));
+        assert_eq!(reason(&p), Some("RetryLimitExceeded"));
+        assert_eq!(p.status.attempt_count, Some(41));
+        assert_eq!(p.status.transient_failures, Some(41));
+        assert_eq!(p.status.attempts.len(), MAX_ATTEMPTS_KEPT);
+
+        let mut r = run(json!({"limit": 0, "disruptionLimit": 40}));
+        let p = run_to_the_end(&mut r, |n| pod(n, "Failed", Some(137), true));
+        assert_eq!(reason(&p), Some("DisruptionLimitExceeded"));
+        assert_eq!(p.status.attempt_count, Some(41));
+        assert_eq!(p.status.disruptions, Some(41));
+        assert_eq!(p.status.transient_failures, Some(0));
+    }
+
+    #[test]
+    fn counts_from_before_the_counters_existed_are_taken_from_the_attempts() {
+        let mut r = run(json!({"limit": 1, "backoff": {"baseSeconds": 1, "factor": 1, "maxSeconds": 1}}));
+        step(&mut r, &[], t(0));
+        step(&mut r, &[pod(1, "Failed", Some(1), false)], t(1));
+        if let Some(s) = r.status.as_mut() {
+            s.transient_failures = None;
+        }
+        let p = step(&mut r, &[pod(1, "Failed", Some(1), false)], t(3));
+        assert_eq!(p.status.transient_failures, Some(1));
+        assert_eq!(p.action, Action::CreateJob { attempt: 2, deadline_seconds: 3598 });
+    }
+
+    #[test]
+    fn a_success_seen_after_the_deadline_is_a_success() {
+        let mut r = run(json!({}));
+        r.spec.active_deadline_seconds = Some(10);
+        step(&mut r, &[], t(0));
+        let p = step(&mut r, &[pod(1, "Succeeded", Some(0), false)], t(30));
+        assert_eq!(p.status.phase, Some(WorkflowRunPhase::Succeeded));
+        assert_eq!(p.action, Action::None, "no Job to delete");
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Clone, Debug)]
+        enum PodSeen {
+            Nothing,
+            Running,
+            Succeeded,
+            Failed(i32),
+            Disrupted,
+        }
+
+        fn pod_seen() -> impl Strategy<Value = PodSeen> {
+            prop_oneof![
+                Just(PodSeen::Nothing),
+                Just(PodSeen::Running),
+                Just(PodSeen::Succeeded),
+                (1..=255i32).prop_map(PodSeen::Failed),
+                Just(PodSeen::Disrupted),
+            ]
+        }
+
+        fn spec() -> impl Strategy<Value = (serde_json::Value, Option<i64>)> {
+            (
+                0..=100i32,
+                0..=60i32,
+                proptest::collection::vec(1..=255i32, 0..4),
+                0..=5i32,
+                1..=10i32,
+                0..=20i32,
+                proptest::option::of(1..=400i64),
+            )
+                .prop_map(|(limit, disruption_limit, permanent, base, factor, extra, deadline)| {
+                    let retry = json!({
+                        "limit": limit, "disruptionLimit": disruption_limit, "permanentExitCodes": permanent,
+                        "backoff": {"baseSeconds": base, "factor": factor, "maxSeconds": base + extra}
+                    });
+                    (retry, deadline)
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(300))]
+            #[test]
+            fn the_planner_keeps_its_invariants(
+                (retry, deadline) in spec(),
+                steps in proptest::collection::vec((0..30i64, pod_seen(), proptest::bool::weighted(0.02)), 1..120),
+            ) {
+                let mut r = run(retry);
+                r.spec.active_deadline_seconds = deadline;
+                let limit = r.spec.retry.limit;
+                let disruption_limit = r.spec.retry.disruption_limit;
+                let mut now = 0;
+                let mut before = step(&mut r, &[], t(now)).status;
+                for (advance, seen, cancel) in steps {
+                    now += advance;
+                    r.spec.cancel |= cancel;
+                    let current = before.attempts.last().map_or(0, |a| a.number);
+                    let pods: Vec<Pod> = match seen {
+                        PodSeen::Nothing => vec![],
+                        PodSeen::Running => vec![pod(current, "Running", None, false)],
+                        PodSeen::Succeeded => vec![pod(current, "Succeeded", Some(0), false)],
+                        PodSeen::Failed(code) => vec![pod(current, "Failed", Some(code), false)],
+                        PodSeen::Disrupted => vec![pod(current, "Failed", Some(137), true)],
+                    };
+                    let p = step(&mut r, &pods, t(now));
+                    let after = &p.status;
+                    // Attempt numbers only grow; a new attempt only follows an ended one.
+                    prop_assert!(after.attempt_count >= before.attempt_count);
+                    let numbers: Vec<i32> = after.attempts.iter().map(|a| a.number).collect();
+                    prop_assert!(numbers.windows(2).all(|w| w[1] == w[0] + 1), "{:?}", numbers);
+                    if let Action::CreateJob { attempt, .. } = p.action {
+                        prop_assert_eq!(attempt, before.attempt_count.unwrap_or_default() + 1);
+                        prop_assert_eq!(after.attempts.last().map(|a| a.number), Some(attempt));
+                    }
+                    // At most one attempt is open, and only the last.
+                    let open = after.attempts.iter().filter(|a| a.end_time.is_none()).count();
+                    prop_assert!(open <= 1);
+                    prop_assert!(after.attempts.iter().rev().skip(1).all(|a| a.end_time.is_some()));
+                    // A terminal phase never changes.
+                    if is_terminal(&before) {
+                        prop_assert_eq!(after.phase, before.phase);
+                        prop_assert_eq!(&after.completion_time, &before.completion_time);
+                    }
+                    // Counts never exceed the limits (the one that crossed a limit ends the run).
+                    prop_assert!(after.transient_failures.unwrap_or_default() <= limit + 1);
+                    prop_assert!(after.disruptions.unwrap_or_default() <= disruption_limit + 1);
+                    prop_assert!(after.attempts.len() <= MAX_ATTEMPTS_KEPT);
+                    before = after.clone();
+                }
+            }
+        }
     }
 }

@@ -1,0 +1,6 @@
+//! What the controllers share and none of them owns: readiness, the admin port, operator metrics, trace ids.
+//! Nothing here knows a controller.
+
+pub mod admin;
+pub mod ids;
+pub mod readiness;

@@ -1,0 +1,529 @@
+//! One WorkflowRun reconcile, as named steps:
+//! finalizer → read (caches only) → report (telemetry for what status recorded) → plan (pure, `plan.rs`) →
+//! act (the attempt's Job, built in `job.rs`, its environment decided in `env.rs`) → write status (only on change)
+//! → events.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flowtel_crds::workflow_run::{TelemetryReport, WorkflowRunPhase, WorkflowRunStatus};
+use flowtel_crds::{TelemetryStack, WorkflowRun};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, PropagationPolicy};
+use kube::runtime::controller::Action as ControllerAction;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+use tracing::Instrument;
+
+use super::index;
+use super::job::{self, OtlpTarget};
+use super::metrics::ControllerMetrics;
+use super::plan::{self, Action, Observation, Settings};
+use super::report::{self, ReportKind};
+use crate::telemetry::{RETRY_EVERY, ReportState, Telemetry};
+
+/// The field manager of everything flowtel writes.
+pub const FIELD_MANAGER: &str = "flowtel";
+/// Holds a run's deletion until its telemetry was exported (or dropped after the timeout).
+pub const FINALIZER: &str = "flowtel.dev/telemetry";
+/// A backstop for a report that stays pending: the worker's notification normally comes first.
+const PENDING_RECHECK: Duration = Duration::from_secs(10);
+
+/// Test hook: `FLOWTEL_CRASH_AT=<point>` aborts the process at that point, as a crash would, so the end-to-end
+/// tests can show that a restart never double-counts. Points: `after-job-create`, `after-terminal-status`,
+/// `during-backoff`.
+fn crash_point(point: &str) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if AT.get_or_init(|| std::env::var("FLOWTEL_CRASH_AT").ok()).as_deref() == Some(point) {
+        tracing::error!(point, "FLOWTEL_CRASH_AT: aborting");
+        std::process::abort();
+    }
+}
+
+/// Errors of one reconcile.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("building the attempt's Job: {0}")]
+    Build(#[from] job::BuildError),
+}
+
+impl ReconcileError {
+    /// The `error` label of `flowtel_reconcile_errors_total`.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Kube(kube::Error::Api(_)) => "api",
+            Self::Kube(_) => "kube",
+            Self::Build(_) => "build",
+        }
+    }
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    pub jobs: Store<Job>,
+    pub pods: Store<Pod>,
+    pub stacks: Store<TelemetryStack>,
+    /// Job and pod names by run.
+    pub job_index: index::RunIndex,
+    pub pod_index: index::RunIndex,
+    pub telemetry: Telemetry<ObjectRef<WorkflowRun>>,
+    pub settings: Settings,
+    /// The workload's OTLP endpoint when a run references no TelemetryStack.
+    pub default_otlp_endpoint: Option<String>,
+    pub recorder: Recorder,
+    pub metrics: ControllerMetrics,
+}
+
+/// The workload's telemetry target, and why telemetry is degraded when it is.
+fn telemetry_target(run: &WorkflowRun, ctx: &Context) -> (OtlpTarget, Option<(String, String)>) {
+    let default = OtlpTarget { endpoint: ctx.default_otlp_endpoint.clone(), protocol: "grpc".into() };
+    let Some(reference) = &run.spec.telemetry_stack_ref else {
+        let degraded = default.endpoint.is_none().then(|| {
+            (
+                "NoOtlpEndpoint".to_string(),
+                "no TelemetryStack referenced and the operator has no --otlp-endpoint".into(),
+            )
+        });
+        return (default, degraded);
+    };
+    let key = ObjectRef::<TelemetryStack>::new(&reference.name).within(&run.namespace().unwrap_or_default());
+    match ctx.stacks.get(&key) {
+        None => (
+            default,
+            Some((
+                "TelemetryStackNotFound".into(),
+                format!(
+                    "spec.telemetryStackRef: TelemetryStack {} not found; using the operator's default",
+                    reference.name
+                ),
+            )),
+        ),
+        Some(stack) => match stack.status.as_ref().and_then(|s| s.endpoints.otlp_grpc.clone()) {
+            Some(endpoint) => (OtlpTarget { endpoint: Some(endpoint), protocol: "grpc".into() }, None),
+            None => (
+                default,
+                Some((
+                    "TelemetryStackNotReady".into(),
+                    format!("TelemetryStack {} has no OTLP endpoint yet; using the operator's default", reference.name),
+                )),
+            ),
+        },
+    }
+}
+
+async fn publish(ctx: &Context, run: &WorkflowRun, note: &plan::EventNote) {
+    let event = Event {
+        type_: if note.warning { EventType::Warning } else { EventType::Normal },
+        reason: note.reason.into(),
+        note: Some(note.note.clone()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &run.object_ref(&())).await {
+        tracing::debug!(error = %e, "publishing an event failed");
+    }
+}
+
+/// The run's Jobs and pods, from the caches through the run index.
+fn read_children(run: &WorkflowRun, ctx: &Context) -> (Vec<Arc<Job>>, Vec<Arc<Pod>>) {
+    let ns = run.namespace().unwrap_or_default();
+    let name = run.name_any();
+    let uid = run.uid().unwrap_or_default();
+    let jobs: Vec<Arc<Job>> = ctx
+        .job_index
+        .names(&ns, &name)
+        .iter()
+        .filter_map(|n| ctx.jobs.get(&ObjectRef::new(n).within(&ns)))
+        .filter(|j| job::is_controlled_by(j, &uid))
+        .collect();
+    let job_names: Vec<String> = jobs.iter().map(|j| j.name_any()).collect();
+    let pods = ctx
+        .pod_index
+        .names(&ns, &name)
+        .iter()
+        .filter_map(|n| ctx.pods.get(&ObjectRef::new(n).within(&ns)))
+        .filter(|p| p.owner_references().iter().any(|o| o.kind == "Job" && job_names.contains(&o.name)))
+        .collect();
+    (jobs, pods)
+}
+
+/// Where the run's telemetry reports stand.
+#[derive(Debug, Default, PartialEq)]
+struct Reports {
+    /// What status will say about the reports.
+    report: TelemetryReport,
+    /// Set when an export failed or was dropped, or nothing is exported.
+    degraded: Option<(String, String)>,
+    /// Look again then: an export is being retried, or is pending.
+    retry_after: Option<Duration>,
+    /// The start report is on its way to a healthy exporter: hold the run's first status write until it is out, so
+    /// both are recorded by that one write.
+    hold_start: bool,
+}
+
+impl Reports {
+    fn absorb(&mut self, kind: ReportKind, state: ReportState) {
+        let settled = |r: &mut TelemetryReport| match kind {
+            ReportKind::Started => r.started = true,
+            ReportKind::Finished => r.finished = true,
+        };
+        match state {
+            ReportState::Exported => settled(&mut self.report),
+            ReportState::Dropped { .. } => {
+                settled(&mut self.report);
+                self.report.dropped = true;
+            }
+            ReportState::Failing { reason } => {
+                self.degraded = Some((reason, "exporting the run's telemetry failed; retrying".into()));
+                self.retry_after = Some(RETRY_EVERY);
+            }
+            ReportState::Pending => self.retry_after = Some(PENDING_RECHECK),
+            ReportState::Disabled => {
+                let message = "the operator has no --otlp-endpoint: the run's own telemetry is not exported";
+                self.degraded = Some(("NoOtlpEndpoint".into(), message.into()));
+            }
+        }
+    }
+}
+
+fn report_telemetry(run: &WorkflowRun, ctx: &Context, stored: &WorkflowRunStatus) -> Reports {
+    let mut out = Reports { report: stored.telemetry.clone().unwrap_or_default(), ..Reports::default() };
+    let Some(uid) = run.uid() else { return out };
+    let object = ObjectRef::from_obj(run);
+    if !out.report.started {
+        let state =
+            ctx.telemetry.report(&report::key(&uid, ReportKind::Started), object.clone(), || report::started(run));
+        out.hold_start = state == ReportState::Pending && stored.start_time.is_none() && ctx.telemetry.is_healthy();
+        out.absorb(ReportKind::Started, state);
+    }
+    if plan::is_terminal(stored) && !out.report.finished {
+        let key = report::key(&uid, ReportKind::Finished);
+        let state = ctx.telemetry.report(&key, object, || report::finished(run, stored).unwrap_or_default());
+        out.absorb(ReportKind::Finished, state);
+    }
+    if out.report.dropped && out.degraded.is_none() {
+        let message = "some of the run's telemetry was not exported before the drop timeout";
+        out.degraded = Some(("TelemetryDropped".into(), message.into()));
+    }
+    out
+}
+
+/// What carrying out the plan's action came to.
+#[derive(Debug, PartialEq)]
+enum ActOutcome {
+    Done,
+    /// The attempt's Job cannot exist (rejected, or its name is taken): the run ends with this reason.
+    JobRefused {
+        reason: &'static str,
+        message: String,
+    },
+}
+
+/// Carries out the plan's action.
+async fn act(
+    run: &WorkflowRun,
+    ctx: &Context,
+    action: &Action,
+    target: &OtlpTarget,
+) -> Result<ActOutcome, ReconcileError> {
+    let ns = run.namespace().unwrap_or_default();
+    let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
+    match action {
+        Action::None => {}
+        Action::CreateJob { attempt, deadline_seconds } => {
+            let desired = job::build_job(run, *attempt, target, Some(*deadline_seconds))?;
+            let job_name = desired.name_any();
+            // Created, never applied: the apiserver refuses a name that exists, so a Job someone else created in
+            // the meantime is never taken over.
+            let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..PostParams::default() };
+            match jobs_api.create(&params, &desired).await {
+                Ok(_) => crash_point("after-job-create"),
+                Err(kube::Error::Api(s)) if s.code == 409 => {
+                    // Ours already (a retried reconcile) or someone else's; the cache may lag behind a create.
+                    let existing = match ctx.jobs.get(&ObjectRef::new(&job_name).within(&ns)) {
+                        Some(j) => Some(j),
+                        None => jobs_api.get_opt(&job_name).await?.map(Arc::new),
+                    };
+                    let uid = run.uid().unwrap_or_default();
+                    if !existing.is_some_and(|j| job::is_controlled_by(&j, &uid)) {
+                        let message = format!("Job {job_name} exists and is not controlled by this run");
+                        return Ok(ActOutcome::JobRefused { reason: "JobNameConflict", message });
+                    }
+                }
+                // The template is invalid for a Job: say so once, with the apiserver's words, and end the run.
+                Err(kube::Error::Api(s)) if s.code == 400 || s.code == 422 || s.code == 413 => {
+                    let message = format!("spec.template: the apiserver rejected Job {job_name}: {}", s.message);
+                    return Ok(ActOutcome::JobRefused { reason: "JobRejected", message });
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Action::DeleteJob { name } => {
+            let dp = DeleteParams { propagation_policy: Some(PropagationPolicy::Background), ..Default::default() };
+            match jobs_api.delete(name, &dp).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Action::DeleteRun => {
+            let runs: Api<WorkflowRun> = Api::namespaced(ctx.client.clone(), &ns);
+            match runs.delete(&run.name_any(), &DeleteParams::background()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(ActOutcome::Done)
+}
+
+/// Whether the planned status is worth a write. Not when nothing changed; not for a deleted run that already
+/// finished and reported (deletion bumps the generation; nothing is left to record); and not, while the run is
+/// not finished, for a change of its telemetry bookkeeping alone (`status.telemetry` and the `TelemetryDegraded`
+/// condition): that rides along with the run's next change, so a collector outage never adds writes.
+fn worth_writing(run: &WorkflowRun, planned: &WorkflowRunStatus, stored: &WorkflowRunStatus) -> bool {
+    if planned == stored {
+        return false;
+    }
+    let reported = stored.telemetry.clone().unwrap_or_default();
+    if run.metadata.deletion_timestamp.is_some() && reported.finished {
+        return false;
+    }
+    if plan::is_terminal(planned) || stored.start_time.is_none() {
+        return true;
+    }
+    let bookkeeping_only = {
+        let mut p = planned.clone();
+        p.telemetry = stored.telemetry.clone();
+        p.conditions.retain(|c| c.type_ != plan::TELEMETRY_DEGRADED);
+        let mut s = stored.clone();
+        s.conditions.retain(|c| c.type_ != plan::TELEMETRY_DEGRADED);
+        p == s
+    };
+    !bookkeeping_only
+}
+
+/// Writes the planned status when it is worth a write; returns whether it wrote.
+async fn write_status(
+    run: &WorkflowRun,
+    ctx: &Context,
+    planned: &WorkflowRunStatus,
+    stored: &WorkflowRunStatus,
+) -> Result<bool, ReconcileError> {
+    if !worth_writing(run, planned, stored) {
+        return Ok(false);
+    }
+    let runs: Api<WorkflowRun> = Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
+    let patch = json!({"apiVersion": WorkflowRun::api_version(&()), "kind": WorkflowRun::kind(&()), "status": planned});
+    runs.patch_status(&run.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+    ctx.metrics.status_writes.inc();
+    if plan::is_terminal(planned) && !plan::is_terminal(stored) {
+        crash_point("after-terminal-status");
+    }
+    if planned.phase == Some(WorkflowRunPhase::Retrying) {
+        crash_point("during-backoff");
+    }
+    Ok(true)
+}
+
+/// Whether the run holds the telemetry finalizer, and what to do about it.
+#[derive(Debug, PartialEq)]
+enum FinalizerStep {
+    Continue,
+    /// Patch the finalizers to this list; when `then_stop`, the reconcile ends (the patch's event brings it back).
+    Patch {
+        finalizers: Vec<String>,
+        then_stop: bool,
+    },
+    Stop,
+}
+
+/// Pure: the finalizer is held only while the operator exports telemetry, and goes once a deleted run's telemetry is
+/// in status.
+fn finalizer_step(run: &WorkflowRun, stored: &WorkflowRunStatus, exports: bool) -> FinalizerStep {
+    let has = run.finalizers().iter().any(|f| f == FINALIZER);
+    let deleting = run.metadata.deletion_timestamp.is_some();
+    let without = || run.finalizers().iter().filter(|f| *f != FINALIZER).cloned().collect();
+    let reported = plan::is_terminal(stored) && stored.telemetry.as_ref().is_some_and(|t| t.finished);
+    match (exports, deleting, has) {
+        (_, true, false) => FinalizerStep::Stop,
+        (false, _, true) => FinalizerStep::Patch { finalizers: without(), then_stop: true },
+        (false, false, false) => FinalizerStep::Continue,
+        // Added, and the reconcile goes on: the start report and the first attempt need not wait for the echo.
+        (true, false, false) => {
+            let mut finalizers = run.finalizers().to_vec();
+            finalizers.push(FINALIZER.into());
+            FinalizerStep::Patch { finalizers, then_stop: false }
+        }
+        (true, true, true) if reported => FinalizerStep::Patch { finalizers: without(), then_stop: true },
+        (true, _, true) => FinalizerStep::Continue,
+    }
+}
+
+async fn patch_finalizers(run: &WorkflowRun, ctx: &Context, finalizers: &[String]) -> Result<(), ReconcileError> {
+    let runs: Api<WorkflowRun> = Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
+    let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": run.resource_version()}});
+    match runs.patch(&run.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Context>) -> Result<ControllerAction, ReconcileError> {
+    let span =
+        tracing::info_span!("reconcile", namespace = %run.namespace().unwrap_or_default(), run = %run.name_any());
+    let started = Instant::now();
+    let result = reconcile_run(&run, &ctx).instrument(span).await;
+    ctx.metrics.reconciled(started.elapsed(), result.as_ref().err().map(ReconcileError::metric_label));
+    result
+}
+
+async fn reconcile_run(run: &WorkflowRun, ctx: &Context) -> Result<ControllerAction, ReconcileError> {
+    let stored = run.status.clone().unwrap_or_default();
+    let exports = ctx.telemetry.is_enabled();
+    match finalizer_step(run, &stored, exports) {
+        FinalizerStep::Continue => {}
+        FinalizerStep::Stop => return Ok(ControllerAction::await_change()),
+        FinalizerStep::Patch { finalizers, then_stop } => {
+            patch_finalizers(run, ctx, &finalizers).await?;
+            if then_stop {
+                return Ok(ControllerAction::await_change());
+            }
+        }
+    }
+    let (jobs, pods) = read_children(run, ctx);
+    let (target, target_degraded) = telemetry_target(run, ctx);
+    let reports = report_telemetry(run, ctx, &stored);
+    if reports.hold_start {
+        return Ok(ControllerAction::requeue(PENDING_RECHECK));
+    }
+    let obs = Observation {
+        now: plan::now_ms(jiff::Timestamp::now()),
+        jobs: jobs.iter().map(Arc::as_ref).collect(),
+        pods: pods.iter().map(Arc::as_ref).collect(),
+        telemetry_degraded: reports.degraded.or(target_degraded),
+        exports_telemetry: exports,
+    };
+    let mut plan = plan::plan(run, &obs, &ctx.settings);
+    plan.status.telemetry = Some(reports.report);
+    if let ActOutcome::JobRefused { reason, message } = act(run, ctx, &plan.action, &target).await? {
+        plan = plan::reject_attempt(plan, reason, &message, run.metadata.generation, obs.now);
+    }
+    // Events describe the changes a status write records; a deferred change is announced when it is written.
+    if write_status(run, ctx, &plan.status, &stored).await? {
+        for note in &plan.events {
+            publish(ctx, run, note).await;
+        }
+    }
+    let requeue = [plan.requeue_after, reports.retry_after].into_iter().flatten().min();
+    Ok(requeue.map_or_else(ControllerAction::await_change, ControllerAction::requeue))
+}
+
+pub fn error_policy(run: Arc<WorkflowRun>, error: &ReconcileError, _ctx: Arc<Context>) -> ControllerAction {
+    tracing::warn!(run = %run.name_any(), namespace = ?run.namespace(), %error, "reconcile failed");
+    ControllerAction::requeue(Duration::from_secs(5))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
+
+    fn run(finalizers: &[&str], deleting: bool) -> WorkflowRun {
+        let mut run: WorkflowRun = serde_json::from_value(json!({
+            "apiVersion": "flowtel.dev/v1alpha1", "kind": "WorkflowRun",
+            "metadata": {"name": "r", "namespace": "ns", "uid": "u", "finalizers": finalizers},
+            "spec": {"workflowName": "w", "template": {"spec": {"containers": [{"name": "main", "image": "x"}]}}}
+        }))
+        .expect("run");
+        if deleting {
+            run.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::UNIX_EPOCH));
+        }
+        run
+    }
+
+    fn status(phase: WorkflowRunPhase, finished: bool) -> WorkflowRunStatus {
+        WorkflowRunStatus {
+            phase: Some(phase),
+            start_time: Some(MicroTime(jiff::Timestamp::UNIX_EPOCH)),
+            telemetry: Some(TelemetryReport { started: true, finished, dropped: false }),
+            ..Default::default()
+        }
+    }
+
+    fn degraded(s: &mut WorkflowRunStatus, reason: &str) {
+        plan::set_condition(
+            &mut s.conditions,
+            plan::TELEMETRY_DEGRADED,
+            "True",
+            reason,
+            "m",
+            None,
+            jiff::Timestamp::UNIX_EPOCH,
+        );
+    }
+
+    #[test]
+    fn the_finalizer_is_held_only_while_telemetry_is_exported() {
+        let running = status(WorkflowRunPhase::Running, false);
+        let done = status(WorkflowRunPhase::Succeeded, true);
+        let add = FinalizerStep::Patch { finalizers: vec![FINALIZER.into()], then_stop: false };
+        assert_eq!(finalizer_step(&run(&[], false), &running, true), add);
+        assert_eq!(finalizer_step(&run(&[FINALIZER], false), &running, true), FinalizerStep::Continue);
+        assert_eq!(finalizer_step(&run(&[FINALIZER], true), &running, true), FinalizerStep::Continue);
+        let remove = FinalizerStep::Patch { finalizers: vec!["other".into()], then_stop: true };
+        assert_eq!(finalizer_step(&run(&["other", FINALIZER], true), &done, true), remove);
+        assert_eq!(finalizer_step(&run(&[], false), &running, false), FinalizerStep::Continue, "no exporter");
+        let drop_it = FinalizerStep::Patch { finalizers: vec![], then_stop: true };
+        assert_eq!(finalizer_step(&run(&[FINALIZER], false), &running, false), drop_it);
+        assert_eq!(finalizer_step(&run(&[], true), &running, true), FinalizerStep::Stop);
+    }
+
+    #[test]
+    fn telemetry_bookkeeping_alone_waits_for_the_next_change_of_a_running_run() {
+        let r = run(&[FINALIZER], false);
+        let stored = status(WorkflowRunPhase::Running, false);
+        assert!(!worth_writing(&r, &stored, &stored));
+        let mut planned = stored.clone();
+        degraded(&mut planned, "ExportFailed");
+        assert!(!worth_writing(&r, &planned, &stored), "a degraded flip alone rides along");
+        planned.telemetry = Some(TelemetryReport { started: true, finished: false, dropped: true });
+        assert!(!worth_writing(&r, &planned, &stored), "a dropped start alone rides along");
+        planned.phase = Some(WorkflowRunPhase::Retrying);
+        assert!(worth_writing(&r, &planned, &stored), "with a real change it is written");
+
+        let done = status(WorkflowRunPhase::Succeeded, false);
+        let mut exported = done.clone();
+        exported.telemetry = Some(TelemetryReport { started: true, finished: true, dropped: false });
+        assert!(worth_writing(&r, &exported, &done), "the finished report of a finished run is written");
+        assert!(!worth_writing(&run(&[FINALIZER], true), &exported, &exported));
+        let mut first = status(WorkflowRunPhase::Running, false);
+        degraded(&mut first, "NoOtlpEndpoint");
+        assert!(worth_writing(&r, &first, &WorkflowRunStatus::default()), "the first write always goes");
+    }
+
+    #[test]
+    fn report_states_map_to_status_and_conditions() {
+        let mut r = Reports::default();
+        r.absorb(ReportKind::Started, ReportState::Pending);
+        assert_eq!((r.report.started, r.degraded.clone(), r.retry_after), (false, None, Some(PENDING_RECHECK)));
+        r.absorb(ReportKind::Started, ReportState::Failing { reason: "ExportFailed".into() });
+        assert_eq!(r.degraded.as_ref().map(|d| d.0.as_str()), Some("ExportFailed"));
+        assert_eq!(r.retry_after, Some(RETRY_EVERY));
+        let mut r = Reports::default();
+        r.absorb(ReportKind::Finished, ReportState::Dropped { reason: "ExportFailed".into() });
+        assert!(r.report.finished && r.report.dropped && !r.report.started);
+        let mut r = Reports::default();
+        r.absorb(ReportKind::Started, ReportState::Disabled);
+        assert_eq!(r.degraded.map(|d| d.0), Some("NoOtlpEndpoint".to_string()));
+        assert!(!r.report.started, "nothing is recorded as exported when nothing is");
+    }
+}
