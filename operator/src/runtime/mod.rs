@@ -2,5 +2,6 @@
 //! Nothing here knows a controller.
 
 pub mod admin;
+pub mod expiring;
 pub mod ids;
 pub mod readiness;

@@ -220,6 +220,13 @@ pub fn backoff_seconds(retry: &RetryPolicy, n: i32) -> i64 {
     delay.min(i64::from(b.max_seconds))
 }
 
+/// The Job's deadline is a backstop for when the operator is down: what remains of the run's, rounded up plus a
+/// second, because the Job controller counts from a startTime truncated to whole seconds and must not fire first.
+fn job_deadline_seconds(now: Timestamp, deadline_at: Timestamp) -> i64 {
+    let remaining_ms = deadline_at.duration_since(now).as_millis();
+    i64::try_from((remaining_ms + 999) / 1000).unwrap_or(i64::MAX).max(1) + 1
+}
+
 fn until(now: Timestamp, at: Timestamp) -> std::time::Duration {
     let d = at.duration_since(now);
     std::time::Duration::try_from(d.max(SignedDuration::ZERO)).unwrap_or_default()
@@ -280,11 +287,7 @@ impl Planner<'_> {
         self.status.attempt_count = Some(number);
         self.status.next_attempt_time = None;
         self.phase(WorkflowRunPhase::Running, "Running", &format!("attempt {number} is running"));
-        // The Job's deadline is a backstop for when the operator is down: rounded up plus a second, because the
-        // Job controller counts from a startTime truncated to whole seconds and must not fire before the run's.
-        let remaining_ms = deadline_at.duration_since(now).as_millis();
-        let deadline_seconds = i64::try_from((remaining_ms + 999) / 1000).unwrap_or(i64::MAX).max(1) + 1;
-        self.action = Action::CreateJob { attempt: number, deadline_seconds };
+        self.action = Action::CreateJob { attempt: number, deadline_seconds: job_deadline_seconds(now, deadline_at) };
         self.event(false, "AttemptStarted", format!("attempt {number} started"));
     }
 
@@ -446,6 +449,14 @@ impl Planner<'_> {
         };
         let Some(class) = last.classification else {
             self.phase(WorkflowRunPhase::Running, "Running", &format!("attempt {} is running", last.number));
+            // Status records an attempt before its Job is created: a crash in between, or a Job deleted under a
+            // running attempt, leaves an open attempt without a Job, which is (re)created under the same name.
+            if !self.obs.jobs.iter().any(|j| j.name_any() == last.job_name) {
+                self.action = Action::CreateJob {
+                    attempt: last.number,
+                    deadline_seconds: job_deadline_seconds(now, deadline_at),
+                };
+            }
             return;
         };
         let next_delay = match class {
@@ -900,7 +911,10 @@ mod tests {
                     let numbers: Vec<i32> = after.attempts.iter().map(|a| a.number).collect();
                     prop_assert!(numbers.windows(2).all(|w| w[1] == w[0] + 1), "{:?}", numbers);
                     if let Action::CreateJob { attempt, .. } = p.action {
-                        prop_assert_eq!(attempt, before.attempt_count.unwrap_or_default() + 1);
+                        // The next attempt, or the open one whose Job is not there (none is, in this model).
+                        let open = before.attempts.last().filter(|a| a.end_time.is_none()).map(|a| a.number);
+                        let next = before.attempt_count.unwrap_or_default() + 1;
+                        prop_assert!(attempt == next || Some(attempt) == open, "{} {:?}", attempt, before.attempt_count);
                         prop_assert_eq!(after.attempts.last().map(|a| a.number), Some(attempt));
                     }
                     // At most one attempt is open, and only the last.

@@ -23,6 +23,7 @@ use super::job::{self, OtlpTarget};
 use super::metrics::ControllerMetrics;
 use super::plan::{self, Action, Observation, Settings};
 use super::report::{self, ReportKind};
+use crate::runtime::expiring::ExpiringSet;
 use crate::telemetry::{RETRY_EVERY, ReportState, Telemetry};
 
 /// The field manager of everything flowtel writes.
@@ -78,6 +79,9 @@ pub struct Context {
     pub default_otlp_endpoint: Option<String>,
     pub recorder: Recorder,
     pub metrics: ControllerMetrics,
+    /// Jobs this process created lately (namespace, name): until the Job cache shows one, a reconcile that finds
+    /// it missing waits for the watch event instead of creating it again.
+    pub created_jobs: ExpiringSet<(String, String)>,
 }
 
 /// The workload's telemetry target, and why telemetry is degraded when it is.
@@ -239,11 +243,18 @@ async fn act(
         Action::CreateJob { attempt, deadline_seconds } => {
             let desired = job::build_job(run, *attempt, target, Some(*deadline_seconds))?;
             let job_name = desired.name_any();
+            let created = (ns.clone(), job_name.clone());
+            if ctx.created_jobs.contains(&created) {
+                return Ok(ActOutcome::Done);
+            }
             // Created, never applied: the apiserver refuses a name that exists, so a Job someone else created in
             // the meantime is never taken over.
             let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..PostParams::default() };
             match jobs_api.create(&params, &desired).await {
-                Ok(_) => crash_point("after-job-create"),
+                Ok(_) => {
+                    ctx.created_jobs.insert(created);
+                    crash_point("after-job-create");
+                }
                 Err(kube::Error::Api(s)) if s.code == 409 => {
                     // Ours already (a retried reconcile) or someone else's; the cache may lag behind a create.
                     let existing = match ctx.jobs.get(&ObjectRef::new(&job_name).within(&ns)) {
@@ -414,11 +425,21 @@ async fn reconcile_run(run: &WorkflowRun, ctx: &Context) -> Result<ControllerAct
     };
     let mut plan = plan::plan(run, &obs, &ctx.settings);
     plan.status.telemetry = Some(reports.report);
+    // A new attempt is recorded before its Job is created (and its start report with it), so a crash after the
+    // create finds the attempt in status and never starts or counts it twice; the planner re-creates a Job that
+    // is missing. Deletions go first: a crash after them is planned again, never leaves a Job running.
+    let mut recorded = stored;
+    let mut wrote = false;
+    if matches!(plan.action, Action::CreateJob { .. }) && write_status(run, ctx, &plan.status, &recorded).await? {
+        recorded = plan.status.clone();
+        wrote = true;
+    }
     if let ActOutcome::JobRefused { reason, message } = act(run, ctx, &plan.action, &target).await? {
         plan = plan::reject_attempt(plan, reason, &message, run.metadata.generation, obs.now);
     }
+    wrote |= write_status(run, ctx, &plan.status, &recorded).await?;
     // Events describe the changes a status write records; a deferred change is announced when it is written.
-    if write_status(run, ctx, &plan.status, &stored).await? {
+    if wrote {
         for note in &plan.events {
             publish(ctx, run, note).await;
         }
