@@ -5,9 +5,12 @@ use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// The members, and when each joined, oldest first.
+type Members<T> = (HashSet<T>, VecDeque<(Instant, T)>);
+
 pub struct ExpiringSet<T> {
     ttl: Duration,
-    inner: Mutex<(HashSet<T>, VecDeque<(Instant, T)>)>,
+    inner: Mutex<Members<T>>,
 }
 
 impl<T: Hash + Eq + Clone> ExpiringSet<T> {
@@ -15,7 +18,7 @@ impl<T: Hash + Eq + Clone> ExpiringSet<T> {
         Self { ttl, inner: Mutex::default() }
     }
 
-    fn expire(ttl: Duration, (set, order): &mut (HashSet<T>, VecDeque<(Instant, T)>)) {
+    fn expire(ttl: Duration, (set, order): &mut Members<T>) {
         while order.front().is_some_and(|(at, _)| at.elapsed() >= ttl) {
             if let Some((_, item)) = order.pop_front() {
                 set.remove(&item);
