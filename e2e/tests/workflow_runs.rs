@@ -288,6 +288,15 @@ async fn a_disruption_gets_a_new_attempt_without_using_the_budget() {
     assert_eq!(phase(&done), Some(WorkflowRunPhase::Succeeded), "{status:#?}");
     assert_eq!(status.attempt_count, Some(2));
     assert_eq!(status.attempts[0].classification, Some(AttemptClassification::Disruption));
+    assert_eq!(status.disruptions, Some(1));
+    assert_eq!(status.transient_failures, Some(0));
+    // The run's terminal metrics reached the collector (they go in the same export as a retry count would)...
+    let (_, st) = env
+        .point("workflow.run.status", &[("workflow_name", "wf-disruption"), ("status", "success")])
+        .await
+        .expect("run.status");
+    assert_eq!(counter_value(&st), 1);
+    // ...and no retry came with them.
     assert!(
         env.collector.latest_point("workflow.retry.count", &[("workflow_name", "wf-disruption")]).is_none(),
         "a disruption is not a retry"
@@ -483,6 +492,19 @@ async fn a_restarted_operator_does_not_write_to_finished_runs() {
     assert_eq!(env.operator.counter("flowtel_status_writes_total").await, Some(0));
 }
 
+/// A duplicate export would follow within this: a restarted operator re-exports within milliseconds of its
+/// first reconcile, and the collector writes its file every 100 ms.
+const QUIET: Duration = Duration::from_secs(3);
+
+/// Asserts that `value()` equals `expected` now and keeps equal through a quiet period.
+async fn hold_equal<T: PartialEq + std::fmt::Debug>(what: &str, expected: T, value: impl Fn() -> T) {
+    let until = tokio::time::Instant::now() + QUIET;
+    while tokio::time::Instant::now() < until {
+        assert_eq!(value(), expected, "{what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Sum over operator processes of the latest cumulative value of a counter (each process is its own series).
 fn total_across_processes(collector: &Collector, name: &str, workflow: &str) -> i64 {
     let mut latest = std::collections::BTreeMap::<String, i64>::new();
@@ -557,7 +579,10 @@ async fn a_crash_at_any_named_point_never_double_counts() {
             assert!(tokio::time::Instant::now() < deadline, "{point}: workflow.run.status never arrived");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        assert_eq!(total_across_processes(&collector, "workflow.run.status", &workflow), 1, "{point}: counted once");
+        hold_equal(&format!("{point}: counted once"), 1, || {
+            total_across_processes(&collector, "workflow.run.status", &workflow)
+        })
+        .await;
         assert_eq!(total_across_processes(&collector, "workflow.run.total", &workflow), 1, "{point}: started once");
     }
 }
@@ -578,4 +603,213 @@ async fn deleting_a_running_run_ends_it_cancelled_and_reports_it_before_it_goes(
         .await
         .expect("the deleted run was reported, as cancelled");
     assert_eq!(counter_value(&st), 1);
+}
+
+/// Polls `check` (bounded by `timeout`) until it returns Some.
+async fn eventually<T>(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what} did not happen within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn exported(r: &WorkflowRun) -> bool {
+    r.status.as_ref().and_then(|s| s.telemetry.as_ref()).is_some_and(|t| t.finished)
+}
+
+/// The operator's writes in the namespace, once the audit log stopped growing for a quiet period.
+async fn settled_operator_writes(namespace: &str) -> Vec<(String, u64)> {
+    let mut last = flowtel_e2e::operator_writes(namespace);
+    let mut since = tokio::time::Instant::now();
+    while since.elapsed() < QUIET {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = flowtel_e2e::operator_writes(namespace);
+        if now != last {
+            last = now;
+            since = tokio::time::Instant::now();
+        }
+    }
+    last
+}
+
+#[tokio::test]
+async fn an_operator_killed_during_a_burst_recounts_at_most_one_run_per_kill() {
+    const RUNS: usize = 60;
+    const KILLS: usize = 3;
+    let mut env = Env::new("wfr-kills", &["--concurrency", "32"]).await;
+    for i in 0..RUNS {
+        env.submit(flowtel_e2e::simple_run(&format!("k-{i}"), "wf-kills", "1s")).await;
+    }
+    // Kills at three points of the burst: while runs start, while they run, while they finish.
+    for (kill, wanted) in [(1, RUNS / 6), (2, RUNS / 2), (3, RUNS * 5 / 6)] {
+        eventually(&format!("{wanted} runs started before kill {kill}"), WAIT, async || {
+            let runs = env.runs().list(&ListParams::default()).await.ok()?.items;
+            let started = runs.iter().filter(|r| r.status.as_ref().is_some_and(|s| s.start_time.is_some())).count();
+            (started >= wanted).then_some(())
+        })
+        .await;
+        env.operator.kill();
+        env.operator.restart().await.expect("operator restarted");
+    }
+    let runs = eventually("every run terminal and exported", Duration::from_secs(300), async || {
+        let runs = env.runs().list(&ListParams::default()).await.ok()?.items;
+        (runs.len() == RUNS && runs.iter().all(exported)).then_some(runs)
+    })
+    .await;
+    assert!(runs.iter().all(|r| phase(r) == Some(WorkflowRunPhase::Succeeded)));
+    let jobs = env.jobs().list(&ListParams::default()).await.expect("jobs").items;
+    assert_eq!(jobs.len(), RUNS, "one Job per run: none created twice");
+    // Both counters reached the collector for every run (nothing lost), and a kill recounted at most one run.
+    let total = eventually("workflow.run.status for every run", Duration::from_secs(30), async || {
+        let n = total_across_processes(&env.collector, "workflow.run.status", "wf-kills");
+        (n >= RUNS as i64).then_some(n)
+    })
+    .await;
+    let started = total_across_processes(&env.collector, "workflow.run.total", "wf-kills");
+    assert!(total <= (RUNS + KILLS) as i64, "workflow.run.status {total} for {RUNS} runs and {KILLS} kills");
+    assert!(
+        (RUNS as i64..=(RUNS + KILLS) as i64).contains(&started),
+        "workflow.run.total {started} for {RUNS} runs and {KILLS} kills"
+    );
+    let uids: std::collections::BTreeSet<String> = runs.iter().filter_map(|r| r.metadata.uid.clone()).collect();
+    let span_ids: std::collections::BTreeSet<(String, String)> = env
+        .collector
+        .spans()
+        .into_iter()
+        .filter(|s| s["name"] == "workflow.run")
+        .filter_map(|s| Some((attribute(&s, "workflow.run_id")?, s["spanId"].as_str()?.to_string())))
+        .filter(|(uid, _)| uids.contains(uid))
+        .collect();
+    assert_eq!(span_ids.len(), RUNS, "one workflow.run span id per run");
+}
+
+#[tokio::test]
+async fn a_collector_outage_adds_no_writes_and_flips_telemetry_degraded_once() {
+    const RUNS: usize = 10;
+    // Nothing listens there: every export is refused at once.
+    let endpoint = format!("http://127.0.0.1:{}", flowtel_e2e::free_port());
+    let client = client().await.expect("client");
+    install_crds(&client).await.expect("CRDs");
+    let ns = TestNamespace::new(&client, "wfr-outage").await.expect("namespace");
+    let operator = Operator::start(&ns.name, &endpoint, &["--export-drop-seconds", "6"]).await.expect("operator");
+    let runs: Api<WorkflowRun> = Api::namespaced(client.clone(), &ns.name);
+    for i in 0..RUNS {
+        let run = flowtel_e2e::simple_run(&format!("o-{i}"), "wf-outage", "1s");
+        runs.patch(&format!("o-{i}"), &PatchParams::apply(TEST_MANAGER), &Patch::Apply(&run)).await.expect("submit");
+    }
+    let done = eventually("every run terminal, its telemetry dropped", Duration::from_secs(120), async || {
+        let list = runs.list(&ListParams::default()).await.ok()?.items;
+        (list.len() == RUNS && list.iter().all(exported)).then_some(list)
+    })
+    .await;
+    for r in &done {
+        assert_eq!(phase(r), Some(WorkflowRunPhase::Succeeded), "telemetry never holds a run up");
+        assert!(r.status.as_ref().and_then(|s| s.telemetry.as_ref()).is_some_and(|t| t.dropped));
+        assert_eq!(condition_reason(r, "TelemetryDegraded").as_deref(), Some("TelemetryDropped"));
+    }
+    let writes = settled_operator_writes(&ns.name).await;
+    let total: u64 = writes.iter().map(|(_, n)| n).sum();
+    assert!(total <= 5 * RUNS as u64, "{total} operator writes for {RUNS} runs: {writes:?}");
+    // One Warning per run: the condition flipped once and stayed degraded.
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns.name);
+    let events = events.list(&ListParams::default()).await.expect("events").items;
+    for r in &done {
+        let name = r.metadata.name.clone().unwrap_or_default();
+        let degraded: Vec<_> = events
+            .iter()
+            .filter(|e| e.reason.as_deref() == Some("TelemetryDegraded"))
+            .filter(|e| e.regarding.as_ref().and_then(|o| o.name.as_deref()) == Some(name.as_str()))
+            .collect();
+        assert_eq!(degraded.len(), 1, "{name}: {degraded:#?}");
+        assert!(degraded[0].series.is_none(), "{name}: repeated: {:?}", degraded[0].series);
+    }
+    assert!(operator.counter("flowtel_telemetry_dropped_total").await.unwrap_or_default() >= RUNS as u64);
+}
+
+#[tokio::test]
+async fn without_an_endpoint_runs_say_so_once_and_hold_no_finalizer() {
+    let client = client().await.expect("client");
+    install_crds(&client).await.expect("CRDs");
+    let ns = TestNamespace::new(&client, "wfr-no-endpoint").await.expect("namespace");
+    let _operator = Operator::start_with_env(&ns.name, None, &[], &[]).await.expect("operator");
+    let runs: Api<WorkflowRun> = Api::namespaced(client.clone(), &ns.name);
+    let run = run_json("quiet", "wf-no-endpoint", json!({}), json!({}), json!({"ttlSecondsAfterFinished": 3}));
+    let created = runs.patch("quiet", &PatchParams::apply(TEST_MANAGER), &Patch::Apply(&run)).await.expect("submit");
+    let uid = created.metadata.uid.clone().unwrap_or_default();
+    let done = await_condition(runs.clone(), "quiet", |r: Option<&WorkflowRun>| {
+        r.is_some_and(|r| r.status.as_ref().and_then(|s| s.completion_time.as_ref()).is_some())
+    });
+    let done = tokio::time::timeout(WAIT, done).await.expect("run finished").expect("watch").expect("run");
+    assert_eq!(phase(&done), Some(WorkflowRunPhase::Succeeded));
+    assert_eq!(condition_reason(&done, "TelemetryDegraded").as_deref(), Some("NoOtlpEndpoint"));
+    assert!(done.metadata.finalizers.as_deref().unwrap_or_default().is_empty(), "no finalizer is held");
+    // The TTL does not wait for telemetry that is never exported.
+    let gone = await_condition(runs, "quiet", kube::runtime::conditions::is_deleted(&uid));
+    tokio::time::timeout(WAIT, gone).await.expect("run deleted by its TTL").expect("watch");
+    let writes = settled_operator_writes(&ns.name).await;
+    assert!(!writes.iter().any(|(what, _)| what == "patch workflowruns"), "no finalizer patch: {writes:?}");
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns.name);
+    let events = events.list(&ListParams::default()).await.expect("events").items;
+    let said = events.iter().filter(|e| e.reason.as_deref() == Some("TelemetryDegraded")).count();
+    assert_eq!(said, 1, "NoOtlpEndpoint is said once");
+}
+
+#[tokio::test]
+async fn retry_and_disruption_limits_above_the_attempts_kept_are_enforced() {
+    let env = Env::new("wfr-limits", &[]).await;
+    let backoff = json!({"baseSeconds": 1, "factor": 1, "maxSeconds": 1});
+    env.submit(run_json(
+        "always-fails",
+        "wf-limits",
+        json!({"sim.flowtel.dev/outcome": "fail"}),
+        json!({"sim.flowtel.dev/duration": "100ms"}),
+        json!({"retry": {"limit": 40, "backoff": backoff}}),
+    ))
+    .await;
+    env.submit(run_json(
+        "always-evicted",
+        "wf-limits",
+        json!({"sim.flowtel.dev/outcome": "disrupt"}),
+        json!({"sim.flowtel.dev/duration": "100ms"}),
+        json!({"retry": {"limit": 0, "disruptionLimit": 40}}),
+    ))
+    .await;
+    for (name, reason) in [("always-fails", "RetryLimitExceeded"), ("always-evicted", "DisruptionLimitExceeded")] {
+        let done = tokio::time::timeout(Duration::from_secs(400), env.wait_exported(name)).await.expect(name);
+        let status = done.status.clone().unwrap_or_default();
+        assert_eq!(condition_reason(&done, "Succeeded").as_deref(), Some(reason), "{name}");
+        assert_eq!(status.attempt_count, Some(41), "{name}: 40 retries, 41 attempts");
+        assert_eq!(status.attempts.len(), 32, "{name}: status keeps the last 32");
+        assert_eq!(env.jobs_of(name).await.len(), 41, "{name}: one Job per attempt");
+    }
+}
+
+#[tokio::test]
+async fn a_taken_admin_port_ends_the_operator_with_an_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let bin = flowtel_e2e::flowtel_binary().expect("operator binary");
+    let run = tokio::process::Command::new(bin)
+        .args(["run", "--namespace", "default", "--admin-addr", &addr])
+        .env("KUBECONFIG", flowtel_e2e::cluster_kubeconfig())
+        .output();
+    let out = tokio::time::timeout(WAIT, run).await.expect("the operator exited").expect("ran");
+    assert!(!out.status.success(), "exit status {}", out.status);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot listen on") && stderr.contains(&addr), "{stderr}");
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_operator_cleanly() {
+    let mut env = Env::new("wfr-sigterm", &[]).await;
+    env.submit(run_json("last", "wf-sigterm", json!({}), json!({}), json!({}))).await;
+    env.wait_exported("last").await;
+    let status = env.operator.terminate(WAIT).await.expect("the operator exited on SIGTERM");
+    assert!(status.success(), "exit status {status}");
+    let log = std::fs::read_to_string(&env.operator.log).unwrap_or_default();
+    assert!(log.contains("flowtel operator stopped"), "{log}");
 }

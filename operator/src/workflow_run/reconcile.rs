@@ -206,7 +206,9 @@ fn report_telemetry(run: &WorkflowRun, ctx: &Context, stored: &WorkflowRunStatus
         out.hold_start = state == ReportState::Pending && stored.start_time.is_none() && ctx.telemetry.is_healthy();
         out.absorb(ReportKind::Started, state);
     }
-    if plan::is_terminal(stored) && !out.report.finished {
+    // The end waits for the start to be settled, so `finished` in status always implies `started`: a finished run
+    // is never visited again, and a start left unrecorded would be counted again by every restart.
+    if plan::is_terminal(stored) && out.report.started && !out.report.finished {
         let key = report::key(&uid, ReportKind::Finished);
         let state = ctx.telemetry.report(&key, object, || report::finished(run, stored).unwrap_or_default());
         out.absorb(ReportKind::Finished, state);
@@ -296,9 +298,9 @@ async fn act(
 }
 
 /// Whether the planned status is worth a write. Not when nothing changed; not for a deleted run that already
-/// finished and reported (deletion bumps the generation; nothing is left to record); and not, while the run is
-/// not finished, for a change of its telemetry bookkeeping alone (`status.telemetry` and the `TelemetryDegraded`
-/// condition): that rides along with the run's next change, so a collector outage never adds writes.
+/// finished and reported (deletion bumps the generation; nothing is left to record); and not for a change of the
+/// telemetry bookkeeping alone (`status.telemetry` and the `TelemetryDegraded` condition) unless it settles the
+/// finished report: the rest rides along with the run's next change, so a collector outage never adds writes.
 fn worth_writing(run: &WorkflowRun, planned: &WorkflowRunStatus, stored: &WorkflowRunStatus) -> bool {
     if planned == stored {
         return false;
@@ -307,7 +309,7 @@ fn worth_writing(run: &WorkflowRun, planned: &WorkflowRunStatus, stored: &Workfl
     if run.metadata.deletion_timestamp.is_some() && reported.finished {
         return false;
     }
-    if plan::is_terminal(planned) || stored.start_time.is_none() {
+    if stored.start_time.is_none() {
         return true;
     }
     let bookkeeping_only = {
@@ -318,7 +320,8 @@ fn worth_writing(run: &WorkflowRun, planned: &WorkflowRunStatus, stored: &Workfl
         s.conditions.retain(|c| c.type_ != plan::TELEMETRY_DEGRADED);
         p == s
     };
-    !bookkeeping_only
+    let settles_finished = planned.telemetry.as_ref().is_some_and(|t| t.finished) && !reported.finished;
+    !bookkeeping_only || settles_finished
 }
 
 /// Writes the planned status when it is worth a write; returns whether it wrote.
@@ -525,6 +528,10 @@ mod tests {
         let mut exported = done.clone();
         exported.telemetry = Some(TelemetryReport { started: true, finished: true, dropped: false });
         assert!(worth_writing(&r, &exported, &done), "the finished report of a finished run is written");
+        let mut start_dropped = done.clone();
+        start_dropped.telemetry = Some(TelemetryReport { started: true, finished: false, dropped: true });
+        degraded(&mut start_dropped, "TelemetryDropped");
+        assert!(!worth_writing(&r, &start_dropped, &done), "a dropped start waits for the finished report");
         assert!(!worth_writing(&run(&[FINALIZER], true), &exported, &exported));
         let mut first = status(WorkflowRunPhase::Running, false);
         degraded(&mut first, "NoOtlpEndpoint");
