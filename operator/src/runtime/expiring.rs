@@ -1,43 +1,45 @@
-//! A set whose members leave a fixed time after they joined, in insertion order: O(1) amortized, no scans.
+//! A map whose entries leave a fixed time after they were first inserted, in insertion order: O(1) amortized, no
+//! scans. For what only matters for a while (cache lag, a create's watch event still to come).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// The members, and when each joined, oldest first.
-type Members<T> = (HashSet<T>, VecDeque<(Instant, T)>);
+/// The entries, and when each key joined, oldest first.
+type Entries<K, V> = (HashMap<K, V>, VecDeque<(Instant, K)>);
 
-pub struct ExpiringSet<T> {
+pub struct ExpiringMap<K, V> {
     ttl: Duration,
-    inner: Mutex<Members<T>>,
+    inner: Mutex<Entries<K, V>>,
 }
 
-impl<T: Hash + Eq + Clone> ExpiringSet<T> {
+impl<K: Hash + Eq + Clone, V: Clone> ExpiringMap<K, V> {
     pub fn new(ttl: Duration) -> Self {
-        Self { ttl, inner: Mutex::default() }
+        Self { ttl, inner: Mutex::new((HashMap::new(), VecDeque::new())) }
     }
 
-    fn expire(ttl: Duration, (set, order): &mut Members<T>) {
+    fn expire(ttl: Duration, (map, order): &mut Entries<K, V>) {
         while order.front().is_some_and(|(at, _)| at.elapsed() >= ttl) {
-            if let Some((_, item)) = order.pop_front() {
-                set.remove(&item);
+            if let Some((_, key)) = order.pop_front() {
+                map.remove(&key);
             }
         }
     }
 
-    pub fn insert(&self, item: T) {
+    /// Inserts or replaces; a replaced entry keeps its original expiry.
+    pub fn insert(&self, key: K, value: V) {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         Self::expire(self.ttl, &mut inner);
-        if inner.0.insert(item.clone()) {
-            inner.1.push_back((Instant::now(), item));
+        if inner.0.insert(key.clone(), value).is_none() {
+            inner.1.push_back((Instant::now(), key));
         }
     }
 
-    pub fn contains(&self, item: &T) -> bool {
+    pub fn get(&self, key: &K) -> Option<V> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         Self::expire(self.ttl, &mut inner);
-        inner.0.contains(item)
+        inner.0.get(key).cloned()
     }
 }
 
@@ -46,15 +48,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn members_leave_after_the_ttl() {
-        let set = ExpiringSet::new(Duration::from_millis(30));
-        set.insert("a");
-        assert!(set.contains(&"a"));
-        assert!(!set.contains(&"b"));
+    fn entries_leave_after_the_ttl() {
+        let map = ExpiringMap::new(Duration::from_millis(30));
+        map.insert("a", 1);
+        map.insert("a", 2);
+        assert_eq!(map.get(&"a"), Some(2));
+        assert_eq!(map.get(&"b"), None);
         let later = Instant::now() + Duration::from_millis(30);
         while Instant::now() < later {
             std::hint::spin_loop();
         }
-        assert!(!set.contains(&"a"));
+        assert_eq!(map.get(&"a"), None);
     }
 }

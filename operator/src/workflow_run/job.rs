@@ -3,7 +3,9 @@
 use std::collections::BTreeMap;
 
 use flowtel_crds::WorkflowRun;
-use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::batch::v1::{
+    Job, JobSpec, PodFailurePolicy, PodFailurePolicyOnPodConditionsPattern, PodFailurePolicyRule,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
@@ -18,6 +20,8 @@ pub const RUN_LABEL: &str = "flowtel.dev/run";
 pub const ATTEMPT_LABEL: &str = "flowtel.dev/attempt";
 /// Annotation on attempt pods naming their run (the run label may be shortened), to map pod events to the run.
 pub const RUN_NAME_ANNOTATION: &str = "flowtel.dev/run-name";
+/// The Job condition reason the pod failure policy below gives a disrupted attempt.
+pub const DISRUPTED_JOB_REASON: &str = "PodFailurePolicy";
 
 /// Errors building an attempt's Job.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -124,6 +128,18 @@ pub fn build_job(
         spec: Some(JobSpec {
             backoff_limit: Some(0),
             active_deadline_seconds: deadline_seconds.map(|s| s.max(1)),
+            // The Job keeps the fact that its pod was disrupted: an evicted pod may be gone before the operator
+            // (down, restarting) reads its DisruptionTarget condition.
+            pod_failure_policy: Some(PodFailurePolicy {
+                rules: vec![PodFailurePolicyRule {
+                    action: "FailJob".into(),
+                    on_pod_conditions: Some(vec![PodFailurePolicyOnPodConditionsPattern {
+                        type_: "DisruptionTarget".into(),
+                        status: Some("True".into()),
+                    }]),
+                    on_exit_codes: None,
+                }],
+            }),
             template,
             ..Default::default()
         }),

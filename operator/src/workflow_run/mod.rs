@@ -25,7 +25,7 @@ use kube::{Client, Resource, ResourceExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use crate::runtime::expiring::ExpiringSet;
+use crate::runtime::expiring::ExpiringMap;
 use crate::runtime::readiness::{Gate, SyncTracker};
 use crate::telemetry::Telemetry;
 use job::{MANAGED_BY, MANAGED_BY_LABEL, RUN_NAME_ANNOTATION};
@@ -112,7 +112,8 @@ pub async fn run(
         default_otlp_endpoint: config.default_otlp_endpoint,
         recorder: Recorder::new(client.clone(), Reporter { controller: "flowtel".into(), instance: None }),
         metrics,
-        created_jobs: ExpiringSet::new(std::time::Duration::from_secs(60)),
+        created_jobs: ExpiringMap::new(std::time::Duration::from_secs(60)),
+        written: ExpiringMap::new(std::time::Duration::from_secs(60)),
     });
     controller
         .owns_stream(job_stream)

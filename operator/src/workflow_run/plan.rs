@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
 use kube::ResourceExt;
 
-use super::job::{attempt_of, job_name};
+use super::job::{DISRUPTED_JOB_REASON, attempt_of, job_name};
 use crate::runtime::ids;
 
 /// Condition types.
@@ -163,9 +163,13 @@ fn job_outcome(job: &Job) -> Option<Outcome> {
     // FailureTarget comes first: the Job controller sets it, then stops the pods, then sets Failed.
     let failed = finished("Failed").or_else(|| finished("FailureTarget"))?;
     let reason = failed.reason.clone().unwrap_or_else(|| "JobFailed".into());
-    // A Job deadline is the run's deadline reaching the pod: never retried.
-    let classification =
-        if reason == "DeadlineExceeded" { AttemptClassification::Permanent } else { AttemptClassification::Transient };
+    // A Job deadline is the run's deadline reaching the pod: never retried. The pod failure policy names a
+    // disruption (see job.rs).
+    let classification = match reason.as_str() {
+        "DeadlineExceeded" => AttemptClassification::Permanent,
+        DISRUPTED_JOB_REASON => AttemptClassification::Disruption,
+        _ => AttemptClassification::Transient,
+    };
     Some(Outcome { classification, exit_code: None, reason, container: None })
 }
 

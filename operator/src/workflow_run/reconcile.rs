@@ -23,7 +23,7 @@ use super::job::{self, OtlpTarget};
 use super::metrics::ControllerMetrics;
 use super::plan::{self, Action, Observation, Settings};
 use super::report::{self, ReportKind};
-use crate::runtime::expiring::ExpiringSet;
+use crate::runtime::expiring::ExpiringMap;
 use crate::telemetry::{RETRY_EVERY, ReportState, Telemetry};
 
 /// The field manager of everything flowtel writes.
@@ -81,7 +81,24 @@ pub struct Context {
     pub metrics: ControllerMetrics,
     /// Jobs this process created lately (namespace, name): until the Job cache shows one, a reconcile that finds
     /// it missing waits for the watch event instead of creating it again.
-    pub created_jobs: ExpiringSet<(String, String)>,
+    pub created_jobs: ExpiringMap<(String, String), ()>,
+    /// The resourceVersion of each run as this process last wrote it (by UID). A reconcile of an older copy (the
+    /// export worker's notification can outrun the watch event of our own write) waits for the newer one.
+    pub written: ExpiringMap<String, u64>,
+}
+
+/// Remembers the version a write of ours produced.
+fn wrote(ctx: &Context, run: &WorkflowRun) {
+    if let (Some(uid), Some(version)) = (run.uid(), run.resource_version().and_then(|v| v.parse().ok())) {
+        ctx.written.insert(uid, version);
+    }
+}
+
+/// Whether the cached copy is older than what this process last wrote.
+fn is_stale(ctx: &Context, run: &WorkflowRun) -> bool {
+    let cached = run.resource_version().and_then(|v| v.parse::<u64>().ok());
+    let written = run.uid().and_then(|uid| ctx.written.get(&uid));
+    matches!((cached, written), (Some(c), Some(w)) if c < w)
 }
 
 /// The workload's telemetry target, and why telemetry is degraded when it is.
@@ -246,7 +263,7 @@ async fn act(
             let desired = job::build_job(run, *attempt, target, Some(*deadline_seconds))?;
             let job_name = desired.name_any();
             let created = (ns.clone(), job_name.clone());
-            if ctx.created_jobs.contains(&created) {
+            if ctx.created_jobs.get(&created).is_some() {
                 return Ok(ActOutcome::Done);
             }
             // Created, never applied: the apiserver refuses a name that exists, so a Job someone else created in
@@ -254,7 +271,7 @@ async fn act(
             let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..PostParams::default() };
             match jobs_api.create(&params, &desired).await {
                 Ok(_) => {
-                    ctx.created_jobs.insert(created);
+                    ctx.created_jobs.insert(created, ());
                     crash_point("after-job-create");
                 }
                 Err(kube::Error::Api(s)) if s.code == 409 => {
@@ -336,7 +353,9 @@ async fn write_status(
     }
     let runs: Api<WorkflowRun> = Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
     let patch = json!({"apiVersion": WorkflowRun::api_version(&()), "kind": WorkflowRun::kind(&()), "status": planned});
-    runs.patch_status(&run.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+    let written =
+        runs.patch_status(&run.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+    wrote(ctx, &written);
     ctx.metrics.status_writes.inc();
     if plan::is_terminal(planned) && !plan::is_terminal(stored) {
         crash_point("after-terminal-status");
@@ -381,12 +400,17 @@ fn finalizer_step(run: &WorkflowRun, stored: &WorkflowRunStatus, exports: bool) 
     }
 }
 
-async fn patch_finalizers(run: &WorkflowRun, ctx: &Context, finalizers: &[String]) -> Result<(), ReconcileError> {
+/// Patches the finalizers of this copy of the run; returns false when the copy was stale (a conflict: the newer
+/// copy's watch event brings the run back) or the run is gone.
+async fn patch_finalizers(run: &WorkflowRun, ctx: &Context, finalizers: &[String]) -> Result<bool, ReconcileError> {
     let runs: Api<WorkflowRun> = Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
     let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": run.resource_version()}});
     match runs.patch(&run.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Ok(patched) => {
+            wrote(ctx, &patched);
+            Ok(true)
+        }
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(false),
         Err(e) => Err(e.into()),
     }
 }
@@ -401,14 +425,16 @@ pub async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Context>) -> Result<Contr
 }
 
 async fn reconcile_run(run: &WorkflowRun, ctx: &Context) -> Result<ControllerAction, ReconcileError> {
+    if is_stale(ctx, run) {
+        return Ok(ControllerAction::await_change());
+    }
     let stored = run.status.clone().unwrap_or_default();
     let exports = ctx.telemetry.is_enabled();
     match finalizer_step(run, &stored, exports) {
         FinalizerStep::Continue => {}
         FinalizerStep::Stop => return Ok(ControllerAction::await_change()),
         FinalizerStep::Patch { finalizers, then_stop } => {
-            patch_finalizers(run, ctx, &finalizers).await?;
-            if then_stop {
+            if !patch_finalizers(run, ctx, &finalizers).await? || then_stop {
                 return Ok(ControllerAction::await_change());
             }
         }
