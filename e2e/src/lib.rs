@@ -179,7 +179,10 @@ impl Drop for Process {
 pub struct Collector {
     pub endpoint: String,
     pub dir: PathBuf,
-    _process: Process,
+    port: u16,
+    bin: PathBuf,
+    incarnation: u32,
+    process: Option<Process>,
 }
 
 fn versions_env(key: &str) -> Option<String> {
@@ -203,44 +206,92 @@ impl Collector {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|source| HarnessError::Spawn { command: "mkdir".into(), source })?;
         let port = free_port();
+        let mut collector =
+            Self { endpoint: format!("http://127.0.0.1:{port}"), dir, port, bin, incarnation: 0, process: None };
+        collector.spawn().await?;
+        Ok(collector)
+    }
+
+    /// Starts incarnation `self.incarnation`, writing files of its own: the file exporter truncates its file on
+    /// start, and what an earlier incarnation received must stay readable.
+    async fn spawn(&mut self) -> Result<(), HarnessError> {
+        let (d, n, port) = (self.dir.display(), self.incarnation, self.port);
         let config = format!(
             "receivers:\n  otlp:\n    protocols:\n      grpc: {{endpoint: 127.0.0.1:{port}}}\n\
-             exporters:\n  file/traces: {{path: {d}/traces.json, flush_interval: 100ms}}\n  \
-             file/metrics: {{path: {d}/metrics.json, flush_interval: 100ms}}\n\
+             exporters:\n  file/traces: {{path: {d}/traces-{n}.json, flush_interval: 100ms}}\n  \
+             file/metrics: {{path: {d}/metrics-{n}.json, flush_interval: 100ms}}\n\
              service:\n  telemetry:\n    metrics: {{level: none}}\n  pipelines:\n    \
              traces: {{receivers: [otlp], exporters: [file/traces]}}\n    \
-             metrics: {{receivers: [otlp], exporters: [file/metrics]}}\n",
-            d = dir.display()
+             metrics: {{receivers: [otlp], exporters: [file/metrics]}}\n"
         );
-        let config_path = dir.join("config.yaml");
+        let config_path = self.dir.join(format!("config-{n}.yaml"));
         std::fs::write(&config_path, config)
             .map_err(|source| HarnessError::Spawn { command: "write".into(), source })?;
-        let log = std::fs::File::create(dir.join("collector.log"))
+        let log = std::fs::File::create(self.dir.join(format!("collector-{n}.log")))
             .map_err(|source| HarnessError::Spawn { command: "log".into(), source })?;
-        let child = Command::new(&bin)
+        let child = Command::new(&self.bin)
             .arg("--config")
             .arg(&config_path)
             .stdout(log.try_clone().map_err(|source| HarnessError::Spawn { command: "log".into(), source })?)
             .stderr(log)
             .spawn()
-            .map_err(|source| HarnessError::Spawn { command: bin.display().to_string(), source })?;
-        let process = Process { child };
-        wait_for_port(port).await?;
-        Ok(Self { endpoint: format!("http://127.0.0.1:{port}"), dir, _process: process })
+            .map_err(|source| HarnessError::Spawn { command: self.bin.display().to_string(), source })?;
+        self.process = Some(Process { child });
+        wait_for_port(self.port).await
     }
 
-    fn lines(&self, file: &str) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(self.dir.join(file))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
+    /// SIGKILL: the endpoint refuses connections until `restart`.
+    pub fn kill(&mut self) {
+        self.process = None;
+    }
+
+    /// Starts it again on the same port.
+    pub async fn restart(&mut self) -> Result<(), HarnessError> {
+        self.process = None;
+        self.incarnation += 1;
+        self.spawn().await
+    }
+
+    /// Sum over operator processes of the latest cumulative value of the counter `name` for `workflow`: each
+    /// process is its own series (its own start time), so a restart's counts add up instead of replacing.
+    pub fn total_across_processes(&self, name: &str, workflow: &str) -> i64 {
+        let mut latest = std::collections::BTreeMap::<String, i64>::new();
+        for doc in self.documents("metrics") {
+            for rm in doc["resourceMetrics"].as_array().into_iter().flatten() {
+                for sm in rm["scopeMetrics"].as_array().into_iter().flatten() {
+                    for m in sm["metrics"].as_array().into_iter().flatten().filter(|m| m["name"] == name) {
+                        for p in m["sum"]["dataPoints"].as_array().into_iter().flatten() {
+                            if attribute(p, "workflow_name").as_deref() == Some(workflow) {
+                                let start = p["startTimeUnixNano"].as_str().unwrap_or_default().to_string();
+                                let v = p["asInt"].as_str().and_then(|s| s.parse().ok()).unwrap_or_default();
+                                let e = latest.entry(start).or_default();
+                                *e = (*e).max(v);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        latest.values().sum()
+    }
+
+    /// Every OTLP JSON document the collector wrote for `signal` (`traces` or `metrics`), across restarts.
+    pub fn documents(&self, signal: &str) -> Vec<serde_json::Value> {
+        (0..=self.incarnation)
+            .flat_map(|n| {
+                std::fs::read_to_string(self.dir.join(format!("{signal}-{n}.json")))
+                    .unwrap_or_default()
+                    .lines()
+                    .filter_map(|l| serde_json::from_str(l).ok())
+                    .collect::<Vec<_>>()
+            })
             .collect()
     }
 
     /// Every span received, flattened: the OTLP JSON span objects.
     pub fn spans(&self) -> Vec<serde_json::Value> {
         let mut out = Vec::new();
-        for doc in self.lines("traces.json") {
+        for doc in self.documents("traces") {
             for rs in doc["resourceSpans"].as_array().into_iter().flatten() {
                 for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
                     out.extend(ss["spans"].as_array().into_iter().flatten().cloned());
@@ -253,7 +304,7 @@ impl Collector {
     /// The latest data point of metric `name` whose attributes include all of `attrs`, with the metric object.
     pub fn latest_point(&self, name: &str, attrs: &[(&str, &str)]) -> Option<(serde_json::Value, serde_json::Value)> {
         let mut found = None;
-        for doc in self.lines("metrics.json") {
+        for doc in self.documents("metrics") {
             for rm in doc["resourceMetrics"].as_array().into_iter().flatten() {
                 for sm in rm["scopeMetrics"].as_array().into_iter().flatten() {
                     for m in sm["metrics"].as_array().into_iter().flatten().filter(|m| m["name"] == name) {
@@ -537,4 +588,16 @@ pub fn operator_writes(namespace: &str) -> Vec<(String, u64)> {
         *counts.entry(key).or_default() += 1;
     }
     counts.into_iter().collect()
+}
+
+/// Polls `check` (bounded by `timeout`) until it returns Some; panics naming `what` otherwise.
+pub async fn eventually<T>(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what} did not happen within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

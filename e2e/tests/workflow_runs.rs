@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use flowtel_crds::WorkflowRun;
 use flowtel_crds::workflow_run::{AttemptClassification, WorkflowRunPhase};
-use flowtel_e2e::{Collector, Operator, TEST_MANAGER, TestNamespace, attribute, client, install_crds};
+use flowtel_e2e::{Collector, Operator, TEST_MANAGER, TestNamespace, attribute, client, eventually, install_crds};
 use k8s_openapi::api::batch::v1::Job;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::wait::await_condition;
@@ -505,29 +505,6 @@ async fn hold_equal<T: PartialEq + std::fmt::Debug>(what: &str, expected: T, val
     }
 }
 
-/// Sum over operator processes of the latest cumulative value of a counter (each process is its own series).
-fn total_across_processes(collector: &Collector, name: &str, workflow: &str) -> i64 {
-    let mut latest = std::collections::BTreeMap::<String, i64>::new();
-    for doc in std::fs::read_to_string(collector.dir.join("metrics.json")).unwrap_or_default().lines() {
-        let Ok(doc) = serde_json::from_str::<Value>(doc) else { continue };
-        for rm in doc["resourceMetrics"].as_array().into_iter().flatten() {
-            for sm in rm["scopeMetrics"].as_array().into_iter().flatten() {
-                for m in sm["metrics"].as_array().into_iter().flatten().filter(|m| m["name"] == name) {
-                    for p in m["sum"]["dataPoints"].as_array().into_iter().flatten() {
-                        if attribute(p, "workflow_name").as_deref() == Some(workflow) {
-                            let start = p["startTimeUnixNano"].as_str().unwrap_or_default().to_string();
-                            let v = counter_value(p);
-                            let e = latest.entry(start).or_default();
-                            *e = (*e).max(v);
-                        }
-                    }
-                }
-            }
-        }
-    }
-    latest.values().sum()
-}
-
 #[tokio::test]
 async fn a_crash_at_any_named_point_never_double_counts() {
     for point in ["after-job-create", "after-terminal-status", "during-backoff"] {
@@ -575,15 +552,15 @@ async fn a_crash_at_any_named_point_never_double_counts() {
         };
         assert_eq!(run_spans, 1, "{point}: one workflow.run span");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while total_across_processes(&collector, "workflow.run.status", &workflow) < 1 {
+        while collector.total_across_processes("workflow.run.status", &workflow) < 1 {
             assert!(tokio::time::Instant::now() < deadline, "{point}: workflow.run.status never arrived");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         hold_equal(&format!("{point}: counted once"), 1, || {
-            total_across_processes(&collector, "workflow.run.status", &workflow)
+            collector.total_across_processes("workflow.run.status", &workflow)
         })
         .await;
-        assert_eq!(total_across_processes(&collector, "workflow.run.total", &workflow), 1, "{point}: started once");
+        assert_eq!(collector.total_across_processes("workflow.run.total", &workflow), 1, "{point}: started once");
     }
 }
 
@@ -603,18 +580,6 @@ async fn deleting_a_running_run_ends_it_cancelled_and_reports_it_before_it_goes(
         .await
         .expect("the deleted run was reported, as cancelled");
     assert_eq!(counter_value(&st), 1);
-}
-
-/// Polls `check` (bounded by `timeout`) until it returns Some.
-async fn eventually<T>(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{what} did not happen within {timeout:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 fn exported(r: &WorkflowRun) -> bool {
@@ -665,11 +630,11 @@ async fn an_operator_killed_during_a_burst_recounts_at_most_one_run_per_kill() {
     assert_eq!(jobs.len(), RUNS, "one Job per run: none created twice");
     // Both counters reached the collector for every run (nothing lost), and a kill recounted at most one run.
     let total = eventually("workflow.run.status for every run", Duration::from_secs(30), async || {
-        let n = total_across_processes(&env.collector, "workflow.run.status", "wf-kills");
+        let n = env.collector.total_across_processes("workflow.run.status", "wf-kills");
         (n >= RUNS as i64).then_some(n)
     })
     .await;
-    let started = total_across_processes(&env.collector, "workflow.run.total", "wf-kills");
+    let started = env.collector.total_across_processes("workflow.run.total", "wf-kills");
     assert!(total <= (RUNS + KILLS) as i64, "workflow.run.status {total} for {RUNS} runs and {KILLS} kills");
     assert!(
         (RUNS as i64..=(RUNS + KILLS) as i64).contains(&started),

@@ -292,7 +292,8 @@ impl OperatorCtl {
             .args(["run", "--namespace", &self.namespace, "--otlp-endpoint", &self.otlp])
             .args(["--admin-addr", &self.admin, "--concurrency", "32"])
             .env("KUBECONFIG", &self.kubeconfig)
-            .env("RUST_LOG", "info")
+            // The operator's log filter; FLOWTEL_CHAOS_RUST_LOG widens it (e.g. `info,kube_runtime=debug`).
+            .env("RUST_LOG", std::env::var("FLOWTEL_CHAOS_RUST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -833,6 +833,28 @@ mod tests {
     }
 
     #[test]
+    fn a_job_failed_by_its_disruption_rule_is_a_disruption_even_without_its_pod() {
+        let mut r = run(json!({"limit": 0}));
+        step(&mut r, &[], t(0));
+        let job: Job = serde_json::from_value(json!({
+            "metadata": {"name": "r-1"},
+            "status": {"conditions": [{"type": "Failed", "status": "True", "reason": DISRUPTED_JOB_REASON}]}
+        }))
+        .expect("job");
+        let obs = Observation {
+            now: t(5),
+            jobs: vec![&job],
+            pods: vec![],
+            telemetry_degraded: None,
+            exports_telemetry: true,
+        };
+        let p = plan(&r, &obs, &settings());
+        assert_eq!(p.status.attempts[0].classification, Some(AttemptClassification::Disruption));
+        assert_eq!(p.status.disruptions, Some(1));
+        assert_eq!(p.action, Action::CreateJob { attempt: 2, deadline_seconds: 3596 });
+    }
+
+    #[test]
     fn a_success_seen_after_the_deadline_is_a_success() {
         let mut r = run(json!({}));
         r.spec.active_deadline_seconds = Some(10);

@@ -32,6 +32,12 @@ pub const FIELD_MANAGER: &str = "flowtel";
 pub const FINALIZER: &str = "flowtel.dev/telemetry";
 /// A backstop for a report that stays pending: the worker's notification normally comes first.
 const PENDING_RECHECK: Duration = Duration::from_secs(10);
+/// When to look again at a run whose cached copy is older than our own last write. Not `await_change`: during a
+/// relist the controller runs on the old copies, and the fresh one arrives without an event of its own.
+const STALE_RECHECK: Duration = Duration::from_secs(1);
+/// Reports wait this long after the apiserver last failed a request: an export is recorded by the next status
+/// write, and a crash while that write cannot succeed would export it again.
+const OUTAGE_QUIET: Duration = Duration::from_secs(5);
 
 /// Test hook: `FLOWTEL_CRASH_AT=<point>` aborts the process at that point, as a crash would, so the end-to-end
 /// tests can show that a restart never double-counts. Points: `after-job-create`, `after-terminal-status`,
@@ -85,6 +91,27 @@ pub struct Context {
     /// The resourceVersion of each run as this process last wrote it (by UID). A reconcile of an older copy (the
     /// export worker's notification can outrun the watch event of our own write) waits for the newer one.
     pub written: ExpiringMap<String, u64>,
+    /// When the apiserver last failed a request (unreachable, 5xx, 429).
+    pub last_outage: std::sync::Mutex<Option<Instant>>,
+}
+
+impl Context {
+    fn note_outage(&self, error: &ReconcileError) {
+        let outage = match error {
+            ReconcileError::Kube(kube::Error::Api(s)) => s.code >= 500 || s.code == 429,
+            ReconcileError::Kube(kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::ReadEvents(_)) => {
+                true
+            }
+            _ => false,
+        };
+        if outage {
+            *self.last_outage.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        }
+    }
+
+    fn apiserver_recently_failed(&self) -> bool {
+        self.last_outage.lock().unwrap_or_else(|e| e.into_inner()).is_some_and(|t| t.elapsed() < OUTAGE_QUIET)
+    }
 }
 
 /// Remembers the version a write of ours produced.
@@ -216,6 +243,18 @@ impl Reports {
 fn report_telemetry(run: &WorkflowRun, ctx: &Context, stored: &WorkflowRunStatus) -> Reports {
     let mut out = Reports { report: stored.telemetry.clone().unwrap_or_default(), ..Reports::default() };
     let Some(uid) = run.uid() else { return out };
+    // While the apiserver fails, nothing new is exported: its status write could not follow.
+    if ctx.apiserver_recently_failed() && ctx.telemetry.is_enabled() {
+        out.retry_after = Some(OUTAGE_QUIET);
+        out.hold_start = stored.start_time.is_none();
+        // What status says of the telemetry stands until the reports are asked again.
+        out.degraded = stored
+            .conditions
+            .iter()
+            .find(|c| c.type_ == plan::TELEMETRY_DEGRADED && c.status == "True")
+            .map(|c| (c.reason.clone(), c.message.clone()));
+        return out;
+    }
     let object = ObjectRef::from_obj(run);
     if !out.report.started {
         let state =
@@ -420,13 +459,16 @@ pub async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Context>) -> Result<Contr
         tracing::info_span!("reconcile", namespace = %run.namespace().unwrap_or_default(), run = %run.name_any());
     let started = Instant::now();
     let result = reconcile_run(&run, &ctx).instrument(span).await;
+    if let Err(e) = &result {
+        ctx.note_outage(e);
+    }
     ctx.metrics.reconciled(started.elapsed(), result.as_ref().err().map(ReconcileError::metric_label));
     result
 }
 
 async fn reconcile_run(run: &WorkflowRun, ctx: &Context) -> Result<ControllerAction, ReconcileError> {
     if is_stale(ctx, run) {
-        return Ok(ControllerAction::await_change());
+        return Ok(ControllerAction::requeue(STALE_RECHECK));
     }
     let stored = run.status.clone().unwrap_or_default();
     let exports = ctx.telemetry.is_enabled();
@@ -434,7 +476,11 @@ async fn reconcile_run(run: &WorkflowRun, ctx: &Context) -> Result<ControllerAct
         FinalizerStep::Continue => {}
         FinalizerStep::Stop => return Ok(ControllerAction::await_change()),
         FinalizerStep::Patch { finalizers, then_stop } => {
-            if !patch_finalizers(run, ctx, &finalizers).await? || then_stop {
+            if !patch_finalizers(run, ctx, &finalizers).await? {
+                // A stale copy: look again once the cache caught up.
+                return Ok(ControllerAction::requeue(STALE_RECHECK));
+            }
+            if then_stop {
                 return Ok(ControllerAction::await_change());
             }
         }
@@ -443,7 +489,7 @@ async fn reconcile_run(run: &WorkflowRun, ctx: &Context) -> Result<ControllerAct
     let (target, target_degraded) = telemetry_target(run, ctx);
     let reports = report_telemetry(run, ctx, &stored);
     if reports.hold_start {
-        return Ok(ControllerAction::requeue(PENDING_RECHECK));
+        return Ok(ControllerAction::requeue(reports.retry_after.unwrap_or(PENDING_RECHECK)));
     }
     let obs = Observation {
         now: plan::now_ms(jiff::Timestamp::now()),
