@@ -778,3 +778,58 @@ async fn sigterm_stops_the_operator_cleanly() {
     let log = std::fs::read_to_string(&env.operator.log).unwrap_or_default();
     assert!(log.contains("flowtel operator stopped"), "{log}");
 }
+
+#[tokio::test]
+async fn runs_at_the_schemas_edges_end_with_a_reason_and_an_event_beside_a_healthy_run() {
+    let env = Env::new("wfr-edges", &[]).await;
+    let plain = || run_json("x", "wf-edges", json!({}), json!({}), json!({}));
+    // 50 containers, each given the injected environment.
+    let mut many = plain();
+    many["metadata"]["name"] = json!("fifty-containers");
+    many["spec"]["template"]["spec"]["containers"] =
+        (0..50).map(|i| json!({"name": format!("c{i}"), "image": "registry.example/app:2.1"})).collect();
+    // A 512 KiB environment value: the run, its Job and its pod each carry it.
+    let mut big = plain();
+    big["metadata"]["name"] = json!("big-env");
+    big["spec"]["template"]["spec"]["containers"][0]["env"] =
+        json!([{"name": "BLOB", "value": "x".repeat(512 * 1024)}]);
+    // A name at the length limit (253): the Job's name and labels are shortened, the Events still named.
+    let long_name = format!("long-{}", "n".repeat(248));
+    let mut long = plain();
+    long["metadata"]["name"] = json!(long_name);
+    // A template the Job API rejects (a container name that is not a DNS label).
+    let mut rejected = plain();
+    rejected["metadata"]["name"] = json!("rejected");
+    rejected["spec"]["template"]["spec"]["containers"][0]["name"] = json!("Not_A_DNS_Label");
+    let mut healthy = plain();
+    healthy["metadata"]["name"] = json!("healthy");
+    for run in [many, big, long, rejected, healthy] {
+        env.submit(run).await;
+    }
+    let expected = [
+        ("fifty-containers", "Succeeded"),
+        ("big-env", "Succeeded"),
+        (long_name.as_str(), "Succeeded"),
+        ("rejected", "JobRejected"),
+        ("healthy", "Succeeded"),
+    ];
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), &env.ns.name);
+    for (name, reason) in expected {
+        let done = env.wait_exported(name).await;
+        assert_eq!(condition_reason(&done, "Succeeded").as_deref(), Some(reason), "{name}");
+        let what = format!("an Event about {name}");
+        eventually(&what, Duration::from_secs(30), async || {
+            let list = events.list(&ListParams::default()).await.ok()?.items;
+            list.iter()
+                .any(|e| e.regarding.as_ref().and_then(|o| o.name.as_deref()) == Some(name) && e.reason.is_some())
+                .then_some(())
+        })
+        .await;
+    }
+    let long_jobs = env.jobs().list(&ListParams::default()).await.expect("jobs").items;
+    assert!(long_jobs.iter().all(|j| j.metadata.name.as_ref().is_some_and(|n| n.len() <= 63)));
+    assert_eq!(env.operator.get("/readyz").await.map(|(code, _)| code), Some(200), "still reconciling");
+    let (_, metrics) = env.operator.get("/metrics").await.expect("/metrics");
+    assert!(metrics.contains("flowtel_reconciles_total"), "{metrics}");
+    assert!(!metrics.contains("flowtel_reconcile_errors_total{"), "no reconcile failed: {metrics}");
+}
