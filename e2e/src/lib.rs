@@ -252,10 +252,11 @@ impl Collector {
         self.spawn().await
     }
 
-    /// Sum over operator processes of the latest cumulative value of the counter `name` for `workflow`: each
-    /// process is its own series (its own start time), so a restart's counts add up instead of replacing.
+    /// Everything the counter `name` counted for `workflow`, across operator processes and attribute sets: the
+    /// largest value per series (start time and attributes) summed, which adds up delta points (each its own
+    /// interval) and takes the latest of cumulative ones (a process' series).
     pub fn total_across_processes(&self, name: &str, workflow: &str) -> i64 {
-        let mut latest = std::collections::BTreeMap::<String, i64>::new();
+        let mut latest = std::collections::BTreeMap::<(String, String), i64>::new();
         for doc in self.documents("metrics") {
             for rm in doc["resourceMetrics"].as_array().into_iter().flatten() {
                 for sm in rm["scopeMetrics"].as_array().into_iter().flatten() {
@@ -264,7 +265,7 @@ impl Collector {
                             if attribute(p, "workflow_name").as_deref() == Some(workflow) {
                                 let start = p["startTimeUnixNano"].as_str().unwrap_or_default().to_string();
                                 let v = p["asInt"].as_str().and_then(|s| s.parse().ok()).unwrap_or_default();
-                                let e = latest.entry(start).or_default();
+                                let e = latest.entry((start, p["attributes"].to_string())).or_default();
                                 *e = (*e).max(v);
                             }
                         }

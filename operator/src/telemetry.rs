@@ -7,6 +7,12 @@
 //! (see `workflow_run/report.rs` for the order). The worker notifies the caller's `N` whenever a report's state
 //! changed. A report that is neither exported nor failed within `drop_after` (a dead worker, a collector that
 //! never answers) is dropped and counted: nothing waits on telemetry forever.
+//!
+//! Metrics are exported with delta temporality, and only by the worker's own flush after each batch (the periodic
+//! reader is idle): an increment is counted by the backend exactly when the flush that carried it succeeded, and
+//! a failed flush loses it, so the report is retried (or given up) without anything counted twice or left behind
+//! in a cumulative counter to surface later. A backend that wants cumulative series converts (the collector's
+//! `deltatocumulative` processor, Prometheus' `otlp-deltatocumulative`).
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
@@ -19,7 +25,7 @@ use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider as _};
 use opentelemetry_otlp::{MetricExporter, SpanExporter, WithExportConfig};
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::metrics::SdkMeterProvider;
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider, Temporality};
 use opentelemetry_sdk::trace::{SpanData, SpanExporter as _};
 use prometheus_client::metrics::counter::Counter as PromCounter;
 use prometheus_client::registry::Registry;
@@ -100,8 +106,8 @@ struct Entry {
     first_try: Instant,
     last_try: Instant,
     last_failure: Option<String>,
-    /// The metrics were added to this process' cumulative instruments: a retried export must not add them again.
-    metrics_recorded: bool,
+    /// The report's metrics went out with a successful flush: a retry (its spans failed) must not send them again.
+    metrics_exported: bool,
 }
 
 /// Report outcomes by key, forgotten in insertion order once they can no longer be asked for.
@@ -227,12 +233,14 @@ impl<N: Send + Sync + 'static> Telemetry<N> {
             .build();
         let metric_exporter = MetricExporter::builder()
             .with_tonic()
+            .with_temporality(Temporality::Delta)
             .with_endpoint(&config.endpoint)
             .with_timeout(config.export_timeout)
             .build()
             .map_err(|e| err("metrics", &e))?;
-        let meter_provider =
-            SdkMeterProvider::builder().with_periodic_exporter(metric_exporter).with_resource(resource.clone()).build();
+        // Only the worker's flushes export (see the module's comment): the periodic reader never fires on its own.
+        let reader = PeriodicReader::builder(metric_exporter).with_interval(Duration::from_secs(365 * 86_400)).build();
+        let meter_provider = SdkMeterProvider::builder().with_reader(reader).with_resource(resource.clone()).build();
         let mut span_exporter = SpanExporter::builder()
             .with_tonic()
             .with_endpoint(&config.endpoint)
@@ -299,7 +307,7 @@ impl<N: Send + Sync + 'static> Telemetry<N> {
                 Ok(()) => (EntryState::Queued, None),
                 Err(reason) => (EntryState::Failed, Some(reason)),
             };
-            let entry = Entry { state, first_try: now, last_try: now, last_failure, metrics_recorded: false };
+            let entry = Entry { state, first_try: now, last_try: now, last_failure, metrics_exported: false };
             let answer = entry.answer();
             ledger.insert(key.to_string(), entry);
             return answer;
@@ -318,6 +326,21 @@ impl<N: Send + Sync + 'static> Telemetry<N> {
             }
         }
         entry.answer()
+    }
+
+    /// Where the report `key` stands in this process, without asking for it (None: never asked here). `Pending`
+    /// while it is queued (a retry too), as it may still go out; one queued past the drop timeout is `Dropped`.
+    pub fn peek(&self, key: &str) -> Option<ReportState> {
+        let shared = self.shared.as_ref()?;
+        let ledger = shared.ledger();
+        let entry = ledger.entries.get(key)?;
+        Some(match entry.state {
+            EntryState::Queued if entry.first_try.elapsed() >= shared.drop_after => {
+                ReportState::Dropped { reason: "ExportTimedOut".into() }
+            }
+            EntryState::Queued => ReportState::Pending,
+            _ => entry.answer(),
+        })
     }
 
     /// Stops the worker after it exported what is queued, waiting at most `timeout`. Returns whether it stopped.
@@ -435,33 +458,42 @@ impl<N: Send + Sync + 'static> Worker<N> {
         }
     }
 
+    /// Metrics first (recorded, then flushed: the deltas of exactly this batch), then spans.
     async fn export(&mut self, requests: &[Request<N>]) -> Result<(), opentelemetry_sdk::error::OTelSdkError> {
         let mut spans = Vec::new();
-        let mut to_record = Vec::new();
+        let mut recorded = Vec::new();
         {
-            let mut ledger = self.shared.ledger();
+            let ledger = self.shared.ledger();
             for r in requests {
-                let Some(entry) = ledger.entries.get_mut(&r.key).filter(|e| e.state == EntryState::Queued) else {
+                let Some(entry) = ledger.entries.get(&r.key).filter(|e| e.state == EntryState::Queued) else {
                     continue;
                 };
-                if !entry.metrics_recorded {
-                    entry.metrics_recorded = true;
-                    to_record.push(&r.report);
+                if !entry.metrics_exported {
+                    recorded.push(r);
                 }
                 spans.extend(r.report.spans.iter().cloned());
             }
         }
-        for report in to_record {
-            self.record(report);
+        for r in &recorded {
+            self.record(&r.report);
+        }
+        if !recorded.is_empty() {
+            // force_flush blocks on the export; keep it off the async workers.
+            let provider = self.meter_provider.clone();
+            tokio::task::spawn_blocking(move || provider.force_flush())
+                .await
+                .unwrap_or_else(|e| Err(opentelemetry_sdk::error::OTelSdkError::InternalFailure(e.to_string())))?;
+            let mut ledger = self.shared.ledger();
+            for r in &recorded {
+                if let Some(entry) = ledger.entries.get_mut(&r.key) {
+                    entry.metrics_exported = true;
+                }
+            }
         }
         if !spans.is_empty() {
             self.span_exporter.export(spans).await?;
         }
-        // force_flush blocks on the export; keep it off the async workers.
-        let provider = self.meter_provider.clone();
-        tokio::task::spawn_blocking(move || provider.force_flush())
-            .await
-            .unwrap_or_else(|e| Err(opentelemetry_sdk::error::OTelSdkError::InternalFailure(e.to_string())))
+        Ok(())
     }
 
     fn record(&mut self, report: &Report) {
@@ -590,13 +622,30 @@ mod tests {
                 first_try: at,
                 last_try: at,
                 last_failure: None,
-                metrics_recorded: true,
+                metrics_exported: true,
             };
             ledger.insert(key.into(), entry);
         }
         ledger.expire(Duration::from_secs(50));
         assert!(!ledger.entries.contains_key("old"));
         assert!(ledger.entries.contains_key("new"));
+    }
+
+    #[test]
+    fn peek_says_where_a_report_stands_without_queueing_it() {
+        let (t, mut rx) = idle(Duration::from_secs(30), 8);
+        assert_eq!(t.peek("a"), None);
+        t.report("a", 1, Report::default);
+        assert!(rx.try_recv().is_ok());
+        settle(&t, "a", Some("ExportFailed"));
+        backdate(&t, "a", RETRY_EVERY);
+        assert_eq!(t.peek("a"), Some(ReportState::Failing { reason: "ExportFailed".into() }));
+        assert!(rx.try_recv().is_err(), "a peek never retries");
+        t.report("a", 1, Report::default);
+        assert_eq!(t.peek("a"), Some(ReportState::Pending), "a queued retry may still go out");
+        t.report("b", 2, Report::default);
+        backdate(&t, "b", Duration::from_secs(31));
+        assert_eq!(t.peek("b"), Some(ReportState::Dropped { reason: "ExportTimedOut".into() }));
     }
 
     #[test]

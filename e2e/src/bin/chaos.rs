@@ -703,9 +703,9 @@ fn attr(item: &Value, key: &str) -> Option<String> {
     })
 }
 
-/// Sum over operator processes of each counter series `(metric, workflow_name, status)`: each process (resource
-/// `service.instance.id`, and its series' start time) exports its own cumulative value, so take the largest value
-/// per process and add them up.
+/// Sum over operator processes of each counter series `(metric, workflow_name, status)`: the largest value per
+/// process (resource `service.instance.id`) and start time, added up. That is the latest of a cumulative series and
+/// every point of a delta one (each delta point has its own start time).
 fn counters_across_processes(dir: &Path, prefix: &str) -> BTreeMap<(String, String, String), i64> {
     let mut latest = BTreeMap::<(String, String, String, String, String), i64>::new();
     for doc in json_lines(&dir.join("metrics.json")) {

@@ -256,10 +256,13 @@ struct Reports {
     /// The start report is on its way to a healthy exporter: hold the run's first status write until it is out, so
     /// both are recorded by that one write.
     hold_start: bool,
+    /// A report said something definite (exported, failing, dropped, disabled); without it the condition stands.
+    verdict: bool,
 }
 
 impl Reports {
     fn absorb(&mut self, kind: ReportKind, state: ReportState) {
+        self.verdict |= state != ReportState::Pending;
         let settled = |r: &mut TelemetryReport| match kind {
             ReportKind::Started => r.started = true,
             ReportKind::Finished => r.finished = true,
@@ -283,6 +286,15 @@ impl Reports {
     }
 }
 
+/// Reasons that say where the workload's telemetry goes; they are decided afresh on every reconcile.
+const TARGET_REASONS: [&str; 3] = ["TelemetryStackNotFound", "TelemetryStackNotReady", "NoOtlpEndpoint"];
+
+/// The export degradation status records, if any.
+fn degraded_in(stored: &WorkflowRunStatus) -> Option<(String, String)> {
+    let c = stored.conditions.iter().find(|c| c.type_ == plan::TELEMETRY_DEGRADED && c.status == "True")?;
+    (!TARGET_REASONS.contains(&c.reason.as_str())).then(|| (c.reason.clone(), c.message.clone()))
+}
+
 fn report_telemetry(run: &WorkflowRun, ctx: &Context, stored: &WorkflowRunStatus) -> Reports {
     let mut out = Reports { report: stored.telemetry.clone().unwrap_or_default(), ..Reports::default() };
     let Some(uid) = run.uid() else { return out };
@@ -291,32 +303,63 @@ fn report_telemetry(run: &WorkflowRun, ctx: &Context, stored: &WorkflowRunStatus
         out.retry_after = Some(OUTAGE_QUIET);
         out.hold_start = stored.start_time.is_none();
         // What status says of the telemetry stands until the reports are asked again.
-        out.degraded = stored
-            .conditions
-            .iter()
-            .find(|c| c.type_ == plan::TELEMETRY_DEGRADED && c.status == "True")
-            .map(|c| (c.reason.clone(), c.message.clone()));
+        out.degraded = degraded_in(stored);
         return out;
     }
     let object = ObjectRef::from_obj(run);
-    if !out.report.started {
+    // The start is asked for once, before the run's first status write (which records it when it went out).
+    if !out.report.started && stored.start_time.is_none() {
         let state =
             ctx.telemetry.report(&report::key(&uid, ReportKind::Started), object.clone(), || report::started(run));
-        out.hold_start = state == ReportState::Pending && stored.start_time.is_none() && ctx.telemetry.is_healthy();
+        out.hold_start = state == ReportState::Pending && ctx.telemetry.is_healthy();
         out.absorb(ReportKind::Started, state);
     }
-    // The end waits for the start to be settled, so `finished` in status always implies `started`: a finished run
-    // is never visited again, and a start left unrecorded would be counted again by every restart.
-    if plan::is_terminal(stored) && out.report.started && !out.report.finished {
-        let key = report::key(&uid, ReportKind::Finished);
-        let state = ctx.telemetry.report(&key, object, || report::finished(run, stored).unwrap_or_default());
-        out.absorb(ReportKind::Finished, state);
+    if plan::is_terminal(stored) && !out.report.finished {
+        let here = ctx.telemetry.peek(&report::key(&uid, ReportKind::Started));
+        let start = unrecorded_start(out.report.started, here);
+        if start == UnrecordedStart::InFlight {
+            out.retry_after = Some(RETRY_EVERY);
+        } else {
+            let with_start = start == UnrecordedStart::Carried;
+            let key = report::key(&uid, ReportKind::Finished);
+            let state =
+                ctx.telemetry.report(&key, object, || report::finished(run, stored, with_start).unwrap_or_default());
+            out.absorb(ReportKind::Finished, state);
+            // `finished` in status always implies `started`: a finished run is never visited again.
+            out.report.started |= out.report.finished;
+        }
+    }
+    if !out.verdict {
+        // Nothing new about the exports: what status says stands (a start that failed stays degraded until the end
+        // report went out), so the condition flips only on a real change.
+        out.degraded = degraded_in(stored);
     }
     if out.report.dropped && out.degraded.is_none() {
         let message = "some of the run's telemetry was not exported before the drop timeout";
         out.degraded = Some(("TelemetryDropped".into(), message.into()));
     }
     out
+}
+
+/// What the end report does about the run's start.
+#[derive(Debug, PartialEq)]
+enum UnrecordedStart {
+    /// Status recorded it, or this process exported it: the end report is about the end only.
+    Counted,
+    /// Its export is still under way: the end report waits, or the start could be counted twice.
+    InFlight,
+    /// It did not go out (failed, dropped, or this process never tried): the end report counts it, so a run that
+    /// started during an outage is counted once, by the report whose recording is one status write away.
+    Carried,
+}
+
+fn unrecorded_start(recorded: bool, here: Option<ReportState>) -> UnrecordedStart {
+    match here {
+        _ if recorded => UnrecordedStart::Counted,
+        Some(ReportState::Exported) => UnrecordedStart::Counted,
+        Some(ReportState::Pending) => UnrecordedStart::InFlight,
+        _ => UnrecordedStart::Carried,
+    }
 }
 
 /// What carrying out the plan's action came to.
@@ -651,6 +694,18 @@ mod tests {
         let mut first = status(WorkflowRunPhase::Running, false);
         degraded(&mut first, "NoOtlpEndpoint");
         assert!(worth_writing(&r, &first, &WorkflowRunStatus::default()), "the first write always goes");
+    }
+
+    #[test]
+    fn the_end_report_carries_a_start_that_did_not_go_out() {
+        let failed = Some(ReportState::Failing { reason: "ExportFailed".into() });
+        assert_eq!(unrecorded_start(true, None), UnrecordedStart::Counted);
+        assert_eq!(unrecorded_start(false, Some(ReportState::Exported)), UnrecordedStart::Counted);
+        assert_eq!(unrecorded_start(false, Some(ReportState::Pending)), UnrecordedStart::InFlight);
+        assert_eq!(unrecorded_start(false, failed), UnrecordedStart::Carried);
+        let dropped = Some(ReportState::Dropped { reason: "ExportTimedOut".into() });
+        assert_eq!(unrecorded_start(false, dropped), UnrecordedStart::Carried);
+        assert_eq!(unrecorded_start(false, None), UnrecordedStart::Carried, "another process's start is unknown");
     }
 
     #[test]

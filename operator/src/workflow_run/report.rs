@@ -5,7 +5,8 @@
 //! Exactly once across restarts (the KEP-2307 pattern): a report is exported before the status write that records
 //! it (`status.telemetry.started` goes with the run's first status write, `finished` with the write after the
 //! terminal one), so a crash can only re-export what was exported in the milliseconds before that write; span ids
-//! are derived from the UID, so a trace backend keeps one span even then.
+//! are derived from the UID, so a trace backend keeps one span even then. A start that did not go out before the
+//! first write (the collector was down) is never retried on its own: the end report carries it.
 
 use std::borrow::Cow;
 use std::time::SystemTime;
@@ -106,8 +107,9 @@ fn retries_by_step(status: &WorkflowRunStatus) -> Vec<(String, u64)> {
     by_step
 }
 
-/// The run's terminal report, from its terminal status. None while status lacks the times it needs.
-pub fn finished(run: &WorkflowRun, status: &WorkflowRunStatus) -> Option<Report> {
+/// The run's terminal report, from its terminal status. None while status lacks the times it needs. With
+/// `with_start`, it also counts the run's start (`workflow.run.total`), which did not go out on its own.
+pub fn finished(run: &WorkflowRun, status: &WorkflowRunStatus, with_start: bool) -> Option<Report> {
     let uid = run.uid()?;
     let start = system_time(status.start_time.as_ref()?);
     let end = system_time(status.completion_time.as_ref()?);
@@ -193,12 +195,13 @@ pub fn finished(run: &WorkflowRun, status: &WorkflowRunStatus) -> Option<Report>
         });
     }
     let name = workflow_label(run);
-    let mut counters = vec![CounterAdd {
+    let mut counters = if with_start { started(run).counters } else { Vec::new() };
+    counters.push(CounterAdd {
         name: RUN_STATUS,
         description: "Workflow status",
         value: 1,
         attributes: vec![name.clone(), KeyValue::new("status", label)],
-    }];
+    });
     counters.extend(retries_by_step(status).into_iter().map(|(step, n)| CounterAdd {
         name: RETRY_COUNT,
         description: "Retry count",
