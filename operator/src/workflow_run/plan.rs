@@ -312,10 +312,16 @@ impl Planner<'_> {
             .max_by_key(|p| p.metadata.creation_timestamp.as_ref().map(|t| t.0));
         let pod_name = pod.map(|p| p.name_any());
         let job = self.obs.jobs.iter().find(|j| j.name_any() == job_name).and_then(|j| job_outcome(j));
-        // A Job deadline kills the pod (exit 137), which alone would look transient: the Job's reason wins then.
+        let from_pod = pod.and_then(|p| pod_outcome(p, retry));
         let outcome = match job {
+            // A Job deadline kills the pod (exit 137), which alone would look transient: the Job's reason wins.
             Some(o) if o.reason == "DeadlineExceeded" => Some(o),
-            job => pod.and_then(|p| pod_outcome(p, retry)).or(job),
+            // A Job fails only after its pod did, but the pod's cache may lag behind the Job's (a relist): while the
+            // cached pod does not show its end, wait for it, as its exit code decides. A pod that is gone cannot.
+            Some(o) if o.classification != AttemptClassification::Succeeded && pod.is_some() && from_pod.is_none() => {
+                None
+            }
+            job => from_pod.or(job),
         };
         let now = self.obs.now;
         let Some(a) = self.status.attempts.last_mut() else { return };
@@ -852,6 +858,30 @@ mod tests {
         assert_eq!(p.status.attempts[0].classification, Some(AttemptClassification::Disruption));
         assert_eq!(p.status.disruptions, Some(1));
         assert_eq!(p.action, Action::CreateJob { attempt: 2, deadline_seconds: 3596 });
+    }
+
+    #[test]
+    fn a_failed_job_waits_for_its_pod_to_show_the_exit_code() {
+        let mut r = run(json!({"limit": 3, "permanentExitCodes": [42]}));
+        step(&mut r, &[], t(0));
+        let job: Job = serde_json::from_value(json!({
+            "metadata": {"name": "r-1"},
+            "status": {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}
+        }))
+        .expect("job");
+        let running = pod(1, "Running", None, false);
+        let failed = pod(1, "Failed", Some(42), false);
+        let observe = |r: &WorkflowRun, pods: Vec<&Pod>, now| {
+            let obs = Observation { now, jobs: vec![&job], pods, telemetry_degraded: None, exports_telemetry: true };
+            plan(r, &obs, &settings())
+        };
+        let p = observe(&r, vec![&running], t(2));
+        assert_eq!(p.status.attempts[0].classification, None, "the cached pod lags: wait for it");
+        assert_eq!(p.action, Action::None);
+        let p = observe(&r, vec![&failed], t(3));
+        assert_eq!(p.status.attempts[0].classification, Some(AttemptClassification::Permanent));
+        let p = observe(&r, vec![], t(3));
+        assert_eq!(p.status.attempts[0].classification, Some(AttemptClassification::Transient), "no pod: the Job");
     }
 
     #[test]

@@ -35,9 +35,6 @@ const PENDING_RECHECK: Duration = Duration::from_secs(10);
 /// When to look again at a run whose cached copy is older than our own last write. Not `await_change`: during a
 /// relist the controller runs on the old copies, and the fresh one arrives without an event of its own.
 const STALE_RECHECK: Duration = Duration::from_secs(1);
-/// Reports wait this long after the apiserver last failed a request: an export is recorded by the next status
-/// write, and a crash while that write cannot succeed would export it again.
-const OUTAGE_QUIET: Duration = Duration::from_secs(5);
 
 /// Test hook: `FLOWTEL_CRASH_AT=<point>` aborts the process at that point, as a crash would, so the end-to-end
 /// tests can show that a restart never double-counts. Points: `after-job-create`, `after-terminal-status`,
@@ -91,8 +88,8 @@ pub struct Context {
     /// The resourceVersion of each run as this process last wrote it (by UID). A reconcile of an older copy (the
     /// export worker's notification can outrun the watch event of our own write) waits for the newer one.
     pub written: ExpiringMap<String, u64>,
-    /// When the apiserver last failed a request (unreachable, 5xx, 429).
-    pub last_outage: std::sync::Mutex<Option<Instant>>,
+    /// The apiserver failed a request (unreachable, 5xx, 429) and none has succeeded since.
+    pub api_failing: std::sync::atomic::AtomicBool,
 }
 
 impl Context {
@@ -105,12 +102,18 @@ impl Context {
             _ => false,
         };
         if outage {
-            *self.last_outage.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+            self.api_failing.store(true, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
-    fn apiserver_recently_failed(&self) -> bool {
-        self.last_outage.lock().unwrap_or_else(|e| e.into_inner()).is_some_and(|t| t.elapsed() < OUTAGE_QUIET)
+    /// After a failure, the apiserver must answer again before anything new is exported: an export is recorded
+    /// by the status write that follows it, and a crash while that write cannot succeed would export it again.
+    async fn await_apiserver(&self) -> Result<(), ReconcileError> {
+        if self.telemetry.is_enabled() && self.api_failing.load(std::sync::atomic::Ordering::Relaxed) {
+            self.client.apiserver_version().await?;
+            self.api_failing.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(())
     }
 }
 
@@ -298,14 +301,6 @@ fn degraded_in(stored: &WorkflowRunStatus) -> Option<(String, String)> {
 fn report_telemetry(run: &WorkflowRun, ctx: &Context, stored: &WorkflowRunStatus) -> Reports {
     let mut out = Reports { report: stored.telemetry.clone().unwrap_or_default(), ..Reports::default() };
     let Some(uid) = run.uid() else { return out };
-    // While the apiserver fails, nothing new is exported: its status write could not follow.
-    if ctx.apiserver_recently_failed() && ctx.telemetry.is_enabled() {
-        out.retry_after = Some(OUTAGE_QUIET);
-        out.hold_start = stored.start_time.is_none();
-        // What status says of the telemetry stands until the reports are asked again.
-        out.degraded = degraded_in(stored);
-        return out;
-    }
     let object = ObjectRef::from_obj(run);
     // The start is asked for once, before the run's first status write (which records it when it went out).
     if !out.report.started && stored.start_time.is_none() {
@@ -573,6 +568,7 @@ async fn reconcile_run(run: &WorkflowRun, ctx: &Context) -> Result<ControllerAct
     }
     let (jobs, pods) = read_children(run, ctx);
     let (target, target_degraded) = telemetry_target(run, ctx);
+    ctx.await_apiserver().await?;
     let reports = report_telemetry(run, ctx, &stored);
     if reports.hold_start {
         return Ok(ControllerAction::requeue(reports.retry_after.unwrap_or(PENDING_RECHECK)));
