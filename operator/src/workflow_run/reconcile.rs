@@ -302,11 +302,18 @@ fn report_telemetry(run: &WorkflowRun, ctx: &Context, stored: &WorkflowRunStatus
     let mut out = Reports { report: stored.telemetry.clone().unwrap_or_default(), ..Reports::default() };
     let Some(uid) = run.uid() else { return out };
     let object = ObjectRef::from_obj(run);
-    // The start is asked for once, before the run's first status write (which records it when it went out).
+    // The start is asked for once, before the run's first status write, which waits for it and records it. It is
+    // not asked while exports fail, and a failed one is not retried: either way the end report carries it, so no
+    // start is ever on its way while status says it is not (a kill then would count it twice).
     if !out.report.started && stored.start_time.is_none() {
-        let state =
-            ctx.telemetry.report(&report::key(&uid, ReportKind::Started), object.clone(), || report::started(run));
-        out.hold_start = state == ReportState::Pending && ctx.telemetry.is_healthy();
+        let key = report::key(&uid, ReportKind::Started);
+        let state = match ctx.telemetry.peek(&key) {
+            Some(state) => state,
+            None if ctx.telemetry.is_healthy() => ctx.telemetry.report(&key, object.clone(), || report::started(run)),
+            None if ctx.telemetry.is_enabled() => ReportState::Failing { reason: "ExportFailed".into() },
+            None => ReportState::Disabled,
+        };
+        out.hold_start = state == ReportState::Pending;
         out.absorb(ReportKind::Started, state);
     }
     if plan::is_terminal(stored) && !out.report.finished {
