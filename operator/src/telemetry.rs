@@ -186,6 +186,9 @@ struct Shared<N> {
     last_batch_failed: AtomicBool,
     shutdown: Notify,
     stopped: watch::Receiver<bool>,
+    /// Bumped whenever a batch settled, for callers that wait for one report.
+    settled: watch::Sender<u64>,
+    export_timeout: Duration,
 }
 
 impl<N> Shared<N> {
@@ -255,6 +258,8 @@ impl<N: Send + Sync + 'static> Telemetry<N> {
             queue,
             ledger: Mutex::default(),
             drop_after: config.drop_after,
+            settled: watch::Sender::new(0),
+            export_timeout: config.export_timeout,
             metrics,
             last_batch_failed: AtomicBool::new(false),
             shutdown: Notify::new(),
@@ -341,6 +346,23 @@ impl<N: Send + Sync + 'static> Telemetry<N> {
             EntryState::Queued => ReportState::Pending,
             _ => entry.answer(),
         })
+    }
+
+    /// Waits until the report `key` is no longer on its way (exported, failed, dropped), at most one export
+    /// timeout. A caller that records the outcome right after keeps the window between an export and its
+    /// record to that of one status write, instead of a trip through a busy work queue.
+    pub async fn settled(&self, key: &str) {
+        let Some(shared) = &self.shared else { return };
+        // Subscribed before looking, so a batch that settles in between still wakes us.
+        let mut generations = shared.settled.subscribe();
+        let wait = async {
+            while self.peek(key) == Some(ReportState::Pending) {
+                if generations.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(shared.export_timeout + Duration::from_secs(1), wait).await;
     }
 
     /// Stops the worker after it exported what is queued, waiting at most `timeout`. Returns whether it stopped.
@@ -433,6 +455,10 @@ impl<N: Send + Sync + 'static> Worker<N> {
             }
         };
         let count = requests.len() as u64;
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let keys: Vec<&str> = requests.iter().map(|r| r.key.as_str()).collect();
+            tracing::debug!(?keys, failure, "export batch settled");
+        }
         match failure {
             None => self.shared.metrics.exported.inc_by(count),
             Some(_) => self.shared.metrics.failures.inc_by(count),
@@ -453,6 +479,8 @@ impl<N: Send + Sync + 'static> Worker<N> {
                 }
             }
         }
+        // Waiters look at the ledger when woken, so only now.
+        self.shared.settled.send_modify(|generation| *generation += 1);
         for r in requests {
             let _ = self.notify.send(r.notify);
         }
@@ -537,6 +565,8 @@ mod tests {
             last_batch_failed: AtomicBool::new(false),
             shutdown: Notify::new(),
             stopped,
+            settled: watch::Sender::new(0),
+            export_timeout: Duration::from_secs(5),
         });
         (Telemetry { shared: Some(shared) }, rx)
     }
@@ -646,6 +676,24 @@ mod tests {
         t.report("b", 2, Report::default);
         backdate(&t, "b", Duration::from_secs(31));
         assert_eq!(t.peek("b"), Some(ReportState::Dropped { reason: "ExportTimedOut".into() }));
+    }
+
+    #[tokio::test]
+    async fn settled_waits_for_the_batch_that_settles_the_report() {
+        let (t, _rx) = idle(Duration::from_secs(30), 8);
+        t.report("a", 1, Report::default);
+        let waiter = {
+            let t = t.clone();
+            tokio::spawn(async move { t.settled("a").await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "still on its way");
+        settle(&t, "a", None);
+        if let Some(shared) = &t.shared {
+            shared.settled.send_modify(|g| *g += 1);
+        }
+        tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("woken").expect("joined");
+        assert_eq!(t.peek("a"), Some(ReportState::Exported));
     }
 
     #[test]

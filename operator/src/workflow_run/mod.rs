@@ -114,7 +114,7 @@ pub async fn run(
         metrics,
         created_jobs: ExpiringMap::new(std::time::Duration::from_secs(60)),
         written: ExpiringMap::new(std::time::Duration::from_secs(60)),
-        api_failing: std::sync::atomic::AtomicBool::new(false),
+        api_answered: std::sync::Mutex::new(None),
     });
     controller
         .owns_stream(job_stream)

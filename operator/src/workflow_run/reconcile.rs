@@ -88,9 +88,14 @@ pub struct Context {
     /// The resourceVersion of each run as this process last wrote it (by UID). A reconcile of an older copy (the
     /// export worker's notification can outrun the watch event of our own write) waits for the newer one.
     pub written: ExpiringMap<String, u64>,
-    /// The apiserver failed a request (unreachable, 5xx, 429) and none has succeeded since.
-    pub api_failing: std::sync::atomic::AtomicBool,
+    /// When a write of ours (or a read from etcd) last succeeded; None after a failure (unreachable, 5xx, 429).
+    pub api_answered: std::sync::Mutex<Option<Instant>>,
 }
+
+/// A report is exported only when the apiserver wrote to etcd this recently: the export is recorded by the
+/// status write that follows it, and a kill while that write hangs (etcd or the apiserver restarting) would
+/// export it again. Busy, writes keep this fresh; idle, a read from etcd confirms it.
+const API_FRESH: Duration = Duration::from_millis(500);
 
 impl Context {
     fn note_outage(&self, error: &ReconcileError) {
@@ -102,23 +107,37 @@ impl Context {
             _ => false,
         };
         if outage {
-            self.api_failing.store(true, std::sync::atomic::Ordering::Relaxed);
+            *self.api_answered.lock().unwrap_or_else(|e| e.into_inner()) = None;
         }
     }
 
-    /// After a failure, the apiserver must answer again before anything new is exported: an export is recorded
-    /// by the status write that follows it, and a crash while that write cannot succeed would export it again.
-    async fn await_apiserver(&self) -> Result<(), ReconcileError> {
-        if self.telemetry.is_enabled() && self.api_failing.load(std::sync::atomic::Ordering::Relaxed) {
-            self.client.apiserver_version().await?;
-            self.api_failing.store(false, std::sync::atomic::Ordering::Relaxed);
+    fn note_answer(&self) {
+        *self.api_answered.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+
+    /// Before a run asks for a report: unless a write succeeded within API_FRESH, read the run from etcd (a GET
+    /// without resourceVersion is a quorum read), which hangs or fails while a write could not succeed either.
+    async fn await_apiserver(&self, run: &WorkflowRun) -> Result<(), ReconcileError> {
+        let fresh =
+            self.api_answered.lock().unwrap_or_else(|e| e.into_inner()).is_some_and(|t| t.elapsed() < API_FRESH);
+        if !fresh {
+            let runs: Api<WorkflowRun> = Api::namespaced(self.client.clone(), &run.namespace().unwrap_or_default());
+            runs.get_metadata_opt(&run.name_any()).await?;
+            self.note_answer();
         }
         Ok(())
     }
 }
 
+/// Whether this reconcile may ask for a report: a new run's start, or a finished run's end.
+fn asks_for_a_report(stored: &WorkflowRunStatus) -> bool {
+    let report = stored.telemetry.clone().unwrap_or_default();
+    (stored.start_time.is_none() && !report.started) || (plan::is_terminal(stored) && !report.finished)
+}
+
 /// Remembers the version a write of ours produced.
 fn wrote(ctx: &Context, run: &WorkflowRun) {
+    ctx.note_answer();
     if let (Some(uid), Some(version)) = (run.uid(), run.resource_version().and_then(|v| v.parse().ok())) {
         ctx.written.insert(uid, version);
     }
@@ -261,6 +280,8 @@ struct Reports {
     hold_start: bool,
     /// A report said something definite (exported, failing, dropped, disabled); without it the condition stands.
     verdict: bool,
+    /// A report on its way that this reconcile can wait for, to record it with its own status write.
+    awaiting: Option<String>,
 }
 
 impl Reports {
@@ -314,18 +335,25 @@ fn report_telemetry(run: &WorkflowRun, ctx: &Context, stored: &WorkflowRunStatus
             None => ReportState::Disabled,
         };
         out.hold_start = state == ReportState::Pending;
+        if out.hold_start {
+            out.awaiting = Some(key);
+        }
         out.absorb(ReportKind::Started, state);
     }
     if plan::is_terminal(stored) && !out.report.finished {
-        let here = ctx.telemetry.peek(&report::key(&uid, ReportKind::Started));
-        let start = unrecorded_start(out.report.started, here);
+        let start_key = report::key(&uid, ReportKind::Started);
+        let start = unrecorded_start(out.report.started, ctx.telemetry.peek(&start_key));
         if start == UnrecordedStart::InFlight {
             out.retry_after = Some(RETRY_EVERY);
+            out.awaiting = Some(start_key);
         } else {
             let with_start = start == UnrecordedStart::Carried;
             let key = report::key(&uid, ReportKind::Finished);
             let state =
                 ctx.telemetry.report(&key, object, || report::finished(run, stored, with_start).unwrap_or_default());
+            if state == ReportState::Pending {
+                out.awaiting = Some(key);
+            }
             out.absorb(ReportKind::Finished, state);
             // `finished` in status always implies `started`: a finished run is never visited again.
             out.report.started |= out.report.finished;
@@ -398,6 +426,7 @@ async fn act(
             let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..PostParams::default() };
             match jobs_api.create(&params, &desired).await {
                 Ok(_) => {
+                    ctx.note_answer();
                     ctx.created_jobs.insert(created, ());
                     crash_point("after-job-create");
                 }
@@ -484,6 +513,13 @@ async fn write_status(
         runs.patch_status(&run.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
     wrote(ctx, &written);
     ctx.metrics.status_writes.inc();
+    tracing::debug!(
+        uid = run.uid().unwrap_or_default(),
+        phase = ?planned.phase,
+        telemetry = ?planned.telemetry,
+        version = written.resource_version().unwrap_or_default(),
+        "status written"
+    );
     if plan::is_terminal(planned) && !plan::is_terminal(stored) {
         crash_point("after-terminal-status");
     }
@@ -575,9 +611,24 @@ async fn reconcile_run(run: &WorkflowRun, ctx: &Context) -> Result<ControllerAct
     }
     let (jobs, pods) = read_children(run, ctx);
     let (target, target_degraded) = telemetry_target(run, ctx);
-    ctx.await_apiserver().await?;
-    let reports = report_telemetry(run, ctx, &stored);
+    if ctx.telemetry.is_enabled() && asks_for_a_report(&stored) {
+        ctx.await_apiserver(run).await?;
+    }
+    let mut reports = report_telemetry(run, ctx, &stored);
+    // A report on its way to a healthy collector is waited for here (milliseconds), so its status write follows
+    // at once rather than after a trip through the work queue, which under load can take seconds: a kill in
+    // between would count it twice. (Twice at most: the end may wait for the start first.)
+    for _ in 0..2 {
+        match reports.awaiting.take() {
+            Some(key) if ctx.telemetry.is_healthy() => {
+                ctx.telemetry.settled(&key).await;
+                reports = report_telemetry(run, ctx, &stored);
+            }
+            _ => break,
+        }
+    }
     if reports.hold_start {
+        tracing::debug!(uid = run.uid().unwrap_or_default(), "first status write held for the start report");
         return Ok(ControllerAction::requeue(reports.retry_after.unwrap_or(PENDING_RECHECK)));
     }
     let obs = Observation {
