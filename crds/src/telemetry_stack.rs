@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 /// A telemetry stack: an OpenTelemetry Collector that receives OTLP from workloads and the operator, Prometheus for
 /// metrics, Tempo for traces, Loki for logs and Grafana with those as datasources. Defaults follow the
 /// user's original telemetry system: memory limiter at 75 %, batches of 1000, traces kept 1h, metrics 30d.
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[kube(
     group = "flowtel.dev",
     version = "v1alpha1",
@@ -26,6 +26,8 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"OTLP","type":"string","jsonPath":".status.endpoints.otlpGrpc"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
+#[x_kube(validation = Rule::new("!self.grafana.enabled || self.prometheus.enabled || has(self.prometheus.externalUrl) || self.tempo.enabled || has(self.tempo.externalUrl) || self.loki.enabled || has(self.loki.externalUrl)")
+    .message("grafana is enabled but every datasource (prometheus, tempo, loki) is disabled with no externalUrl").field_path(".grafana.enabled").reason(Reason::FieldValueInvalid))]
 #[serde(rename_all = "camelCase")]
 pub struct TelemetryStackSpec {
     /// The OpenTelemetry Collector.
@@ -61,11 +63,20 @@ pub enum CollectorMode {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[x_kube(validation = Rule::new("self.spikeLimitPercent < self.memoryLimitPercent")
     .message("spikeLimitPercent must be below memoryLimitPercent").field_path(".spikeLimitPercent").reason(Reason::FieldValueInvalid))]
+#[x_kube(validation = Rule::new("!has(self.persistentQueue) || self.mode == 'StatefulSet'")
+    .message("persistentQueue needs mode StatefulSet (each replica keeps its queue on its own volume)").field_path(".persistentQueue").reason(Reason::FieldValueInvalid))]
+#[x_kube(validation = Rule::new("!has(self.tailSampling) || (self.mode != 'DaemonSet' && self.replicas <= 1 && (!has(self.autoscaling) || self.autoscaling.maxReplicas <= 1))")
+    .message("tailSampling needs a single collector replica: all spans of a trace must meet in one sampler, and the trace-id routing tier (the loadbalancing exporter) does not build at the pinned collector release").field_path(".tailSampling").reason(Reason::FieldValueInvalid))]
+#[x_kube(validation = Rule::new("!has(self.externalEndpoint) || !self.enabled")
+    .message("externalEndpoint replaces the deployed collector: set enabled to false").field_path(".externalEndpoint").reason(Reason::FieldValueInvalid))]
 #[serde(rename_all = "camelCase")]
 pub struct CollectorSpec {
     /// Whether the collector is deployed.
     #[serde(default = "enabled")]
     pub enabled: bool,
+    /// An OTLP gRPC endpoint of a collector run elsewhere, used instead of deploying one (with `enabled: false`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_endpoint: Option<String>,
     /// Collector image.
     #[serde(default = "default_collector_image")]
     #[schemars(length(min = 1))]
@@ -73,11 +84,14 @@ pub struct CollectorSpec {
     /// How the collector is deployed.
     #[serde(default)]
     pub mode: CollectorMode,
-    /// Collector replicas (Deployment and StatefulSet modes).
+    /// Collector replicas (Deployment and StatefulSet modes) when `autoscaling` is unset.
     #[serde(default = "one")]
     #[schemars(range(min = 0, max = 100))]
     pub replicas: i32,
-    /// CPU and memory requests and limits of each collector.
+    /// A HorizontalPodAutoscaler for the collector (Deployment and StatefulSet modes); `replicas` is then ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
+    /// CPU and memory requests and limits of each collector (default: 200m / 256Mi requested, 1Gi limit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
     /// The memory limiter's limit, as a percentage of the container's memory limit.
@@ -92,33 +106,137 @@ pub struct CollectorSpec {
     #[serde(default = "default_batch_size")]
     #[schemars(range(min = 1, max = 100000))]
     pub batch_size: i32,
-    /// Percentage of traces kept by head sampling (100 keeps every trace).
-    #[serde(default = "default_sampling_percent")]
-    #[schemars(range(min = 0, max = 100))]
-    pub sampling_percent: i32,
+    /// Tail sampling: keep every error trace, every trace slower than a threshold and a percentage of the rest.
+    /// Unset: every trace is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tail_sampling: Option<TailSamplingSpec>,
+    /// Metric attributes that would explode the number of series, dropped or hashed before export.
+    #[serde(default)]
+    pub cardinality_guard: CardinalityGuardSpec,
+    /// A persistent sending queue on a volume per replica (mode StatefulSet), so a restarted collector exports what
+    /// it had queued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent_queue: Option<PersistentQueueSpec>,
+    /// Collector configuration (YAML) merged over the generated one: maps merge key by key, anything else
+    /// replaces. The result is validated like the generated part; an invalid result leaves the running
+    /// collector on its last good configuration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_override: Option<String>,
 }
 
 impl Default for CollectorSpec {
     fn default() -> Self {
         Self {
             enabled: true,
+            external_endpoint: None,
             image: default_collector_image(),
             mode: CollectorMode::default(),
             replicas: 1,
+            autoscaling: None,
             resources: None,
             memory_limit_percent: default_memory_limit_percent(),
             spike_limit_percent: default_spike_limit_percent(),
             batch_size: default_batch_size(),
-            sampling_percent: default_sampling_percent(),
+            tail_sampling: None,
+            cardinality_guard: CardinalityGuardSpec::default(),
+            persistent_queue: None,
+            config_override: None,
         }
     }
+}
+
+/// A HorizontalPodAutoscaler for the collector.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas")
+    .message("minReplicas must not exceed maxReplicas").field_path(".minReplicas").reason(Reason::FieldValueInvalid))]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingSpec {
+    /// Fewest replicas.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 100))]
+    pub min_replicas: i32,
+    /// Most replicas.
+    #[schemars(range(min = 1, max = 100))]
+    pub max_replicas: i32,
+    /// Average CPU utilisation the autoscaler aims at, in percent of the request.
+    #[serde(default = "default_cpu_target")]
+    #[schemars(range(min = 1, max = 100))]
+    pub target_cpu_percent: i32,
+    /// Average memory utilisation the autoscaler aims at, in percent of the request; unset: CPU only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub target_memory_percent: Option<i32>,
+    /// WorkflowRuns started per second that one replica carries: flowtel raises the minimum to the observed rate
+    /// of runs referencing this stack divided by this figure (never above maxReplicas).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub runs_per_second_per_replica: Option<i32>,
+}
+
+/// Tail sampling policies.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TailSamplingSpec {
+    /// Traces slower than this are always kept, in milliseconds.
+    #[serde(default = "default_latency_threshold_ms")]
+    #[schemars(range(min = 1, max = 86400000))]
+    pub latency_threshold_ms: i64,
+    /// Percentage of the other traces (neither failed nor slow) kept.
+    #[serde(default = "default_sampled_percent")]
+    #[schemars(range(min = 0, max = 100))]
+    pub percent: i32,
+    /// How long the sampler waits for a trace's spans before it decides, in seconds.
+    #[serde(default = "default_decision_wait_seconds")]
+    #[schemars(range(min = 1, max = 600))]
+    pub decision_wait_seconds: i32,
+}
+
+/// What happens to the attributes the guard lists.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum CardinalityAction {
+    /// The attribute is removed from metric points: the series collapse.
+    #[default]
+    Drop,
+    /// The value is replaced by its SHA-256: series are kept but the raw value never reaches the backend.
+    Hash,
+}
+
+/// Metric attributes dropped or hashed before export.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CardinalityGuardSpec {
+    /// Attribute keys (default: `phone_id`).
+    #[serde(default = "default_guarded_attributes")]
+    #[schemars(length(max = 64))]
+    pub attributes: Vec<String>,
+    /// Drop or Hash.
+    #[serde(default)]
+    pub action: CardinalityAction,
+}
+
+impl Default for CardinalityGuardSpec {
+    fn default() -> Self {
+        Self { attributes: default_guarded_attributes(), action: CardinalityAction::default() }
+    }
+}
+
+/// The collector's persistent sending queue.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PersistentQueueSpec {
+    /// Size of each replica's queue volume.
+    #[serde(default = "default_queue_size")]
+    pub size: Quantity,
+    /// StorageClass of the volume; the cluster default when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
 }
 
 /// Persistent storage of a backend.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StorageSpec {
-    /// Size of the volume; when unset the backend uses an emptyDir.
+    /// Size of the volume claimed per replica (default 10Gi).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<Quantity>,
     /// StorageClass of the volume; the cluster default when unset.
@@ -127,12 +245,18 @@ pub struct StorageSpec {
 }
 
 /// Prometheus, receiving the collector's metrics.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("!has(self.externalUrl) || !self.enabled")
+    .message("externalUrl replaces the deployed backend: set enabled to false").field_path(".externalUrl").reason(Reason::FieldValueInvalid))]
 #[serde(rename_all = "camelCase")]
 pub struct PrometheusSpec {
     /// Whether Prometheus is deployed.
     #[serde(default = "enabled")]
     pub enabled: bool,
+    /// Base URL of a Prometheus run elsewhere (with `enabled: false`): the collector writes to its OTLP receiver
+    /// and Grafana reads it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_url: Option<String>,
     /// Prometheus image.
     #[serde(default = "default_prometheus_image")]
     #[schemars(length(min = 1))]
@@ -151,28 +275,39 @@ pub struct PrometheusSpec {
     #[serde(default = "default_metrics_retention")]
     #[schemars(regex(pattern = r"^[0-9]+(ms|s|m|h|d|w|y)$"))]
     pub retention: String,
+    /// Most bytes the TSDB keeps (a Prometheus size such as 50GB); unset: bounded by time only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(B|KB|MB|GB|TB|PB|EB)$"))]
+    pub retention_size: Option<String>,
 }
 
 impl Default for PrometheusSpec {
     fn default() -> Self {
         Self {
             enabled: true,
+            external_url: None,
             image: default_prometheus_image(),
             replicas: 1,
             resources: None,
             storage: StorageSpec::default(),
             retention: default_metrics_retention(),
+            retention_size: None,
         }
     }
 }
 
 /// Tempo, receiving the collector's traces.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("!has(self.externalUrl) || !self.enabled")
+    .message("externalUrl replaces the deployed backend: set enabled to false").field_path(".externalUrl").reason(Reason::FieldValueInvalid))]
 #[serde(rename_all = "camelCase")]
 pub struct TempoSpec {
     /// Whether Tempo is deployed.
     #[serde(default = "enabled")]
     pub enabled: bool,
+    /// Base URL of a Tempo run elsewhere (with `enabled: false`): the collector exports to it and Grafana reads it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_url: Option<String>,
     /// Tempo image.
     #[serde(default = "default_tempo_image")]
     #[schemars(length(min = 1))]
@@ -193,6 +328,7 @@ impl Default for TempoSpec {
     fn default() -> Self {
         Self {
             enabled: true,
+            external_url: None,
             image: default_tempo_image(),
             resources: None,
             storage: StorageSpec::default(),
@@ -202,12 +338,17 @@ impl Default for TempoSpec {
 }
 
 /// Loki, receiving the collector's logs.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("!has(self.externalUrl) || !self.enabled")
+    .message("externalUrl replaces the deployed backend: set enabled to false").field_path(".externalUrl").reason(Reason::FieldValueInvalid))]
 #[serde(rename_all = "camelCase")]
 pub struct LokiSpec {
     /// Whether Loki is deployed.
     #[serde(default = "enabled")]
     pub enabled: bool,
+    /// Base URL of a Loki run elsewhere (with `enabled: false`): the collector exports to it and Grafana reads it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_url: Option<String>,
     /// Loki image.
     #[serde(default = "default_loki_image")]
     #[schemars(length(min = 1))]
@@ -228,6 +369,7 @@ impl Default for LokiSpec {
     fn default() -> Self {
         Self {
             enabled: true,
+            external_url: None,
             image: default_loki_image(),
             resources: None,
             storage: StorageSpec::default(),
@@ -402,8 +544,28 @@ fn default_batch_size() -> i32 {
     1000
 }
 
-fn default_sampling_percent() -> i32 {
-    100
+fn default_cpu_target() -> i32 {
+    70
+}
+
+fn default_latency_threshold_ms() -> i64 {
+    5_000
+}
+
+fn default_sampled_percent() -> i32 {
+    10
+}
+
+fn default_decision_wait_seconds() -> i32 {
+    10
+}
+
+fn default_guarded_attributes() -> Vec<String> {
+    vec!["phone_id".into()]
+}
+
+fn default_queue_size() -> Quantity {
+    Quantity("2Gi".into())
 }
 
 fn default_metrics_retention() -> String {

@@ -197,11 +197,17 @@ fn cache_bin() -> PathBuf {
     cache.join("bin")
 }
 
+/// The collector e2e/build-binaries builds: named by release and component-list revision.
+pub fn collector_bin() -> PathBuf {
+    let version = versions_env("OTELCOL_VERSION").unwrap_or_default();
+    let revision = versions_env("OTELCOL_DIST_REVISION").unwrap_or_default();
+    cache_bin().join(format!("otelcol-flowtel-{version}-{revision}"))
+}
+
 impl Collector {
     pub async fn start(test: &str) -> Result<Self, HarnessError> {
         run(Command::new(repo_root().join("e2e/build-binaries")).arg("collector"))?;
-        let version = versions_env("OTELCOL_VERSION").unwrap_or_default();
-        let bin = cache_bin().join(format!("otelcol-flowtel-{version}"));
+        let bin = collector_bin();
         let dir = std::env::temp_dir().join(format!("flowtel-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|source| HarnessError::Spawn { command: "mkdir".into(), source })?;

@@ -3,4 +3,5 @@
 pub mod crdgen;
 pub mod runtime;
 pub mod telemetry;
+pub mod telemetry_stack;
 pub mod workflow_run;

@@ -1214,7 +1214,11 @@ fn collector_bin() -> Result<PathBuf> {
     let cache = std::env::var_os("FLOWTEL_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/flowtel"));
-    let bin = cache.join("bin").join(format!("otelcol-flowtel-{}", versions_env("OTELCOL_VERSION")?));
+    let bin = cache.join("bin").join(format!(
+        "otelcol-flowtel-{}-{}",
+        versions_env("OTELCOL_VERSION")?,
+        versions_env("OTELCOL_DIST_REVISION")?
+    ));
     if !bin.exists() {
         return Err(format!("{} is missing (e2e/build-binaries collector)", bin.display()).into());
     }

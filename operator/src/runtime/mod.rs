@@ -4,4 +4,5 @@
 pub mod admin;
 pub mod expiring;
 pub mod ids;
+pub mod names;
 pub mod readiness;

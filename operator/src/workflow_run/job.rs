@@ -8,10 +8,9 @@ use k8s_openapi::api::batch::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
-use sha2::{Digest, Sha256};
 
 use super::env::{Injection, inject};
-use crate::runtime::ids;
+use crate::runtime::{ids, names};
 
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "flowtel";
@@ -40,14 +39,7 @@ pub struct OtlpTarget {
 /// `name` when it fits in 63 characters (a label value and a Job name, whose pods' labels repeat it), else a
 /// prefix and a hash of the whole, so distinct long names stay distinct.
 pub fn shorten(name: &str) -> String {
-    const MAX: usize = 63;
-    if name.len() <= MAX {
-        return name.to_string();
-    }
-    let hash = Sha256::digest(name.as_bytes());
-    let suffix: String = hash.iter().take(4).map(|b| format!("{b:02x}")).collect();
-    let prefix: String = name.chars().take(MAX - suffix.len() - 1).collect();
-    format!("{}-{suffix}", prefix.trim_end_matches(['-', '.']))
+    names::shorten(name, 63)
 }
 
 /// The deterministic Job name of an attempt: `<run>-<attempt>`, shortened when longer than 63 characters.

@@ -1,0 +1,3 @@
+//! The TelemetryStack controller.
+
+pub mod build;
