@@ -8,6 +8,9 @@ use flowtel::runtime::admin::AdminServer;
 use flowtel::runtime::readiness::Readiness;
 use flowtel::telemetry::{ExportConfig, ExportMetrics, Telemetry};
 use flowtel::workflow_run::report::{self, DEFAULT_DURATION_BOUNDARIES};
+use flowtel::runtime::rates::RunRates;
+use flowtel::runtime::readiness::SyncTracker;
+use flowtel::telemetry_stack;
 use flowtel::workflow_run::{self, ControllerMetrics, ControllerSettings, Scope, plan::Settings};
 use prometheus_client::registry::Registry;
 
@@ -29,6 +32,15 @@ enum Command {
     },
     /// Run the operator.
     Run(RunArgs),
+    /// Print, with no cluster, exactly the objects flowtel would apply for a TelemetryStack (YAML documents).
+    Render {
+        /// The TelemetryStack manifest (YAML), `-` for stdin.
+        #[arg(short = 'f', long = "filename")]
+        file: std::path::PathBuf,
+        /// Also validate: the spec's rules and the collector configuration; exits non-zero naming the field.
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -78,7 +90,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let client = kube::Client::try_from(kube_config).context("building the Kubernetes client")?;
     let mut registry = Registry::default();
     let readiness = Readiness::default();
-    let synced = readiness.gate("watches-synced", false);
+    let runs_synced = readiness.gate("workflowrun-watches-synced", false);
+    let stacks_synced = readiness.gate("telemetrystack-watches-synced", false);
     let (notify_tx, notify_rx) = tokio::sync::mpsc::unbounded_channel();
     // Without an endpoint the operator exports nothing, says so on every run once (NoOtlpEndpoint) and holds no
     // finalizer; runs are never held up by telemetry.
@@ -106,7 +119,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     });
     tracing::info!(admin = %args.admin_addr, namespace = ?args.namespace, "flowtel operator starting");
-    workflow_run::run(
+    let rates = RunRates::default();
+    let stacks = telemetry_stack::run(
+        client.clone(),
+        args.namespace.clone(),
+        rates.clone(),
+        SyncTracker::new(telemetry_stack::WATCHES, stacks_synced),
+        args.concurrency,
+    );
+    let runs = workflow_run::run(
         client,
         telemetry.clone(),
         notify_rx,
@@ -120,15 +141,32 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             concurrency: args.concurrency,
         },
         metrics,
-        synced,
-    )
-    .await;
+        runs_synced,
+        rates,
+    );
+    tokio::join!(stacks, runs);
     // SIGTERM: what is queued is exported (bounded), so a rolling update loses no report that could still go out.
     let drain = Duration::from_secs(args.export_timeout_seconds);
     if !telemetry.shutdown(drain).await {
         tracing::warn!(seconds = drain.as_secs(), "the export queue was not drained in time");
     }
     tracing::info!("flowtel operator stopped");
+    Ok(())
+}
+
+/// `flowtel render`: the stack's objects as flowtel would apply them, the generated admin Secret described (its
+/// password is drawn when flowtel creates it).
+fn render(file: &std::path::Path, check: bool) -> anyhow::Result<()> {
+    let text = if file.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("reading the stack from stdin")?
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
+    };
+    let mut stack: flowtel_crds::TelemetryStack =
+        serde_yaml::from_str(&text).with_context(|| format!("{} is not a TelemetryStack", file.display()))?;
+    stack.metadata.namespace.get_or_insert_with(|| "default".into());
+    let output = telemetry_stack::render(&stack, check).map_err(|errors| anyhow::anyhow!(errors.join("\n")))?;
+    print!("{output}");
     Ok(())
 }
 
@@ -144,6 +182,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Run(args) => run(args).await?,
+        Command::Render { file, check } => render(&file, check)?,
     }
     Ok(())
 }

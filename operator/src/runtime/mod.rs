@@ -2,7 +2,12 @@
 //! Nothing here knows a controller.
 
 pub mod admin;
+pub mod conditions;
 pub mod expiring;
 pub mod ids;
 pub mod names;
+pub mod rates;
 pub mod readiness;
+
+/// The field manager of everything flowtel writes (server-side apply and status).
+pub const FIELD_MANAGER: &str = "flowtel";

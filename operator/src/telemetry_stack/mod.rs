@@ -1,3 +1,190 @@
-//! The TelemetryStack controller.
+//! The TelemetryStack controller: this file wires the watches, caches and the controller; `reconcile.rs` holds
+//! the steps, `build/` the pure builders (one file per component), `validate.rs` the checks before rollout and
+//! `status.rs` the pure status.
 
 pub mod build;
+pub mod reconcile;
+pub mod status;
+pub mod validate;
+
+use std::sync::Arc;
+
+use flowtel_crds::TelemetryStack;
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::Api;
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::Controller;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+
+use crate::runtime::FIELD_MANAGER;
+use crate::runtime::rates::RunRates;
+use crate::runtime::readiness::SyncTracker;
+use build::{MANAGED_BY, MANAGED_BY_LABEL};
+pub use reconcile::Context;
+
+/// The caches of everything a stack owns, trimmed of managedFields. Secrets are watched as metadata only: flowtel
+/// needs to know that the admin Secret exists, never what it holds.
+#[derive(Clone)]
+pub struct Caches {
+    pub config_maps: Store<ConfigMap>,
+    pub services: Store<Service>,
+    pub deployments: Store<Deployment>,
+    pub stateful_sets: Store<StatefulSet>,
+    pub daemon_sets: Store<DaemonSet>,
+    pub disruption_budgets: Store<PodDisruptionBudget>,
+    pub autoscalers: Store<HorizontalPodAutoscaler>,
+    pub secrets: Store<PartialObjectMeta<Secret>>,
+}
+
+fn api<K>(client: &Client, namespace: &Option<String>) -> Api<K>
+where
+    K: Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// A trimmed, cached watch of the objects flowtel manages of one kind.
+fn managed<K>(
+    client: &Client,
+    namespace: &Option<String>,
+    sync: &SyncTracker,
+    what: &'static str,
+) -> (Store<K>, impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static)
+where
+    K: Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let config = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY},{}", build::STACK_LABEL));
+    let (store, writer) = reflector::store();
+    let stream = watcher(api::<K>(client, namespace), config)
+        .default_backoff()
+        .modify(|o| o.managed_fields_mut().clear())
+        .reflect(writer)
+        .inspect(sync.watch(what))
+        .touched_objects();
+    (store, stream)
+}
+
+/// The watches `run` opens (its SyncTracker waits for each).
+pub const WATCHES: usize = 9;
+
+/// The objects flowtel would apply for `stack`, as YAML documents, the generated admin Secret included without
+/// its password. With `check`, the validation a reconcile runs first; errors name the field.
+pub fn render(stack: &TelemetryStack, check: bool) -> Result<String, Vec<String>> {
+    let view = build::Stack::new(stack, 0.0).map_err(|e| vec![e.to_string()])?;
+    if check {
+        let invalid: Vec<String> = validate::spec(&stack.spec).iter().map(ToString::to_string).collect();
+        if !invalid.is_empty() {
+            return Err(invalid);
+        }
+    }
+    let desired = build::desired(&view).map_err(|e| vec![e.to_string()])?;
+    if check
+        && let Some(config) = &desired.collector_config
+        && let Some(problem) = reconcile::check_collector_config(stack, config)
+    {
+        return Err(vec![problem.message]);
+    }
+    let mut out = build::to_yaml_documents(&desired.objects);
+    let grafana = &stack.spec.grafana;
+    if grafana.enabled && grafana.admin_credentials_secret_ref.is_none() {
+        let mut secret = build::grafana::admin_secret(&view, "");
+        secret.string_data = None;
+        secret.metadata.annotations = Some(std::collections::BTreeMap::from([(
+            "flowtel.dev/note".to_string(),
+            "created once by flowtel with a random admin-password; never applied from Git".to_string(),
+        )]));
+        out.push_str(&build::to_yaml_documents(&[build::StackObject::Secret(secret)]));
+    }
+    Ok(out)
+}
+
+/// Runs the controller until SIGTERM or SIGINT.
+pub async fn run(client: Client, namespace: Option<String>, rates: RunRates, sync: SyncTracker, concurrency: u16) {
+    let (config_maps, config_map_stream) = managed::<ConfigMap>(&client, &namespace, &sync, "stack-configmaps");
+    let (services, service_stream) = managed::<Service>(&client, &namespace, &sync, "stack-services");
+    let (deployments, deployment_stream) = managed::<Deployment>(&client, &namespace, &sync, "stack-deployments");
+    let (stateful_sets, stateful_set_stream) =
+        managed::<StatefulSet>(&client, &namespace, &sync, "stack-statefulsets");
+    let (daemon_sets, daemon_set_stream) = managed::<DaemonSet>(&client, &namespace, &sync, "stack-daemonsets");
+    let (disruption_budgets, pdb_stream) =
+        managed::<PodDisruptionBudget>(&client, &namespace, &sync, "stack-poddisruptionbudgets");
+    let (autoscalers, hpa_stream) =
+        managed::<HorizontalPodAutoscaler>(&client, &namespace, &sync, "stack-horizontalpodautoscalers");
+    let (secrets, secrets_writer) = reflector::store();
+    let secret_stream = watcher(api::<PartialObjectMeta<Secret>>(&client, &namespace), watcher::Config::default())
+        .default_backoff()
+        .modify(|s| s.managed_fields_mut().clear())
+        .reflect(secrets_writer)
+        .inspect(sync.watch("secrets-metadata"))
+        .touched_objects();
+
+    let (stacks, stacks_writer) = reflector::store();
+    let stack_stream = watcher(api::<TelemetryStack>(&client, &namespace), watcher::Config::default())
+        .default_backoff()
+        .modify(|s| s.managed_fields_mut().clear())
+        .reflect(stacks_writer)
+        .inspect(sync.watch("stack-controller-telemetrystacks"))
+        .touched_objects();
+    let context = Arc::new(Context {
+        client: client.clone(),
+        caches: Caches {
+            config_maps,
+            services,
+            deployments,
+            stateful_sets,
+            daemon_sets,
+            disruption_budgets,
+            autoscalers,
+            secrets,
+        },
+        rates,
+        recorder: Recorder::new(client.clone(), Reporter { controller: FIELD_MANAGER.into(), instance: None }),
+    });
+    // A user's admin Secret appearing (or going) concerns the stacks that name it.
+    let stacks_for_secrets = stacks.clone();
+    Controller::for_stream(stack_stream, stacks)
+        .owns_stream(config_map_stream)
+        .owns_stream(service_stream)
+        .owns_stream(deployment_stream)
+        .owns_stream(stateful_set_stream)
+        .owns_stream(daemon_set_stream)
+        .owns_stream(pdb_stream)
+        .owns_stream(hpa_stream)
+        .watches_stream(secret_stream, move |secret: PartialObjectMeta<Secret>| {
+            let namespace = secret.namespace().unwrap_or_default();
+            let name = secret.name_any();
+            // The generated Secret is the stack's own (deleted by hand, it is created again); a user's Secret
+            // concerns every stack that names it.
+            let owner = secret
+                .owner_references()
+                .iter()
+                .find(|o| o.kind == "TelemetryStack" && o.controller == Some(true))
+                .map(|o| ObjectRef::<TelemetryStack>::new(&o.name).within(&namespace));
+            let naming = stacks_for_secrets.state().into_iter().filter(|s| {
+                s.namespace().as_deref() == Some(namespace.as_str())
+                    && s.spec.grafana.admin_credentials_secret_ref.as_ref().is_some_and(|r| r.name == name)
+            });
+            owner.into_iter().chain(naming.map(|s| ObjectRef::from_obj(s.as_ref()))).collect::<Vec<_>>()
+        })
+        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
+        .shutdown_on_signal()
+        .run(reconcile::reconcile, reconcile::error_policy, context)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}

@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::runtime::expiring::ExpiringMap;
+use crate::runtime::rates::RunRates;
 use crate::runtime::readiness::{Gate, SyncTracker};
 use crate::telemetry::Telemetry;
 use job::{MANAGED_BY, MANAGED_BY_LABEL, RUN_NAME_ANNOTATION};
@@ -67,6 +68,7 @@ pub async fn run(
     config: ControllerSettings,
     metrics: ControllerMetrics,
     synced: Gate,
+    rates: RunRates,
 ) {
     let sync = SyncTracker::new(4, synced);
     let job_index = index::RunIndex::default();
@@ -87,9 +89,7 @@ pub async fn run(
         .modify(|s| s.managed_fields_mut().clear())
         .reflect(stacks_writer)
         .inspect(sync.watch("telemetrystacks"))
-        .touched_objects()
-        .for_each(|_| futures::future::ready(()));
-    tokio::spawn(stack_stream);
+        .touched_objects();
 
     // The runs' own reflector, so readiness can wait on it like on the others; managedFields are never read.
     let (runs_store, runs_writer) = reflector::store();
@@ -100,6 +100,7 @@ pub async fn run(
         .inspect(sync.watch("workflowruns"))
         .touched_objects();
     let controller = Controller::for_stream(run_stream, runs_store.clone());
+    let runs_for_stacks = runs_store.clone();
     let context = Arc::new(Context {
         client: client.clone(),
         jobs: jobs.clone(),
@@ -115,12 +116,29 @@ pub async fn run(
         created_jobs: ExpiringMap::new(std::time::Duration::from_secs(60)),
         written: ExpiringMap::new(std::time::Duration::from_secs(60)),
         api_answered: std::sync::Mutex::new(None),
+        rates,
     });
     controller
         .owns_stream(job_stream)
         .watches_stream(pod_stream, |pod: Pod| {
             let name = pod.annotations().get(RUN_NAME_ANNOTATION)?.clone();
             Some(ObjectRef::new(&name).within(&pod.namespace()?))
+        })
+        // A stack that changes (becomes Ready, moves its endpoint) concerns the unfinished runs that reference it:
+        // a run waiting for it starts without an operator restart.
+        .watches_stream(stack_stream, move |stack: TelemetryStack| {
+            let namespace = stack.namespace().unwrap_or_default();
+            let name = stack.name_any();
+            runs_for_stacks
+                .state()
+                .into_iter()
+                .filter(|r| {
+                    r.namespace().as_deref() == Some(namespace.as_str())
+                        && r.spec.telemetry_stack_ref.as_ref().is_some_and(|s| s.name == name)
+                        && r.status.as_ref().and_then(|s| s.completion_time.as_ref()).is_none()
+                })
+                .map(|r| ObjectRef::from_obj(r.as_ref()))
+                .collect::<Vec<_>>()
         })
         .reconcile_on(UnboundedReceiverStream::new(notifications))
         .with_config(kube::runtime::controller::Config::default().concurrency(config.concurrency))

@@ -8,7 +8,7 @@ use flowtel_crds::workflow_run::{
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::ResourceExt;
 
 use super::job::{DISRUPTED_JOB_REASON, attempt_of, job_name};
@@ -39,6 +39,9 @@ pub struct Observation<'a> {
     pub telemetry_degraded: Option<(String, String)>,
     /// Whether the operator exports run telemetry at all; when it does not, the TTL does not wait for it.
     pub exports_telemetry: bool,
+    /// Why the first attempt may not start yet (reason, message): the referenced TelemetryStack is not ready.
+    /// The run stays Pending, bounded by its deadline.
+    pub waiting_for: Option<(String, String)>,
 }
 
 /// The one thing to do besides writing status.
@@ -173,43 +176,7 @@ fn job_outcome(job: &Job) -> Option<Outcome> {
     Some(Outcome { classification, exit_code: None, reason, container: None })
 }
 
-/// Sets a condition; `lastTransitionTime` changes only when the status flips. Returns whether it flipped (or is
-/// new).
-pub fn set_condition(
-    conditions: &mut Vec<Condition>,
-    type_: &str,
-    status: &str,
-    reason: &str,
-    message: &str,
-    generation: Option<i64>,
-    now: Timestamp,
-) -> bool {
-    let seconds = Timestamp::from_second(now.as_second()).unwrap_or(now);
-    match conditions.iter_mut().find(|c| c.type_ == type_) {
-        Some(c) => {
-            let flipped = c.status != status;
-            if flipped {
-                c.last_transition_time = Time(seconds);
-            }
-            c.status = status.into();
-            c.reason = reason.into();
-            c.message = message.into();
-            c.observed_generation = generation;
-            flipped
-        }
-        None => {
-            conditions.push(Condition {
-                type_: type_.into(),
-                status: status.into(),
-                reason: reason.into(),
-                message: message.into(),
-                observed_generation: generation,
-                last_transition_time: Time(seconds),
-            });
-            true
-        }
-    }
-}
+pub use crate::runtime::conditions::set_condition;
 
 /// Delay before retry number `n` (from 1): `min(base * factor^(n-1), max)` seconds.
 pub fn backoff_seconds(retry: &RetryPolicy, n: i32) -> i64 {
@@ -454,7 +421,14 @@ impl Planner<'_> {
         let now = self.obs.now;
         let retry = &self.run.spec.retry;
         let Some(last) = self.status.attempts.last().cloned() else {
-            self.start_attempt(1, deadline_at);
+            match self.obs.waiting_for.clone() {
+                Some((reason, message)) => {
+                    let generation = self.run.metadata.generation;
+                    set_condition(&mut self.status.conditions, SUCCEEDED, "Unknown", &reason, &message, generation, now);
+                    self.status.phase = Some(WorkflowRunPhase::Pending);
+                }
+                None => self.start_attempt(1, deadline_at),
+            }
             return;
         };
         let Some(class) = last.classification else {
@@ -648,6 +622,7 @@ mod tests {
             pods: pods.iter().collect(),
             telemetry_degraded: None,
             exports_telemetry: true,
+            waiting_for: None,
         };
         let p = plan(run, &obs, &settings());
         run.status = Some(p.status.clone());
@@ -853,6 +828,7 @@ mod tests {
             pods: vec![],
             telemetry_degraded: None,
             exports_telemetry: true,
+            waiting_for: None,
         };
         let p = plan(&r, &obs, &settings());
         assert_eq!(p.status.attempts[0].classification, Some(AttemptClassification::Disruption));
@@ -872,7 +848,7 @@ mod tests {
         let running = pod(1, "Running", None, false);
         let failed = pod(1, "Failed", Some(42), false);
         let observe = |r: &WorkflowRun, pods: Vec<&Pod>, now| {
-            let obs = Observation { now, jobs: vec![&job], pods, telemetry_degraded: None, exports_telemetry: true };
+            let obs = Observation { now, jobs: vec![&job], pods, telemetry_degraded: None, exports_telemetry: true, waiting_for: None };
             plan(r, &obs, &settings())
         };
         let p = observe(&r, vec![&running], t(2));

@@ -27,7 +27,7 @@ use crate::runtime::expiring::ExpiringMap;
 use crate::telemetry::{RETRY_EVERY, ReportState, Telemetry};
 
 /// The field manager of everything flowtel writes.
-pub const FIELD_MANAGER: &str = "flowtel";
+pub const FIELD_MANAGER: &str = crate::runtime::FIELD_MANAGER;
 /// Holds a run's deletion until its telemetry was exported (or dropped after the timeout).
 pub const FINALIZER: &str = "flowtel.dev/telemetry";
 /// A backstop for a report that stays pending: the worker's notification normally comes first.
@@ -77,6 +77,8 @@ pub struct Context {
     pub job_index: index::RunIndex,
     pub pod_index: index::RunIndex,
     pub telemetry: Telemetry<ObjectRef<WorkflowRun>>,
+    /// Runs started per referenced TelemetryStack (the stack controller scales collectors by it).
+    pub rates: crate::runtime::rates::RunRates,
     pub settings: Settings,
     /// The workload's OTLP endpoint when a run references no TelemetryStack.
     pub default_otlp_endpoint: Option<String>,
@@ -150,6 +152,9 @@ fn is_stale(ctx: &Context, run: &WorkflowRun) -> bool {
     matches!((cached, written), (Some(c), Some(w)) if c < w)
 }
 
+/// The reason a run waits for its TelemetryStack (and its telemetry is degraded meanwhile).
+pub const STACK_NOT_READY: &str = "TelemetryStackNotReady";
+
 /// The workload's telemetry target, and why telemetry is degraded when it is.
 fn telemetry_target(run: &WorkflowRun, ctx: &Context) -> (OtlpTarget, Option<(String, String)>) {
     let default = OtlpTarget { endpoint: ctx.default_otlp_endpoint.clone(), protocol: "grpc".into() };
@@ -179,8 +184,8 @@ fn telemetry_target(run: &WorkflowRun, ctx: &Context) -> (OtlpTarget, Option<(St
             None => (
                 default,
                 Some((
-                    "TelemetryStackNotReady".into(),
-                    format!("TelemetryStack {} has no OTLP endpoint yet; using the operator's default", reference.name),
+                    STACK_NOT_READY.into(),
+                    format!("TelemetryStack {} has no OTLP endpoint yet; the first attempt waits for it", reference.name),
                 )),
             ),
         },
@@ -415,6 +420,11 @@ async fn act(
     match action {
         Action::None => {}
         Action::CreateJob { attempt, deadline_seconds } => {
+            if *attempt == 1
+                && let Some(stack) = &run.spec.telemetry_stack_ref
+            {
+                ctx.rates.record(&ns, &stack.name, Instant::now());
+            }
             let desired = job::build_job(run, *attempt, target, Some(*deadline_seconds))?;
             let job_name = desired.name_any();
             let created = (ns.clone(), job_name.clone());
@@ -635,8 +645,9 @@ async fn reconcile_run(run: &WorkflowRun, ctx: &Context) -> Result<ControllerAct
         now: plan::now_ms(jiff::Timestamp::now()),
         jobs: jobs.iter().map(Arc::as_ref).collect(),
         pods: pods.iter().map(Arc::as_ref).collect(),
-        telemetry_degraded: reports.degraded.or(target_degraded),
+        telemetry_degraded: reports.degraded.or(target_degraded.clone()),
         exports_telemetry: exports,
+        waiting_for: target_degraded.clone().filter(|(reason, _)| reason == STACK_NOT_READY),
     };
     let mut plan = plan::plan(run, &obs, &ctx.settings);
     plan.status.telemetry = Some(reports.report);

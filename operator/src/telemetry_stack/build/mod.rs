@@ -34,6 +34,8 @@ pub const STACK_LABEL: &str = "flowtel.dev/stack";
 pub const NAME_LABEL: &str = "app.kubernetes.io/name";
 pub const INSTANCE_LABEL: &str = "app.kubernetes.io/instance";
 pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
+/// On every applied object: the hash of what flowtel applied (see `StackObject::applied_hash`).
+pub const APPLIED_HASH_ANNOTATION: &str = "flowtel.dev/applied-hash";
 /// On pod templates: the hash of the configuration the pods read, so a change rolls exactly those pods.
 pub const CONFIG_HASH_ANNOTATION: &str = "flowtel.dev/config-hash";
 
@@ -277,8 +279,27 @@ impl StackObject {
         }
     }
 
+    pub fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        match self {
+            StackObject::ConfigMap(o) => &mut o.metadata,
+            StackObject::Secret(o) => &mut o.metadata,
+            StackObject::Service(o) => &mut o.metadata,
+            StackObject::Deployment(o) => &mut o.metadata,
+            StackObject::StatefulSet(o) => &mut o.metadata,
+            StackObject::DaemonSet(o) => &mut o.metadata,
+            StackObject::PodDisruptionBudget(o) => &mut o.metadata,
+            StackObject::HorizontalPodAutoscaler(o) => &mut o.metadata,
+        }
+    }
+
     pub fn name(&self) -> String {
         self.metadata().name.clone().unwrap_or_default()
+    }
+
+    /// The hash of everything flowtel applies for this object, recorded on it: an object whose cached copy
+    /// carries the same hash is not applied again, so a reconcile without a change writes nothing.
+    pub fn applied_hash(&self) -> Option<&str> {
+        self.metadata().annotations.as_ref()?.get(APPLIED_HASH_ANNOTATION).map(String::as_str)
     }
 
     /// The object as JSON, with apiVersion and kind.
@@ -333,6 +354,10 @@ pub fn desired(stack: &Stack) -> Result<Desired, BuildError> {
         out.objects.extend(grafana::build(stack));
     }
     out.objects.sort_by_key(|o| o.kind());
+    for object in &mut out.objects {
+        let hash = names::content_hash(&object.to_value().to_string());
+        object.metadata_mut().annotations.get_or_insert_default().insert(APPLIED_HASH_ANNOTATION.into(), hash);
+    }
     Ok(out)
 }
 

@@ -1,0 +1,169 @@
+//! The stack's status as a pure function of the stack, what flowtel applied and what the workloads report:
+//! per-component readiness, the endpoints WorkflowRuns use, and the conditions `Ready`, `Progressing` and
+//! `Degraded` by the Kubernetes API conventions (kstatus and Argo CD read them).
+
+use flowtel_crds::TelemetryStack;
+use flowtel_crds::telemetry_stack::{ComponentStatus, ComponentsStatus, Endpoints, TelemetryStackStatus};
+use jiff::Timestamp;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+
+use super::build::{Component, Stack};
+use crate::runtime::conditions::set_condition;
+
+pub const READY: &str = "Ready";
+pub const PROGRESSING: &str = "Progressing";
+pub const DEGRADED: &str = "Degraded";
+
+/// A component's workload as the caches hold it.
+#[derive(Clone, Debug)]
+pub enum Workload {
+    Deployment(Deployment),
+    StatefulSet(StatefulSet),
+    DaemonSet(DaemonSet),
+}
+
+/// Desired and ready replicas of a workload, and whether its rollout of the current template is complete.
+fn rollout(workload: &Workload) -> (i32, i32, bool) {
+    match workload {
+        Workload::Deployment(d) => {
+            let s = d.status.clone().unwrap_or_default();
+            let desired = d.spec.replicas.unwrap_or(1);
+            let current = s.observed_generation >= d.metadata.generation;
+            let ready = s.ready_replicas.unwrap_or(0);
+            let done = current
+                && s.updated_replicas.unwrap_or(0) >= desired
+                && ready >= desired
+                && s.replicas.unwrap_or(0) <= desired;
+            (desired, ready, done)
+        }
+        Workload::StatefulSet(t) => {
+            let s = t.status.clone().unwrap_or_default();
+            let desired = t.spec.replicas.unwrap_or(1);
+            let current = s.observed_generation >= t.metadata.generation;
+            let ready = s.ready_replicas.unwrap_or(0);
+            let revision_done = s.update_revision.is_none() || s.update_revision == s.current_revision;
+            let done = current && revision_done && s.updated_replicas.unwrap_or(0) >= desired && ready >= desired;
+            (desired, ready, done)
+        }
+        Workload::DaemonSet(d) => {
+            let s = d.status.clone().unwrap_or_default();
+            let current = s.observed_generation >= d.metadata.generation;
+            let desired = s.desired_number_scheduled;
+            let done = current
+                && s.updated_number_scheduled.unwrap_or(0) >= desired
+                && s.number_ready >= desired
+                && desired > 0;
+            (desired, s.number_ready, done)
+        }
+    }
+}
+
+/// What went wrong before (or while) applying, if anything: the Degraded condition's reason and message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub reason: String,
+    pub message: String,
+}
+
+/// The status to write: `stored` with every field recomputed; conditions keep their transition times unless
+/// they flip.
+pub fn compute(
+    stack: &Stack,
+    stored: &TelemetryStackStatus,
+    workload: impl Fn(Component) -> Option<Workload>,
+    problem: Option<&Problem>,
+    now: Timestamp,
+) -> TelemetryStackStatus {
+    let spec = &stack.stack.spec;
+    let mut components = ComponentsStatus::default();
+    let mut all_ready = true;
+    let mut rolling = Vec::new();
+    let urls = stack.endpoints();
+    for component in Component::ALL {
+        let (enabled, external) = match component {
+            Component::Collector => (spec.collector.enabled, spec.collector.external_endpoint.clone()),
+            Component::Prometheus => (spec.prometheus.enabled, spec.prometheus.external_url.clone()),
+            Component::Tempo => (spec.tempo.enabled, spec.tempo.external_url.clone()),
+            Component::Loki => (spec.loki.enabled, spec.loki.external_url.clone()),
+            Component::Grafana => (spec.grafana.enabled, None),
+        };
+        let status = if enabled {
+            Some(match workload(component) {
+                None => {
+                    all_ready = false;
+                    rolling.push(component.as_str());
+                    ComponentStatus { ready: false, message: Some("not created yet".into()), ..Default::default() }
+                }
+                Some(w) => {
+                    let (replicas, ready_replicas, done) = rollout(&w);
+                    if !done {
+                        all_ready = false;
+                        rolling.push(component.as_str());
+                    }
+                    ComponentStatus {
+                        ready: done,
+                        replicas,
+                        ready_replicas,
+                        message: (!done).then(|| format!("{ready_replicas}/{replicas} replicas ready and updated")),
+                    }
+                }
+            })
+        } else {
+            external.map(|url| ComponentStatus {
+                ready: true,
+                message: Some(format!("external: {url}")),
+                ..Default::default()
+            })
+        };
+        let slot = match component {
+            Component::Collector => &mut components.collector,
+            Component::Prometheus => &mut components.prometheus,
+            Component::Tempo => &mut components.tempo,
+            Component::Loki => &mut components.loki,
+            Component::Grafana => &mut components.grafana,
+        };
+        *slot = status;
+    }
+    // An endpoint is published once its component serves it, so a WorkflowRun never points its workload at a
+    // collector that is not there yet.
+    let ready = |c: &Option<ComponentStatus>| c.as_ref().is_some_and(|s| s.ready);
+    let endpoints = Endpoints {
+        otlp_grpc: urls.otlp_grpc.filter(|_| ready(&components.collector)),
+        otlp_http: urls.otlp_http.filter(|_| ready(&components.collector)),
+        prometheus: urls.prometheus.filter(|_| ready(&components.prometheus)),
+        tempo: urls.tempo.filter(|_| ready(&components.tempo)),
+        loki: urls.loki.filter(|_| ready(&components.loki)),
+        grafana: urls.grafana.filter(|_| ready(&components.grafana)),
+    };
+
+    let generation = stack.stack.metadata.generation;
+    let mut conditions = stored.conditions.clone();
+    match problem {
+        Some(p) => {
+            set_condition(&mut conditions, DEGRADED, "True", &p.reason, &p.message, generation, now);
+            let message = format!("{} (the running stack is left as it was)", p.message);
+            set_condition(&mut conditions, READY, "False", &p.reason, &message, generation, now);
+        }
+        None => {
+            set_condition(&mut conditions, DEGRADED, "False", "AsExpected", "", generation, now);
+            if all_ready {
+                set_condition(&mut conditions, READY, "True", "AllComponentsReady", "", generation, now);
+            } else {
+                let message = format!("waiting for {}", rolling.join(", "));
+                set_condition(&mut conditions, READY, "False", "ComponentsNotReady", &message, generation, now);
+            }
+        }
+    }
+    if rolling.is_empty() {
+        set_condition(&mut conditions, PROGRESSING, "False", "RolloutComplete", "", generation, now);
+    } else {
+        let message = format!("rolling out {}", rolling.join(", "));
+        set_condition(&mut conditions, PROGRESSING, "True", "RollingOut", &message, generation, now);
+    }
+    TelemetryStackStatus { components, endpoints, conditions, observed_generation: generation }
+}
+
+/// Whether `stack`'s stored status says it is Ready.
+pub fn is_ready(stack: &TelemetryStack) -> bool {
+    stack.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.type_ == READY && c.status == "True"))
+}
