@@ -77,14 +77,15 @@ fn valid_telemetry_stack(name: &str) -> Value {
             "collector": {
                 "enabled": true, "image": "otel/opentelemetry-collector-contrib:0.165.1", "mode": "Deployment",
                 "replicas": 2, "memoryLimitPercent": 75, "spikeLimitPercent": 20, "batchSize": 1000,
-                "samplingPercent": 100,
+                "autoscaling": {"minReplicas": 2, "maxReplicas": 6, "targetCpuPercent": 70},
+                "cardinalityGuard": {"attributes": ["phone_id"], "action": "Hash"},
                 "resources": {"limits": {"memory": "1Gi"}}
             },
             "prometheus": {
                 "enabled": true, "image": "prom/prometheus:v3.8.0", "replicas": 1, "retention": "30d",
                 "storage": {"size": "20Gi"}
             },
-            "tempo": {"enabled": true, "image": "grafana/tempo:2.9.0", "retention": "1h", "storage": {}},
+            "tempo": {"enabled": false, "image": "grafana/tempo:2.9.0", "retention": "1h", "storage": {}},
             "loki": {"enabled": false, "image": "grafana/loki:3.6.0", "retention": "168h", "storage": {}},
             "grafana": {
                 "enabled": true, "image": "grafana/grafana:12.3.0", "replicas": 1,
@@ -280,6 +281,42 @@ fn invalid_cases() -> Vec<Invalid> {
             bad_request: false,
         },
         Invalid {
+            what: "CEL: autoscaling minimum above its maximum",
+            kind: "TelemetryStack",
+            path: "/spec/collector/autoscaling/minReplicas",
+            bad: Some(json!(8)),
+            field: "spec.collector.autoscaling.minReplicas",
+            fixed: Some(json!(3)),
+            bad_request: false,
+        },
+        Invalid {
+            what: "CEL: Grafana with every datasource disabled",
+            kind: "TelemetryStack",
+            path: "/spec/prometheus/enabled",
+            bad: Some(json!(false)),
+            field: "spec.grafana.enabled",
+            fixed: Some(json!(true)),
+            bad_request: false,
+        },
+        Invalid {
+            what: "CEL: tail sampling across several collector replicas",
+            kind: "TelemetryStack",
+            path: "/spec/collector/tailSampling",
+            bad: Some(json!({"percent": 10})),
+            field: "spec.collector.tailSampling",
+            fixed: None,
+            bad_request: false,
+        },
+        Invalid {
+            what: "CEL: a persistent queue outside StatefulSet mode",
+            kind: "TelemetryStack",
+            path: "/spec/collector/persistentQueue",
+            bad: Some(json!({"size": "1Gi"})),
+            field: "spec.collector.persistentQueue",
+            fixed: None,
+            bad_request: false,
+        },
+        Invalid {
             what: "replicas below minimum",
             kind: "TelemetryStack",
             path: "/spec/collector/replicas",
@@ -303,7 +340,7 @@ async fn invalid_objects_are_rejected_naming_the_field_and_accepted_once_fixed()
     let ns = TestNamespace::new(&client, "crd-invalid").await.expect("namespace");
 
     let cases = invalid_cases();
-    assert_eq!(cases.len(), 13, "every invalid case is listed and runs");
+    assert_eq!(cases.len(), 17, "every invalid case is listed and runs");
     for (i, case) in cases.iter().enumerate() {
         let name = format!("invalid-{i}");
         let mut obj = match case.kind {

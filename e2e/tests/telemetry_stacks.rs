@@ -247,6 +247,20 @@ async fn a_stack_waits_for_its_admin_secret_then_deploys_everything_and_starts_t
         .find(|v| v.name == "OTEL_EXPORTER_OTLP_ENDPOINT")
         .and_then(|v| v.value);
     assert_eq!(endpoint, e.otlp_grpc.clone());
+    // Each object was applied once: the many reconciles its workloads' status changes cause apply nothing.
+    let writes: std::collections::BTreeMap<String, u64> = flowtel_e2e::operator_writes(&ns).into_iter().collect();
+    for (write, count) in [
+        ("patch configmaps", 6),
+        ("patch services", 5),
+        ("patch deployments", 2),
+        ("patch statefulsets", 3),
+        ("patch poddisruptionbudgets", 1),
+    ] {
+        assert_eq!(writes.get(write).copied(), Some(count), "{write}: {writes:?}");
+    }
+    let status_writes = writes.get("patch telemetrystacks/status").copied().unwrap_or_default();
+    // Degraded, then at most two steps per component (created, ready) as the rollout goes: written on change only.
+    assert!((2..=12).contains(&status_writes), "status written on change only: {writes:?}");
 }
 
 #[tokio::test]
@@ -451,10 +465,26 @@ fn flowtel_check_and_otelcol_validate_agree_on_every_override() {
     // (what, override, valid)
     let cases = [
         ("a bigger batch timeout", "processors:\n  batch: {timeout: 5s}\n", true),
-        ("an added file exporter", "exporters:\n  file/x: {path: /tmp/x.json}\nservice:\n  pipelines:\n    traces:\n      exporters: [otlp_grpc/tempo, file/x]\n", true),
-        ("an exporter that is not configured", "service:\n  pipelines:\n    traces:\n      exporters: [otlp_grpc/nowhere]\n", false),
-        ("a processor type the build lacks", "processors:\n  kafka_thing: {}\nservice:\n  pipelines:\n    traces:\n      processors: [kafka_thing]\n", false),
-        ("a batch max below its size", "processors:\n  batch: {send_batch_size: 100, send_batch_max_size: 10}\n", false),
+        (
+            "an added file exporter",
+            "exporters:\n  file/x: {path: /tmp/x.json}\nservice:\n  pipelines:\n    traces:\n      exporters: [otlp_grpc/tempo, file/x]\n",
+            true,
+        ),
+        (
+            "an exporter that is not configured",
+            "service:\n  pipelines:\n    traces:\n      exporters: [otlp_grpc/nowhere]\n",
+            false,
+        ),
+        (
+            "a processor type the build lacks",
+            "processors:\n  kafka_thing: {}\nservice:\n  pipelines:\n    traces:\n      processors: [kafka_thing]\n",
+            false,
+        ),
+        (
+            "a batch max below its size",
+            "processors:\n  batch: {send_batch_size: 100, send_batch_max_size: 10}\n",
+            false,
+        ),
         ("an unknown batch setting", "processors:\n  batch: {sendbatchsize: 10}\n", false),
         ("a pipeline with no receiver", "service:\n  pipelines:\n    logs:\n      receivers: []\n", false),
         ("an extension not configured", "service:\n  extensions: [health_check, pprof]\n", false),

@@ -5,12 +5,12 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use flowtel::runtime::admin::AdminServer;
-use flowtel::runtime::readiness::Readiness;
-use flowtel::telemetry::{ExportConfig, ExportMetrics, Telemetry};
-use flowtel::workflow_run::report::{self, DEFAULT_DURATION_BOUNDARIES};
 use flowtel::runtime::rates::RunRates;
+use flowtel::runtime::readiness::Readiness;
 use flowtel::runtime::readiness::SyncTracker;
+use flowtel::telemetry::{ExportConfig, ExportMetrics, Telemetry};
 use flowtel::telemetry_stack;
+use flowtel::workflow_run::report::{self, DEFAULT_DURATION_BOUNDARIES};
 use flowtel::workflow_run::{self, ControllerMetrics, ControllerSettings, Scope, plan::Settings};
 use prometheus_client::registry::Registry;
 

@@ -119,8 +119,7 @@ pub async fn run(client: Client, namespace: Option<String>, rates: RunRates, syn
     let (config_maps, config_map_stream) = managed::<ConfigMap>(&client, &namespace, &sync, "stack-configmaps");
     let (services, service_stream) = managed::<Service>(&client, &namespace, &sync, "stack-services");
     let (deployments, deployment_stream) = managed::<Deployment>(&client, &namespace, &sync, "stack-deployments");
-    let (stateful_sets, stateful_set_stream) =
-        managed::<StatefulSet>(&client, &namespace, &sync, "stack-statefulsets");
+    let (stateful_sets, stateful_set_stream) = managed::<StatefulSet>(&client, &namespace, &sync, "stack-statefulsets");
     let (daemon_sets, daemon_set_stream) = managed::<DaemonSet>(&client, &namespace, &sync, "stack-daemonsets");
     let (disruption_budgets, pdb_stream) =
         managed::<PodDisruptionBudget>(&client, &namespace, &sync, "stack-poddisruptionbudgets");
@@ -198,10 +197,8 @@ mod tests {
     #[test]
     fn every_golden_stack_renders_to_its_checked_in_objects() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/telemetry_stack/testdata");
-        let mut inputs: Vec<_> = std::fs::read_dir(dir.join("stacks"))
-            .expect("testdata/stacks")
-            .map(|e| e.expect("entry").path())
-            .collect();
+        let mut inputs: Vec<_> =
+            std::fs::read_dir(dir.join("stacks")).expect("testdata/stacks").map(|e| e.expect("entry").path()).collect();
         inputs.sort();
         assert_eq!(inputs.len(), 5, "every golden stack is listed and runs");
         for input in inputs {
@@ -213,7 +210,12 @@ mod tests {
                 std::fs::write(&golden, &rendered).expect("write golden");
             }
             let expected = std::fs::read_to_string(&golden).unwrap_or_default();
-            assert!(rendered == expected, "{} differs from {}; FLOWTEL_UPDATE_GOLDEN=1 regenerates", input.display(), golden.display());
+            assert!(
+                rendered == expected,
+                "{} differs from {}; FLOWTEL_UPDATE_GOLDEN=1 regenerates",
+                input.display(),
+                golden.display()
+            );
         }
     }
 }

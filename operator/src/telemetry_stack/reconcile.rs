@@ -61,14 +61,17 @@ pub async fn reconcile(stack: Arc<TelemetryStack>, ctx: Arc<Context>) -> Result<
     let view = Stack::new(&stack, rate)?;
 
     // Validate, then build: any problem leaves every object as it is (the last good configuration keeps running).
-    let mut problem = validate::spec(&stack.spec).into_iter().next().map(|i| Problem {
-        reason: i.reason.into(),
-        message: i.to_string(),
-    });
+    let mut problem = validate::spec(&stack.spec)
+        .into_iter()
+        .next()
+        .map(|i| Problem { reason: i.reason.into(), message: i.to_string() });
     let desired = match build::desired(&view) {
         Ok(d) => Some(d),
         Err(build::BuildError::Invalid { field, message }) => {
-            problem.get_or_insert(Problem { reason: "InvalidCollectorConfig".into(), message: format!("{field}: {message}") });
+            problem.get_or_insert(Problem {
+                reason: "InvalidCollectorConfig".into(),
+                message: format!("{field}: {message}"),
+            });
             None
         }
         Err(e) => return Err(e.into()),
@@ -102,7 +105,8 @@ pub async fn reconcile(stack: Arc<TelemetryStack>, ctx: Arc<Context>) -> Result<
             warn(&ctx.recorder, &stack, p).await;
         }
     }
-    let follows_rate = stack.spec.collector.autoscaling.as_ref().is_some_and(|a| a.runs_per_second_per_replica.is_some());
+    let follows_rate =
+        stack.spec.collector.autoscaling.as_ref().is_some_and(|a| a.runs_per_second_per_replica.is_some());
     Ok(if follows_rate { Action::requeue(RATE_RECHECK) } else { Action::await_change() })
 }
 
@@ -118,18 +122,12 @@ pub fn check_collector_config(stack: &TelemetryStack, config: &str) -> Option<Pr
         Err(e) => return Some(Problem { reason: "InvalidCollectorConfig".into(), message: e.to_string() }),
     };
     let error = validate::collector_config(&parsed).err()?;
-    let field = if stack.spec.collector.config_override.is_some() {
-        "spec.collector.configOverride"
-    } else {
-        "spec.collector"
-    };
+    let field =
+        if stack.spec.collector.config_override.is_some() { "spec.collector.configOverride" } else { "spec.collector" };
     Some(Problem { reason: "InvalidCollectorConfig".into(), message: format!("{field}: {error}") })
 }
 
-fn missing_admin_secret(
-    stack: &Stack<'_>,
-    secrets: &Store<kube::core::PartialObjectMeta<Secret>>,
-) -> Option<Problem> {
+fn missing_admin_secret(stack: &Stack<'_>, secrets: &Store<kube::core::PartialObjectMeta<Secret>>) -> Option<Problem> {
     let grafana = &stack.stack.spec.grafana;
     let reference = grafana.admin_credentials_secret_ref.as_ref().filter(|_| grafana.enabled)?;
     let key = ObjectRef::new(&reference.name).within(&stack.namespace);
@@ -221,11 +219,7 @@ async fn apply(ctx: &Context, namespace: &str, object: &StackObject) -> Result<(
 }
 
 /// Objects of this stack (by controller owner) that it no longer wants.
-fn stale<K: Resource<DynamicType = ()> + Clone>(
-    store: &Store<K>,
-    uid: &str,
-    keep: &BTreeSet<String>,
-) -> Vec<String> {
+fn stale<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>, uid: &str, keep: &BTreeSet<String>) -> Vec<String> {
     store
         .state()
         .into_iter()
@@ -237,7 +231,10 @@ fn stale<K: Resource<DynamicType = ()> + Clone>(
 
 async fn delete<K>(client: &Client, namespace: &str, names: Vec<String>) -> Result<(), kube::Error>
 where
-    K: Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+    K: Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
 {
     let api: Api<K> = Api::namespaced(client.clone(), namespace);
     for name in names {

@@ -124,9 +124,9 @@ pub fn compute(
         };
         *slot = status;
     }
-    // An endpoint is published once its component serves it, so a WorkflowRun never points its workload at a
-    // collector that is not there yet.
-    let ready = |c: &Option<ComponentStatus>| c.as_ref().is_some_and(|s| s.ready);
+    // An endpoint is published once its component serves it (a ready replica, or an external URL), so a
+    // WorkflowRun never points its workload at a collector that is not there yet, and a rollout never hides it.
+    let ready = |c: &Option<ComponentStatus>| c.as_ref().is_some_and(|s| s.ready || s.ready_replicas > 0);
     let endpoints = Endpoints {
         otlp_grpc: urls.otlp_grpc.filter(|_| ready(&components.collector)),
         otlp_http: urls.otlp_http.filter(|_| ready(&components.collector)),
@@ -166,4 +166,143 @@ pub fn compute(
 /// Whether `stack`'s stored status says it is Ready.
 pub fn is_ready(stack: &TelemetryStack) -> bool {
     stack.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.type_ == READY && c.status == "True"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::apps::v1::{DeploymentSpec, DeploymentStatus, StatefulSetSpec, StatefulSetStatus};
+
+    fn stack(spec: serde_json::Value) -> TelemetryStack {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "flowtel.dev/v1alpha1", "kind": "TelemetryStack",
+            "metadata": {"name": "s", "namespace": "ns", "uid": "u", "generation": 2},
+            "spec": spec,
+        }))
+        .expect("stack")
+    }
+
+    fn deployment(ready: i32) -> Workload {
+        let mut d =
+            Deployment { spec: DeploymentSpec { replicas: Some(1), ..Default::default() }, ..Default::default() };
+        d.metadata.generation = Some(1);
+        d.status = Some(DeploymentStatus {
+            observed_generation: Some(1),
+            replicas: Some(1),
+            updated_replicas: Some(1),
+            ready_replicas: Some(ready),
+            ..Default::default()
+        });
+        Workload::Deployment(d)
+    }
+
+    fn statefulset(ready: i32) -> Workload {
+        let mut s =
+            StatefulSet { spec: StatefulSetSpec { replicas: Some(1), ..Default::default() }, ..Default::default() };
+        s.metadata.generation = Some(1);
+        s.status = Some(StatefulSetStatus {
+            observed_generation: Some(1),
+            replicas: 1,
+            updated_replicas: Some(1),
+            ready_replicas: Some(ready),
+            ..Default::default()
+        });
+        Workload::StatefulSet(s)
+    }
+
+    fn at(second: i64) -> Timestamp {
+        Timestamp::from_second(second).expect("time")
+    }
+
+    fn get<'a>(
+        status: &'a TelemetryStackStatus,
+        type_: &str,
+    ) -> &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+        status.conditions.iter().find(|c| c.type_ == type_).expect("condition")
+    }
+
+    #[test]
+    fn ready_when_every_enabled_component_is_and_endpoints_follow_readiness() {
+        let s = stack(serde_json::json!({"loki": {"enabled": false}, "grafana": {"enabled": false}}));
+        let view = Stack::new(&s, 0.0).expect("view");
+        let pending = compute(
+            &view,
+            &Default::default(),
+            |c| match c {
+                Component::Collector => Some(deployment(0)),
+                _ => Some(statefulset(1)),
+            },
+            None,
+            at(100),
+        );
+        assert_eq!(get(&pending, READY).status, "False");
+        assert_eq!(get(&pending, READY).reason, "ComponentsNotReady");
+        assert_eq!(get(&pending, PROGRESSING).status, "True");
+        assert_eq!(pending.endpoints.otlp_grpc, None, "no endpoint before the collector is ready");
+        assert_eq!(pending.endpoints.prometheus.as_deref(), Some("http://s-prometheus.ns.svc:9090"));
+        assert_eq!(pending.observed_generation, Some(2));
+        assert!(pending.components.loki.is_none() && pending.components.grafana.is_none());
+
+        let ready = compute(
+            &view,
+            &pending,
+            |c| match c {
+                Component::Collector => Some(deployment(1)),
+                _ => Some(statefulset(1)),
+            },
+            None,
+            at(200),
+        );
+        assert_eq!(get(&ready, READY).status, "True");
+        assert_eq!(get(&ready, READY).last_transition_time.0, at(200), "a flip moves the transition time");
+        assert_eq!(get(&ready, DEGRADED).last_transition_time.0, at(100), "no flip, no new transition time");
+        assert_eq!(ready.endpoints.otlp_grpc.as_deref(), Some("http://s-collector.ns.svc:4317"));
+
+        let again = compute(
+            &view,
+            &ready,
+            |c| match c {
+                Component::Collector => Some(deployment(1)),
+                _ => Some(statefulset(1)),
+            },
+            None,
+            at(300),
+        );
+        assert_eq!(again, ready, "nothing changed, nothing to write");
+    }
+
+    #[test]
+    fn a_problem_is_degraded_and_not_ready_while_the_running_endpoints_stay() {
+        let s = stack(serde_json::json!({}));
+        let view = Stack::new(&s, 0.0).expect("view");
+        let problem =
+            Problem { reason: "InvalidCollectorConfig".into(), message: "spec.collector.configOverride: x".into() };
+        let status = compute(
+            &view,
+            &Default::default(),
+            |c| match c {
+                Component::Collector | Component::Grafana => Some(deployment(1)),
+                _ => Some(statefulset(1)),
+            },
+            Some(&problem),
+            at(10),
+        );
+        assert_eq!(get(&status, DEGRADED).status, "True");
+        assert_eq!(get(&status, DEGRADED).reason, "InvalidCollectorConfig");
+        assert_eq!(get(&status, READY).status, "False");
+        assert!(status.endpoints.otlp_grpc.is_some());
+    }
+
+    #[test]
+    fn external_backends_count_as_ready_and_publish_their_url() {
+        let s = stack(serde_json::json!({
+            "prometheus": {"enabled": false, "externalUrl": "http://prom.example:9090/"},
+            "tempo": {"enabled": false}, "loki": {"enabled": false}, "grafana": {"enabled": false},
+        }));
+        let view = Stack::new(&s, 0.0).expect("view");
+        let status = compute(&view, &Default::default(), |_| Some(deployment(1)), None, at(1));
+        assert_eq!(get(&status, READY).status, "True");
+        assert_eq!(status.endpoints.prometheus.as_deref(), Some("http://prom.example:9090"));
+        assert!(status.components.prometheus.as_ref().is_some_and(|p| p.ready));
+    }
 }

@@ -104,7 +104,10 @@ fn is_duration(text: &str) -> bool {
 /// them too). A configuration naming another type is refused, as `otelcol validate` of that build refuses it.
 const KNOWN: [(&str, &[&str]); 5] = [
     ("receivers", &["otlp"]),
-    ("processors", &["batch", "memory_limiter", "attributes", "tail_sampling", "deltatocumulative", "delta_to_cumulative"]),
+    (
+        "processors",
+        &["batch", "memory_limiter", "attributes", "tail_sampling", "deltatocumulative", "delta_to_cumulative"],
+    ),
     ("exporters", &["otlp", "otlp_grpc", "otlphttp", "otlp_http", "file"]),
     ("extensions", &["health_check", "file_storage"]),
     ("connectors", &[]),
@@ -200,9 +203,11 @@ pub fn collector_config(config: &Value) -> Result<(), String> {
                 return Err(format!("{at}: '{key}' is not a pipeline setting"));
             }
         }
-        for (list, section, what) in
-            [("receivers", "receivers", "receiver"), ("processors", "processors", "processor"), ("exporters", "exporters", "exporter")]
-        {
+        for (list, section, what) in [
+            ("receivers", "receivers", "receiver"),
+            ("processors", "processors", "processor"),
+            ("exporters", "exporters", "exporter"),
+        ] {
             let ids = string_list(pipeline.get(list), &format!("{at}.{list}"))?;
             if ids.is_empty() && list != "processors" {
                 return Err(format!("{at}: must have at least one {what}"));
@@ -244,7 +249,15 @@ fn component_settings(section: &str, t: &str, id: &str, settings: &Value) -> Res
     let int = |key: &str| map.get(key).and_then(Value::as_i64).unwrap_or(0);
     match (section, t) {
         ("processors", "memory_limiter") => {
-            allow(&["check_interval", "limit_mib", "spike_limit_mib", "limit_percentage", "spike_limit_percentage", "min_gc_interval_when_soft_limited", "min_gc_interval_when_hard_limited"])?;
+            allow(&[
+                "check_interval",
+                "limit_mib",
+                "spike_limit_mib",
+                "limit_percentage",
+                "spike_limit_percentage",
+                "min_gc_interval_when_soft_limited",
+                "min_gc_interval_when_hard_limited",
+            ])?;
             let interval = map.get("check_interval").and_then(Value::as_str).unwrap_or("0s");
             if interval.trim_start_matches('0').is_empty() || interval.starts_with("0s") || interval.starts_with('-') {
                 return Err(format!("{at}: checkInterval must be greater than zero"));
@@ -261,7 +274,13 @@ fn component_settings(section: &str, t: &str, id: &str, settings: &Value) -> Res
             }
         }
         ("processors", "batch") => {
-            allow(&["timeout", "send_batch_size", "send_batch_max_size", "metadata_keys", "metadata_cardinality_limit"])?;
+            allow(&[
+                "timeout",
+                "send_batch_size",
+                "send_batch_max_size",
+                "metadata_keys",
+                "metadata_cardinality_limit",
+            ])?;
             let (size, max) = (int("send_batch_size"), int("send_batch_max_size"));
             if max > 0 && max < size {
                 return Err(format!("{at}: send_batch_max_size must be greater or equal to send_batch_size"));
@@ -299,7 +318,11 @@ mod tests {
             ("/processors/kafka", json!({}), "unknown type \"kafka\""),
             ("/processors/batch", json!({"send_batch_size": 10, "send_batch_max_size": 5}), "send_batch_max_size"),
             ("/processors/batch", json!({"sendbatchsize": 10}), "invalid keys: sendbatchsize"),
-            ("/service/pipelines/spans", json!({"receivers": ["otlp"], "exporters": ["otlp_grpc/tempo"]}), "unknown signal"),
+            (
+                "/service/pipelines/spans",
+                json!({"receivers": ["otlp"], "exporters": ["otlp_grpc/tempo"]}),
+                "unknown signal",
+            ),
             ("/service/extensions", json!(["health_check"]), "not configured"),
         ];
         for (path, value, expected) in cases {

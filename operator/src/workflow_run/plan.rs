@@ -424,7 +424,15 @@ impl Planner<'_> {
             match self.obs.waiting_for.clone() {
                 Some((reason, message)) => {
                     let generation = self.run.metadata.generation;
-                    set_condition(&mut self.status.conditions, SUCCEEDED, "Unknown", &reason, &message, generation, now);
+                    set_condition(
+                        &mut self.status.conditions,
+                        SUCCEEDED,
+                        "Unknown",
+                        &reason,
+                        &message,
+                        generation,
+                        now,
+                    );
                     self.status.phase = Some(WorkflowRunPhase::Pending);
                 }
                 None => self.start_attempt(1, deadline_at),
@@ -848,7 +856,14 @@ mod tests {
         let running = pod(1, "Running", None, false);
         let failed = pod(1, "Failed", Some(42), false);
         let observe = |r: &WorkflowRun, pods: Vec<&Pod>, now| {
-            let obs = Observation { now, jobs: vec![&job], pods, telemetry_degraded: None, exports_telemetry: true, waiting_for: None };
+            let obs = Observation {
+                now,
+                jobs: vec![&job],
+                pods,
+                telemetry_degraded: None,
+                exports_telemetry: true,
+                waiting_for: None,
+            };
             plan(r, &obs, &settings())
         };
         let p = observe(&r, vec![&running], t(2));

@@ -185,7 +185,10 @@ fn telemetry_target(run: &WorkflowRun, ctx: &Context) -> (OtlpTarget, Option<(St
                 default,
                 Some((
                     STACK_NOT_READY.into(),
-                    format!("TelemetryStack {} has no OTLP endpoint yet; the first attempt waits for it", reference.name),
+                    format!(
+                        "TelemetryStack {} has no OTLP endpoint yet; the first attempt waits for it",
+                        reference.name
+                    ),
                 )),
             ),
         },

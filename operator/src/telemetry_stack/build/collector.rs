@@ -4,9 +4,7 @@
 use std::collections::BTreeMap;
 
 use flowtel_crds::telemetry_stack::{CardinalityAction, CollectorMode, CollectorSpec};
-use k8s_openapi::api::apps::v1::{
-    DaemonSet, DaemonSetSpec, Deployment, DeploymentSpec, StatefulSet, StatefulSetSpec,
-};
+use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec, Deployment, DeploymentSpec, StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::autoscaling::v2::{
     CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec, MetricSpec, MetricTarget,
     ResourceMetricSource,
@@ -296,13 +294,17 @@ pub fn build(stack: &Stack) -> Result<Built, BuildError> {
             }],
             volumes: Some(vec![Volume {
                 name: "config".into(),
-                config_map: Some(ConfigMapVolumeSource { name: config_name.clone(), ..ConfigMapVolumeSource::default() }),
+                config_map: Some(ConfigMapVolumeSource {
+                    name: config_name.clone(),
+                    ..ConfigMapVolumeSource::default()
+                }),
                 ..Volume::default()
             }]),
             ..PodSpec::default()
         }),
     };
-    let selector = LabelSelector { match_labels: Some(stack.selector(Component::Collector)), ..LabelSelector::default() };
+    let selector =
+        LabelSelector { match_labels: Some(stack.selector(Component::Collector)), ..LabelSelector::default() };
     let autoscaled = hpa_minimum(c, stack.observed_runs_per_second).filter(|_| c.mode != CollectorMode::DaemonSet);
     // Under an HPA the replica count is the autoscaler's: flowtel leaves the field out of what it applies.
     let replicas = if autoscaled.is_some() { None } else { Some(c.replicas) };
@@ -399,4 +401,48 @@ fn resource_metric(name: &str, percent: i32) -> MetricSpec {
 /// Labels of the collector's pods, for tests and status.
 pub fn pod_selector(stack: &Stack) -> BTreeMap<String, String> {
     stack.selector(Component::Collector)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flowtel_crds::telemetry_stack::AutoscalingSpec;
+
+    fn autoscaled(min: i32, max: i32, per: Option<i32>) -> CollectorSpec {
+        CollectorSpec {
+            autoscaling: Some(AutoscalingSpec {
+                min_replicas: min,
+                max_replicas: max,
+                target_cpu_percent: 70,
+                target_memory_percent: None,
+                runs_per_second_per_replica: per,
+            }),
+            ..CollectorSpec::default()
+        }
+    }
+
+    #[test]
+    fn the_hpa_minimum_follows_the_run_rate_within_its_bounds() {
+        assert_eq!(hpa_minimum(&CollectorSpec::default(), 500.0), None);
+        assert_eq!(hpa_minimum(&autoscaled(2, 10, None), 500.0), Some((2, 10)));
+        assert_eq!(hpa_minimum(&autoscaled(2, 10, Some(50)), 0.0), Some((2, 10)));
+        assert_eq!(hpa_minimum(&autoscaled(2, 10, Some(50)), 116.0), Some((3, 10)), "116 runs/s: 3 replicas");
+        assert_eq!(hpa_minimum(&autoscaled(2, 10, Some(50)), 5_000.0), Some((10, 10)), "never above the maximum");
+    }
+
+    #[test]
+    fn memory_quantities_and_gomemlimit() {
+        assert_eq!(quantity_bytes("1Gi"), Some(1 << 30));
+        assert_eq!(quantity_bytes("512M"), Some(512_000_000));
+        assert_eq!(quantity_bytes("1000"), Some(1000));
+        assert_eq!(quantity_bytes("lots"), None);
+        assert_eq!(go_memory_limit(&CollectorSpec::default()).as_deref(), Some("819MiB"), "80 % of the 1Gi default");
+    }
+
+    #[test]
+    fn an_override_merges_maps_and_replaces_the_rest() {
+        let mut base = serde_json::json!({"a": {"b": 1, "c": [1, 2]}, "d": 1});
+        merge(&mut base, serde_json::json!({"a": {"c": [3], "e": 2}}));
+        assert_eq!(base, serde_json::json!({"a": {"b": 1, "c": [3], "e": 2}, "d": 1}));
+    }
 }

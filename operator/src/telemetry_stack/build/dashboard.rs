@@ -10,112 +10,107 @@ use serde_json::{Value, json};
 /// The dashboard's uid, stable across provisioning (links and the README use it).
 pub const UID: &str = "flowtel-workflow-runs";
 
-/// Each panel: title, unit, and its PromQL queries with their legends.
-pub fn panels() -> Vec<(&'static str, &'static str, Vec<(String, &'static str)>)> {
-    let quantiles = |metric: &str, by: &str| -> Vec<(String, &'static str)> {
-        [("0.5", "p50"), ("0.95", "p95"), ("0.99", "p99")]
+/// One panel: its title, unit and PromQL queries (expression, legend).
+pub struct Panel {
+    pub title: &'static str,
+    pub unit: &'static str,
+    pub queries: Vec<(String, &'static str)>,
+}
+
+fn panel(title: &'static str, unit: &'static str, expr: &str, legend: &'static str) -> Panel {
+    Panel { title, unit, queries: vec![(expr.to_string(), legend)] }
+}
+
+/// p50, p95 and p99 of a histogram by workflow.
+fn quantiles(title: &'static str, metric: &str) -> Panel {
+    let queries =
+        [("0.5", "p50 {{workflow_name}}"), ("0.95", "p95 {{workflow_name}}"), ("0.99", "p99 {{workflow_name}}")]
             .into_iter()
             .map(|(q, legend)| {
-                let legend: &'static str = match (legend, by) {
-                    ("p50", _) => "p50 {{workflow_name}}",
-                    ("p95", _) => "p95 {{workflow_name}}",
-                    _ => "p99 {{workflow_name}}",
-                };
-                (format!("histogram_quantile({q}, sum by (le, {by}) (rate({metric}_bucket[$__rate_interval])))"), legend)
+                (
+                    format!(
+                        "histogram_quantile({q}, sum by (le, workflow_name) (rate({metric}_bucket[$__rate_interval])))"
+                    ),
+                    legend,
+                )
             })
-            .collect()
-    };
+            .collect();
+    Panel { title, unit: "ms", queries }
+}
+
+/// The panels, in dashboard order.
+pub fn panels() -> Vec<Panel> {
     vec![
-        (
+        panel(
             "Run rate",
             "reqps",
-            vec![("sum by (workflow_name) (rate(workflow_run_total[$__rate_interval]))".into(), "{{workflow_name}}")],
+            "sum by (workflow_name) (rate(workflow_run_total[$__rate_interval]))",
+            "{{workflow_name}}",
         ),
-        (
+        panel(
             "Success ratio",
             "percentunit",
-            vec![(
-                "sum by (workflow_name) (rate(workflow_run_status_total{status=\"success\"}[$__rate_interval])) / \
-                 sum by (workflow_name) (rate(workflow_run_status_total[$__rate_interval]))"
-                    .into(),
-                "{{workflow_name}}",
-            )],
+            "sum by (workflow_name) (rate(workflow_run_status_total{status=\"success\"}[$__rate_interval])) / \
+             sum by (workflow_name) (rate(workflow_run_status_total[$__rate_interval]))",
+            "{{workflow_name}}",
         ),
-        (
+        panel(
             "Runs by status",
             "reqps",
-            vec![(
-                "sum by (workflow_name, status) (rate(workflow_run_status_total[$__rate_interval]))".into(),
-                "{{workflow_name}} {{status}}",
-            )],
+            "sum by (workflow_name, status) (rate(workflow_run_status_total[$__rate_interval]))",
+            "{{workflow_name}} {{status}}",
         ),
-        ("Run duration", "ms", quantiles("workflow_run_duration_ms_milliseconds", "workflow_name")),
-        (
+        quantiles("Run duration", "workflow_run_duration_ms_milliseconds"),
+        panel(
             "Retries",
             "reqps",
-            vec![(
-                "sum by (workflow_name, step_name) (rate(workflow_retry_count_total[$__rate_interval]))".into(),
-                "{{workflow_name}} {{step_name}}",
-            )],
+            "sum by (workflow_name, step_name) (rate(workflow_retry_count_total[$__rate_interval]))",
+            "{{workflow_name}} {{step_name}}",
         ),
-        (
+        panel(
             "Step duration p95",
             "ms",
-            vec![(
-                "histogram_quantile(0.95, sum by (le, workflow_name, step_name) \
-                 (rate(workflow_step_duration_ms_milliseconds_bucket[$__rate_interval])))"
-                    .into(),
-                "{{workflow_name}} {{step_name}}",
-            )],
+            "histogram_quantile(0.95, sum by (le, workflow_name, step_name) \
+             (rate(workflow_step_duration_ms_milliseconds_bucket[$__rate_interval])))",
+            "{{workflow_name}} {{step_name}}",
         ),
-        (
+        panel(
             "Step statuses",
             "reqps",
-            vec![(
-                "sum by (workflow_name, step_name, status) (rate(workflow_step_status_total[$__rate_interval]))".into(),
-                "{{workflow_name}} {{step_name}} {{status}}",
-            )],
+            "sum by (workflow_name, step_name, status) (rate(workflow_step_status_total[$__rate_interval]))",
+            "{{workflow_name}} {{step_name}} {{status}}",
         ),
-        (
+        panel(
             "Image uploads",
             "reqps",
-            vec![(
-                "sum by (workflow_name) (rate(workflow_image_uploaded_total[$__rate_interval]))".into(),
-                "{{workflow_name}}",
-            )],
+            "sum by (workflow_name) (rate(workflow_image_uploaded_total[$__rate_interval]))",
+            "{{workflow_name}}",
         ),
-        (
+        panel(
             "Image bytes uploaded",
             "Bps",
-            vec![(
-                "sum by (workflow_name) (rate(workflow_image_size_bytes_sum[$__rate_interval]))".into(),
-                "{{workflow_name}}",
-            )],
+            "sum by (workflow_name) (rate(workflow_image_size_bytes_sum[$__rate_interval]))",
+            "{{workflow_name}}",
         ),
-        (
+        panel(
             "DB upserts",
             "reqps",
-            vec![(
-                "sum by (workflow_name, table_name) (rate(workflow_db_upsert_total[$__rate_interval]))".into(),
-                "{{workflow_name}} {{table_name}}",
-            )],
+            "sum by (workflow_name, table_name) (rate(workflow_db_upsert_total[$__rate_interval]))",
+            "{{workflow_name}} {{table_name}}",
         ),
-        (
+        panel(
             "DB upsert duration p95",
             "ms",
-            vec![(
-                "histogram_quantile(0.95, sum by (le, workflow_name, table_name) \
-                 (rate(workflow_db_upsert_duration_ms_milliseconds_bucket[$__rate_interval])))"
-                    .into(),
-                "{{workflow_name}} {{table_name}}",
-            )],
+            "histogram_quantile(0.95, sum by (le, workflow_name, table_name) \
+             (rate(workflow_db_upsert_duration_ms_milliseconds_bucket[$__rate_interval])))",
+            "{{workflow_name}} {{table_name}}",
         ),
     ]
 }
 
 /// Every PromQL expression of the dashboard, with `$__rate_interval` as Grafana substitutes it (for parsing).
 pub fn expressions() -> Vec<String> {
-    panels().into_iter().flat_map(|(_, _, q)| q).map(|(expr, _)| expr.replace("$__rate_interval", "5m")).collect()
+    panels().into_iter().flat_map(|p| p.queries).map(|(expr, _)| expr.replace("$__rate_interval", "5m")).collect()
 }
 
 /// The dashboard JSON Grafana provisions.
@@ -123,7 +118,7 @@ pub fn json() -> Value {
     let panels: Vec<Value> = panels()
         .into_iter()
         .enumerate()
-        .map(|(i, (title, unit, queries))| {
+        .map(|(i, Panel { title, unit, queries })| {
             let targets: Vec<Value> = queries
                 .into_iter()
                 .enumerate()
@@ -158,4 +153,44 @@ pub fn json() -> Value {
         "templating": {"list": []},
         "panels": panels,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_dashboard_expression_parses_as_promql() {
+        let expressions = expressions();
+        assert_eq!(expressions.len(), 13, "every panel's queries are checked");
+        for expr in expressions {
+            if let Err(e) = promql_parser::parser::parse(&expr) {
+                panic!("{expr}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_broken_expression_is_refused_by_the_same_parser() {
+        assert!(promql_parser::parser::parse("sum by (workflow_name (rate(workflow_run_total[5m]))").is_err());
+    }
+
+    #[test]
+    fn the_dashboard_covers_the_ten_seed_metrics() {
+        let all = expressions().join("\n");
+        for metric in [
+            "workflow_run_total",
+            "workflow_run_duration_ms",
+            "workflow_run_status_total",
+            "workflow_step_duration_ms",
+            "workflow_step_status_total",
+            "workflow_retry_count_total",
+            "workflow_image_uploaded_total",
+            "workflow_image_size_bytes",
+            "workflow_db_upsert_total",
+            "workflow_db_upsert_duration_ms",
+        ] {
+            assert!(all.contains(metric), "{metric} has no panel");
+        }
+    }
 }

@@ -146,7 +146,10 @@ pub fn build(stack: &Stack) -> Vec<StackObject> {
         metadata: stack.metadata(Component::Grafana, stack.object_name(Component::Grafana, None)),
         spec: DeploymentSpec {
             replicas: Some(g.replicas),
-            selector: LabelSelector { match_labels: Some(stack.selector(Component::Grafana)), ..LabelSelector::default() },
+            selector: LabelSelector {
+                match_labels: Some(stack.selector(Component::Grafana)),
+                ..LabelSelector::default()
+            },
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(stack.pod_labels(Component::Grafana)),

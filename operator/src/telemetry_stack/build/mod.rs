@@ -173,7 +173,11 @@ impl<'a> Stack<'a> {
     /// Where the collector sends traces over OTLP gRPC: the deployed Tempo's distributor, else None (an external
     /// Tempo is reached over OTLP HTTP at its base URL).
     pub fn tempo_otlp_grpc(&self) -> Option<String> {
-        self.stack.spec.tempo.enabled.then(|| format!("{}:{}", self.service_host(Component::Tempo), tempo::OTLP_GRPC_PORT))
+        self.stack
+            .spec
+            .tempo
+            .enabled
+            .then(|| format!("{}:{}", self.service_host(Component::Tempo), tempo::OTLP_GRPC_PORT))
     }
 
     /// Loki's HTTP API (deployed or external).
@@ -462,7 +466,11 @@ pub(crate) fn resources(
 
 /// A volume claim template named `name` from a backend's storage spec (10Gi on the default class when unset).
 pub(crate) fn claim_template(name: &str, storage: &StorageSpec, default_size: &str) -> PersistentVolumeClaim {
-    claim(name, storage.size.clone().unwrap_or_else(|| Quantity(default_size.into())), storage.storage_class_name.clone())
+    claim(
+        name,
+        storage.size.clone().unwrap_or_else(|| Quantity(default_size.into())),
+        storage.storage_class_name.clone(),
+    )
 }
 
 pub(crate) fn claim(name: &str, size: Quantity, class: Option<String>) -> PersistentVolumeClaim {
@@ -515,8 +523,8 @@ pub(crate) struct Backend<'a> {
 pub(crate) fn backend_statefulset(stack: &Stack, b: Backend) -> StackObject {
     use k8s_openapi::api::apps::v1::StatefulSetSpec;
     use k8s_openapi::api::core::v1::{
-        ConfigMapVolumeSource, Container, EmptyDirVolumeSource, HTTPGetAction, PodSpec, PodTemplateSpec, Probe,
-        Volume, VolumeMount,
+        ConfigMapVolumeSource, Container, EmptyDirVolumeSource, HTTPGetAction, PodSpec, PodTemplateSpec, Probe, Volume,
+        VolumeMount,
     };
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
     let name = stack.object_name(b.component, None);
