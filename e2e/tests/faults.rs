@@ -119,6 +119,14 @@ async fn runs_across_a_collector_restart_and_an_operator_kill_are_counted_once()
         (collector.total_across_processes("workflow.run.status", "wf-faults") >= 10).then_some(())
     })
     .await;
+    // Killed once those end reports are recorded too: a kill between an export and the status write recording
+    // it is the one window a restart re-counts (README, "The run's own telemetry"), not what this test is about.
+    eventually("the first runs' end reports recorded", Duration::from_secs(60), async || {
+        let list = runs.list(&ListParams::default()).await.ok()?.items;
+        let recorded = list.iter().filter(|r| r.metadata.name.as_deref().is_some_and(|n| n.starts_with("before-")));
+        (recorded.filter(|r| exported(r)).count() == 10).then_some(())
+    })
+    .await;
     operator.kill();
     operator.restart().await.expect("operator restarted");
     all_finish_counted_once(&runs, &jobs, &collector, 20).await;

@@ -40,7 +40,14 @@ impl Env {
         ensure_storage().expect("storage provisioner");
         let ns = TestNamespace::new(&client, test).await.expect("namespace");
         let collector = Collector::start(test).await.expect("collector");
-        let operator = Operator::start(&ns.name, &collector.endpoint, &[]).await.expect("operator");
+        let operator = Operator::start_with_env(
+            &ns.name,
+            Some(&collector.endpoint),
+            &[],
+            &[("RUST_LOG", "info,kube_runtime=debug,flowtel=debug")],
+        )
+        .await
+        .expect("operator");
         Self { client, ns, _collector: collector, operator }
     }
 
