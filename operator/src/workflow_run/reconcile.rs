@@ -134,7 +134,7 @@ impl Context {
 /// Whether this reconcile may ask for a report: a new run's start, or a finished run's end.
 fn asks_for_a_report(stored: &WorkflowRunStatus) -> bool {
     let report = stored.telemetry.clone().unwrap_or_default();
-    (stored.start_time.is_none() && !report.started) || (plan::is_terminal(stored) && !report.finished)
+    plan::is_terminal(stored) && !report.finished
 }
 
 /// Remembers the version a write of ours produced.
@@ -283,9 +283,6 @@ struct Reports {
     degraded: Option<(String, String)>,
     /// Look again then: an export is being retried, or is pending.
     retry_after: Option<Duration>,
-    /// The start report is on its way to a healthy exporter: hold the run's first status write until it is out, so
-    /// both are recorded by that one write.
-    hold_start: bool,
     /// A report said something definite (exported, failing, dropped, disabled); without it the condition stands.
     verdict: bool,
     /// A report on its way that this reconcile can wait for, to record it with its own status write.
@@ -331,41 +328,20 @@ fn report_telemetry(run: &WorkflowRun, ctx: &Context, stored: &WorkflowRunStatus
     let mut out = Reports { report: stored.telemetry.clone().unwrap_or_default(), ..Reports::default() };
     let Some(uid) = run.uid() else { return out };
     let object = ObjectRef::from_obj(run);
-    // The start is asked for once, before the run's first status write, which waits for it and records it. It is
-    // not asked while exports fail, and a failed one is not retried: either way the end report carries it, so no
-    // start is ever on its way while status says it is not (a kill then would count it twice).
-    if !out.report.started && stored.start_time.is_none() {
-        let key = report::key(&uid, ReportKind::Started);
-        let state = match ctx.telemetry.peek(&key) {
-            Some(state) => state,
-            None if ctx.telemetry.is_healthy() => ctx.telemetry.report(&key, object.clone(), || report::started(run)),
-            None if ctx.telemetry.is_enabled() => ReportState::Failing { reason: "ExportFailed".into() },
-            None => ReportState::Disabled,
-        };
-        out.hold_start = state == ReportState::Pending;
-        if out.hold_start {
+    // One report per run, at its end: `workflow.run.total` goes with the others (as in the user's original
+    // library, which records a run when it ends), so a kill can re-count a run only in the milliseconds between that
+    // one export and the status write recording it. A status from before this carried a separate start report
+    // (`started`); its end report does not count the start again.
+    if plan::is_terminal(stored) && !out.report.finished {
+        let with_start = !out.report.started;
+        let key = report::key(&uid, ReportKind::Finished);
+        let state = ctx.telemetry.report(&key, object, || report::finished(run, stored, with_start).unwrap_or_default());
+        if state == ReportState::Pending {
             out.awaiting = Some(key);
         }
-        out.absorb(ReportKind::Started, state);
-    }
-    if plan::is_terminal(stored) && !out.report.finished {
-        let start_key = report::key(&uid, ReportKind::Started);
-        let start = unrecorded_start(out.report.started, ctx.telemetry.peek(&start_key));
-        if start == UnrecordedStart::InFlight {
-            out.retry_after = Some(RETRY_EVERY);
-            out.awaiting = Some(start_key);
-        } else {
-            let with_start = start == UnrecordedStart::Carried;
-            let key = report::key(&uid, ReportKind::Finished);
-            let state =
-                ctx.telemetry.report(&key, object, || report::finished(run, stored, with_start).unwrap_or_default());
-            if state == ReportState::Pending {
-                out.awaiting = Some(key);
-            }
-            out.absorb(ReportKind::Finished, state);
-            // `finished` in status always implies `started`: a finished run is never visited again.
-            out.report.started |= out.report.finished;
-        }
+        out.absorb(ReportKind::Finished, state);
+        // `finished` in status always implies `started`: a finished run is never visited again.
+        out.report.started |= out.report.finished;
     }
     if !out.verdict {
         // Nothing new about the exports: what status says stands (a start that failed stays degraded until the end
@@ -377,27 +353,6 @@ fn report_telemetry(run: &WorkflowRun, ctx: &Context, stored: &WorkflowRunStatus
         out.degraded = Some(("TelemetryDropped".into(), message.into()));
     }
     out
-}
-
-/// What the end report does about the run's start.
-#[derive(Debug, PartialEq)]
-enum UnrecordedStart {
-    /// Status recorded it, or this process exported it: the end report is about the end only.
-    Counted,
-    /// Its export is still under way: the end report waits, or the start could be counted twice.
-    InFlight,
-    /// It did not go out (failed, dropped, or this process never tried): the end report counts it, so a run that
-    /// started during an outage is counted once, by the report whose recording is one status write away.
-    Carried,
-}
-
-fn unrecorded_start(recorded: bool, here: Option<ReportState>) -> UnrecordedStart {
-    match here {
-        _ if recorded => UnrecordedStart::Counted,
-        Some(ReportState::Exported) => UnrecordedStart::Counted,
-        Some(ReportState::Pending) => UnrecordedStart::InFlight,
-        _ => UnrecordedStart::Carried,
-    }
 }
 
 /// What carrying out the plan's action came to.
@@ -630,19 +585,12 @@ async fn reconcile_run(run: &WorkflowRun, ctx: &Context) -> Result<ControllerAct
     let mut reports = report_telemetry(run, ctx, &stored);
     // A report on its way to a healthy collector is waited for here (milliseconds), so its status write follows
     // at once rather than after a trip through the work queue, which under load can take seconds: a kill in
-    // between would count it twice. (Twice at most: the end may wait for the start first.)
-    for _ in 0..2 {
-        match reports.awaiting.take() {
-            Some(key) if ctx.telemetry.is_healthy() => {
-                ctx.telemetry.settled(&key).await;
-                reports = report_telemetry(run, ctx, &stored);
-            }
-            _ => break,
-        }
-    }
-    if reports.hold_start {
-        tracing::debug!(uid = run.uid().unwrap_or_default(), "first status write held for the start report");
-        return Ok(ControllerAction::requeue(reports.retry_after.unwrap_or(PENDING_RECHECK)));
+    // between would count it twice.
+    if let Some(key) = reports.awaiting.take()
+        && ctx.telemetry.is_healthy()
+    {
+        ctx.telemetry.settled(&key).await;
+        reports = report_telemetry(run, ctx, &stored);
     }
     let obs = Observation {
         now: plan::now_ms(jiff::Timestamp::now()),
@@ -762,18 +710,6 @@ mod tests {
         let mut first = status(WorkflowRunPhase::Running, false);
         degraded(&mut first, "NoOtlpEndpoint");
         assert!(worth_writing(&r, &first, &WorkflowRunStatus::default()), "the first write always goes");
-    }
-
-    #[test]
-    fn the_end_report_carries_a_start_that_did_not_go_out() {
-        let failed = Some(ReportState::Failing { reason: "ExportFailed".into() });
-        assert_eq!(unrecorded_start(true, None), UnrecordedStart::Counted);
-        assert_eq!(unrecorded_start(false, Some(ReportState::Exported)), UnrecordedStart::Counted);
-        assert_eq!(unrecorded_start(false, Some(ReportState::Pending)), UnrecordedStart::InFlight);
-        assert_eq!(unrecorded_start(false, failed), UnrecordedStart::Carried);
-        let dropped = Some(ReportState::Dropped { reason: "ExportTimedOut".into() });
-        assert_eq!(unrecorded_start(false, dropped), UnrecordedStart::Carried);
-        assert_eq!(unrecorded_start(false, None), UnrecordedStart::Carried, "another process's start is unknown");
     }
 
     #[test]

@@ -1,12 +1,12 @@
-//! What a WorkflowRun reports, as a pure function of its status: `workflow.run.total` when it starts; at its end
-//! `workflow.run.status`, `workflow.run.duration_ms`, `workflow.retry.count` and the spans `workflow.run` and
-//! `workflow.attempt`, timed by what status recorded (never by the time of export).
+//! What a WorkflowRun reports, as a pure function of its status: one report at its end (as the user's original
+//! library records a run when it ends): `workflow.run.total`, `workflow.run.status`, `workflow.run.duration_ms`,
+//! `workflow.retry.count` and the spans `workflow.run` and `workflow.attempt`, timed by what status recorded (never
+//! by the time of export).
 //!
-//! Exactly once across restarts (the KEP-2307 pattern): a report is exported before the status write that records
-//! it (`status.telemetry.started` goes with the run's first status write, `finished` with the write after the
-//! terminal one), so a crash can only re-export what was exported in the milliseconds before that write; span ids
-//! are derived from the UID, so a trace backend keeps one span even then. A start that did not go out before the
-//! first write (the collector was down) is never retried on its own: the end report carries it.
+//! Exactly once across restarts (the KEP-2307 pattern): the report is exported before the status write that records
+//! it (`status.telemetry.finished`, with the write after the terminal one), so a crash can only re-export what was
+//! exported in the milliseconds before that write; span ids are derived from the UID, so a trace backend keeps one
+//! span even then.
 
 use std::borrow::Cow;
 use std::time::SystemTime;
@@ -108,7 +108,8 @@ fn retries_by_step(status: &WorkflowRunStatus) -> Vec<(String, u64)> {
 }
 
 /// The run's terminal report, from its terminal status. None while status lacks the times it needs. With
-/// `with_start`, it also counts the run's start (`workflow.run.total`), which did not go out on its own.
+/// `with_start` (always, unless a status written by an older flowtel recorded a separate start report), it counts
+/// the run (`workflow.run.total`) too.
 pub fn finished(run: &WorkflowRun, status: &WorkflowRunStatus, with_start: bool) -> Option<Report> {
     let uid = run.uid()?;
     let start = system_time(status.start_time.as_ref()?);
