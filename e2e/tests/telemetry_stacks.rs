@@ -465,6 +465,73 @@ fn every_golden_collector_config_passes_otelcol_validate() {
     assert_eq!(checked, 5, "every golden stack has a collector");
 }
 
+/// A binary e2e/build-binaries caches: `<name>-<version>`.
+fn cached(name: &str, version_key: &str) -> std::path::PathBuf {
+    let versions = std::fs::read_to_string(repo_root().join("e2e/versions.env")).expect("versions.env");
+    let version = versions
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{version_key}=")))
+        .unwrap_or_else(|| panic!("{version_key} in versions.env"));
+    collector_bin().parent().expect("bin dir").join(format!("{name}-{version}"))
+}
+
+/// Every object of every golden stack, as JSON.
+fn golden_objects() -> Vec<(String, Value)> {
+    let dir = repo_root().join("operator/src/telemetry_stack/testdata");
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(&dir).expect("testdata") {
+        let path = entry.expect("entry").path();
+        if !path.to_string_lossy().ends_with(".golden.yaml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).expect("golden");
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let value = <Value as serde::Deserialize>::deserialize(doc).expect("a YAML document");
+            out.push((path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string(), value));
+        }
+    }
+    out
+}
+
+#[test]
+fn every_golden_prometheus_config_and_dashboard_query_passes_promtool() {
+    let status = Command::new(repo_root().join("e2e/build-binaries")).arg("prometheus").status().expect("build");
+    assert!(status.success());
+    let promtool = cached("promtool", "PROMETHEUS_VERSION");
+    let dir = std::env::temp_dir().join(format!("flowtel-promtool-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let (mut configs, mut queries) = (0, 0);
+    for (file, object) in golden_objects() {
+        if let Some(config) = object["data"]["prometheus.yml"].as_str() {
+            let path = dir.join("prometheus.yml");
+            std::fs::write(&path, config).expect("write");
+            let out = Command::new(&promtool).args(["check", "config"]).arg(&path).output().expect("promtool");
+            assert!(out.status.success(), "{file}: {}", String::from_utf8_lossy(&out.stdout));
+            configs += 1;
+        }
+        if let Some(dashboard) = object["data"]["workflow-runs.json"].as_str() {
+            // Each query as a recording rule: `promtool check rules` parses it with Prometheus' own parser.
+            let dashboard: Value = serde_json::from_str(dashboard).expect("dashboard JSON");
+            let mut rules = Vec::new();
+            for panel in dashboard["panels"].as_array().expect("panels") {
+                for target in panel["targets"].as_array().expect("targets") {
+                    let expr = target["expr"].as_str().expect("expr").replace("$__rate_interval", "5m");
+                    rules.push(json!({"record": format!("flowtel:dashboard:{}", rules.len()), "expr": expr}));
+                }
+            }
+            assert_eq!(rules.len(), 13, "{file}: every query");
+            let path = dir.join("rules.yml");
+            let doc = json!({"groups": [{"name": "dashboard", "rules": rules}]});
+            std::fs::write(&path, serde_yaml::to_string(&doc).expect("yaml")).expect("write");
+            let out = Command::new(&promtool).args(["check", "rules"]).arg(&path).output().expect("promtool");
+            assert!(out.status.success(), "{file}: {}", String::from_utf8_lossy(&out.stderr));
+            queries += 1;
+        }
+    }
+    // default, production, persistent-tail-sampling and override deploy Prometheus and Grafana.
+    assert_eq!((configs, queries), (4, 4));
+}
+
 #[test]
 fn flowtel_check_and_otelcol_validate_agree_on_every_override() {
     let status = Command::new(repo_root().join("e2e/build-binaries")).arg("collector").status().expect("build");

@@ -335,7 +335,8 @@ fn report_telemetry(run: &WorkflowRun, ctx: &Context, stored: &WorkflowRunStatus
     if plan::is_terminal(stored) && !out.report.finished {
         let with_start = !out.report.started;
         let key = report::key(&uid, ReportKind::Finished);
-        let state = ctx.telemetry.report(&key, object, || report::finished(run, stored, with_start).unwrap_or_default());
+        let state =
+            ctx.telemetry.report(&key, object, || report::finished(run, stored, with_start).unwrap_or_default());
         if state == ReportState::Pending {
             out.awaiting = Some(key);
         }

@@ -218,3 +218,46 @@ pub fn build(stack: &Stack) -> Vec<StackObject> {
         StackObject::Deployment(deployment),
     ]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(spec: Value) -> flowtel_crds::TelemetryStack {
+        serde_json::from_value(json!({
+            "apiVersion": "flowtel.dev/v1alpha1", "kind": "TelemetryStack",
+            "metadata": {"name": "s", "namespace": "ns"}, "spec": spec,
+        }))
+        .expect("stack")
+    }
+
+    #[test]
+    fn datasources_are_wired_both_ways_and_only_to_datasources_that_exist() {
+        let stack = view(json!({}));
+        let ds = datasources(&Stack::new(&stack, 0.0).expect("view"));
+        let list = ds["datasources"].as_array().expect("list");
+        let uids: Vec<&str> = list.iter().filter_map(|d| d["uid"].as_str()).collect();
+        assert_eq!(uids, ["prometheus", "tempo", "loki"]);
+        let by = |uid: &str| list.iter().find(|d| d["uid"] == uid).expect("datasource").clone();
+        assert_eq!(by("prometheus")["jsonData"]["exemplarTraceIdDestinations"][0]["datasourceUid"], "tempo");
+        assert_eq!(by("tempo")["jsonData"]["tracesToLogsV2"]["datasourceUid"], "loki");
+        assert_eq!(by("tempo")["jsonData"]["tracesToMetrics"]["datasourceUid"], "prometheus");
+        assert_eq!(by("loki")["jsonData"]["derivedFields"][0]["datasourceUid"], "tempo");
+        assert_eq!(by("loki")["jsonData"]["derivedFields"][0]["matcherRegex"], "trace_id");
+
+        // Without Loki nothing links to it.
+        let stack = view(json!({"loki": {"enabled": false}}));
+        let ds = datasources(&Stack::new(&stack, 0.0).expect("view"));
+        let text = ds.to_string();
+        assert!(!text.contains("\"loki\""), "{text}");
+    }
+
+    #[test]
+    fn the_admin_login_comes_from_a_secret_never_a_literal() {
+        let stack = view(json!({"grafana": {"adminCredentialsSecretRef": {"name": "mine"}}}));
+        let objects = build(&Stack::new(&stack, 0.0).expect("view"));
+        let text = serde_json::to_string(&objects.iter().map(StackObject::to_value).collect::<Vec<_>>()).expect("json");
+        assert!(text.contains("\"name\":\"mine\"") && !text.contains("admin-password\":\""), "no literal password");
+        assert!(!text.contains("GF_SECURITY_ADMIN_PASSWORD\",\"value\""));
+    }
+}

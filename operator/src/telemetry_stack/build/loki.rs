@@ -68,3 +68,49 @@ pub fn build(stack: &Stack) -> Vec<StackObject> {
         ),
     ]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Top-level blocks of Loki 3's configuration reference (grafana.com/docs/loki/latest/configure/).
+    const DOCUMENTED: [&str; 20] = [
+        "target",
+        "auth_enabled",
+        "server",
+        "distributor",
+        "querier",
+        "query_range",
+        "ruler",
+        "ingester",
+        "ingester_client",
+        "index_gateway",
+        "storage_config",
+        "chunk_store_config",
+        "schema_config",
+        "compactor",
+        "limits_config",
+        "frontend",
+        "table_manager",
+        "memberlist",
+        "common",
+        "analytics",
+    ];
+
+    #[test]
+    fn the_config_uses_documented_keys_and_enforces_the_retention() {
+        let stack: flowtel_crds::TelemetryStack = serde_json::from_value(json!({
+            "apiVersion": "flowtel.dev/v1alpha1", "kind": "TelemetryStack",
+            "metadata": {"name": "s", "namespace": "ns"}, "spec": {"loki": {"retention": "72h"}},
+        }))
+        .expect("stack");
+        let config = config(&Stack::new(&stack, 0.0).expect("view"));
+        for key in config.as_object().expect("a mapping").keys() {
+            assert!(DOCUMENTED.contains(&key.as_str()), "{key} is not a documented Loki block");
+        }
+        assert_eq!(config["limits_config"]["retention_period"], "72h");
+        assert_eq!(config["compactor"]["retention_enabled"], true, "retention is enforced only by the compactor");
+        assert_eq!(config["limits_config"]["allow_structured_metadata"], true, "OTLP ingestion needs it");
+        assert_eq!(config["schema_config"]["configs"][0]["schema"], "v13");
+    }
+}

@@ -59,3 +59,44 @@ pub fn build(stack: &Stack) -> Vec<StackObject> {
         ),
     ]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Top-level blocks of Tempo's configuration reference (grafana.com/docs/tempo/latest/configuration/).
+    const DOCUMENTED: [&str; 16] = [
+        "target",
+        "http_api_prefix",
+        "server",
+        "distributor",
+        "ingester",
+        "metrics_generator",
+        "query_frontend",
+        "querier",
+        "compactor",
+        "storage",
+        "memberlist",
+        "overrides",
+        "usage_report",
+        "cache",
+        "stream_over_http_enabled",
+        "multitenancy_enabled",
+    ];
+
+    #[test]
+    fn the_config_uses_documented_keys_and_sets_the_retention() {
+        let stack: flowtel_crds::TelemetryStack = serde_json::from_value(json!({
+            "apiVersion": "flowtel.dev/v1alpha1", "kind": "TelemetryStack",
+            "metadata": {"name": "s", "namespace": "ns"}, "spec": {"tempo": {"retention": "2h"}},
+        }))
+        .expect("stack");
+        let config = config(&Stack::new(&stack, 0.0).expect("view"));
+        for key in config.as_object().expect("a mapping").keys() {
+            assert!(DOCUMENTED.contains(&key.as_str()), "{key} is not a documented Tempo block");
+        }
+        assert_eq!(config["compactor"]["compaction"]["block_retention"], "2h");
+        assert_eq!(config["storage"]["trace"]["backend"], "local");
+        assert_eq!(config["distributor"]["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"], "0.0.0.0:4317");
+    }
+}
