@@ -1,0 +1,249 @@
+//! The providers behind the library: OTLP gRPC exporters with bounded queues and timeouts, counted so that
+//! shutdown can say what was lost; a console fallback; the `tracing` bridge that exports logs.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Meter, MeterProvider};
+use opentelemetry::trace::TracerProvider;
+use opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge;
+use opentelemetry_otlp::{LogExporter, MetricExporter, SpanExporter, WithExportConfig};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::logs::{BatchLogProcessor, LogBatch, SdkLoggerProvider};
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider, Temporality};
+use opentelemetry_sdk::trace::{BatchSpanProcessor, SdkTracerProvider, SpanData, Tracer};
+use tracing_subscriber::Layer;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+use crate::{InitError, TelemetryOptions};
+
+/// What went out and what did not, per signal.
+#[derive(Debug, Default)]
+pub(crate) struct Counts {
+    spans_ended: AtomicU64,
+    spans_exported: AtomicU64,
+    logs_emitted: AtomicU64,
+    logs_exported: AtomicU64,
+}
+
+impl Counts {
+    pub(crate) fn span_ended(&self) {
+        self.spans_ended.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What `shutdown` could not export: queue overflow, failed or timed-out exports.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ShutdownReport {
+    pub spans_dropped: u64,
+    pub logs_dropped: u64,
+    /// The final metrics flush failed (the backend was down): the last interval's points are lost.
+    pub metrics_flush_failed: bool,
+    /// Some provider did not finish within the deadline.
+    pub timed_out: bool,
+}
+
+/// Counts spans the OTLP exporter delivered.
+#[derive(Debug)]
+struct CountingSpans {
+    inner: SpanExporter,
+    counts: Arc<Counts>,
+}
+
+impl opentelemetry_sdk::trace::SpanExporter for CountingSpans {
+    fn export(&self, batch: Vec<SpanData>) -> impl std::future::Future<Output = OTelSdkResult> + Send {
+        let n = batch.len() as u64;
+        let counts = self.counts.clone();
+        let export = self.inner.export(batch);
+        async move {
+            let result = export.await;
+            if result.is_ok() {
+                counts.spans_exported.fetch_add(n, Ordering::Relaxed);
+            }
+            result
+        }
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+/// Counts log records the OTLP exporter delivered.
+#[derive(Debug)]
+struct CountingLogs {
+    inner: LogExporter,
+    counts: Arc<Counts>,
+}
+
+impl opentelemetry_sdk::logs::LogExporter for CountingLogs {
+    fn export(&self, batch: LogBatch<'_>) -> impl std::future::Future<Output = OTelSdkResult> + Send {
+        let n = batch.iter().count() as u64;
+        let counts = self.counts.clone();
+        let export = self.inner.export(batch);
+        async move {
+            let result = export.await;
+            if result.is_ok() {
+                counts.logs_exported.fetch_add(n, Ordering::Relaxed);
+            }
+            result
+        }
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+/// Counts the events the log bridge turns into records.
+struct CountEvents(Arc<Counts>);
+
+impl<S: tracing::Subscriber> Layer<S> for CountEvents {
+    fn on_event(&self, _event: &tracing::Event<'_>, _ctx: tracing_subscriber::layer::Context<'_, S>) {
+        self.0.logs_emitted.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+pub(crate) struct Providers {
+    tracer: SdkTracerProvider,
+    meter: SdkMeterProvider,
+    logger: Option<SdkLoggerProvider>,
+}
+
+/// Log records of the exporters' own transport would feed back into the exporter.
+fn bridge_filter() -> tracing_subscriber::filter::Targets {
+    tracing_subscriber::filter::Targets::new()
+        .with_default(tracing::Level::INFO)
+        .with_target("hyper", tracing::level_filters::LevelFilter::OFF)
+        .with_target("h2", tracing::level_filters::LevelFilter::OFF)
+        .with_target("tonic", tracing::level_filters::LevelFilter::OFF)
+        .with_target("tower", tracing::level_filters::LevelFilter::OFF)
+        .with_target("opentelemetry", tracing::level_filters::LevelFilter::OFF)
+        .with_target("opentelemetry_sdk", tracing::level_filters::LevelFilter::OFF)
+        .with_target("opentelemetry_otlp", tracing::level_filters::LevelFilter::OFF)
+}
+
+fn exporter_error(signal: &'static str, endpoint: &str, e: impl std::fmt::Display) -> InitError {
+    InitError::Exporter { signal, endpoint: endpoint.into(), message: e.to_string() }
+}
+
+pub(crate) fn build(options: &TelemetryOptions) -> Result<(Providers, Tracer, Meter, Arc<Counts>), InitError> {
+    let counts = Arc::new(Counts::default());
+    let service = [
+        KeyValue::new("service.name", options.service()),
+        KeyValue::new("service.version", options.service_version.clone()),
+        KeyValue::new("deployment.environment", options.environment.clone()),
+    ];
+    // Traces and logs carry the run's identity; metrics only the service's (see `metrics`).
+    let full = Resource::builder_empty()
+        .with_attributes(options.resource_attributes().into_iter().map(|(k, v)| KeyValue::new(k, v)))
+        .with_attributes(service.clone())
+        .build();
+    let service_only = Resource::builder_empty().with_attributes(service).build();
+
+    let mut tracer_provider = SdkTracerProvider::builder().with_resource(full.clone());
+    let mut meter_provider = SdkMeterProvider::builder().with_resource(service_only);
+    let mut logger = None;
+    let endpoint = options.endpoint();
+    if let Some(endpoint) = &endpoint {
+        let timeout = options.export_timeout;
+        let spans = SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint)
+            .with_timeout(timeout)
+            .build()
+            .map_err(|e| exporter_error("span", endpoint, e))?;
+        let span_batches =
+            opentelemetry_sdk::trace::BatchConfigBuilder::default().with_max_queue_size(options.queue_size).build();
+        let processor = BatchSpanProcessor::builder(CountingSpans { inner: spans, counts: counts.clone() })
+            .with_batch_config(span_batches)
+            .build();
+        tracer_provider = tracer_provider.with_span_processor(processor);
+
+        let metrics = MetricExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint)
+            .with_timeout(timeout)
+            .with_temporality(Temporality::Delta)
+            .build()
+            .map_err(|e| exporter_error("metric", endpoint, e))?;
+        meter_provider =
+            meter_provider.with_reader(PeriodicReader::builder(metrics).with_interval(Duration::from_secs(10)).build());
+
+        let logs = LogExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint)
+            .with_timeout(timeout)
+            .build()
+            .map_err(|e| exporter_error("log", endpoint, e))?;
+        let log_batches =
+            opentelemetry_sdk::logs::BatchConfigBuilder::default().with_max_queue_size(options.queue_size).build();
+        let processor = BatchLogProcessor::builder(CountingLogs { inner: logs, counts: counts.clone() })
+            .with_batch_config(log_batches)
+            .build();
+        logger = Some(SdkLoggerProvider::builder().with_resource(full).with_log_processor(processor).build());
+    }
+    let tracer_provider = tracer_provider.build();
+    let meter_provider = meter_provider.build();
+    let tracer = tracer_provider.tracer("flowtel-telemetry");
+    let meter = meter_provider.meter("flowtel-telemetry");
+
+    // The console: always without an endpoint (the fallback), else when asked.
+    let console = (endpoint.is_none() || options.console_exporter).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+    });
+    let bridge = logger
+        .as_ref()
+        .map(|l| OpenTelemetryTracingBridge::new(l).and_then(CountEvents(counts.clone())).with_filter(bridge_filter()));
+    // A subscriber the program installed itself stays: the bridge is then the program's to add.
+    let _ = tracing_subscriber::registry().with(console).with(bridge).try_init();
+    Ok((Providers { tracer: tracer_provider, meter: meter_provider, logger }, tracer, meter, counts))
+}
+
+impl Providers {
+    pub(crate) async fn shutdown(self, deadline: Duration, counts: Arc<Counts>) -> ShutdownReport {
+        // Without an endpoint nothing is exported on purpose (the console fallback): nothing counts as dropped.
+        let exporting = self.logger.is_some();
+        let work = tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let left = || deadline.saturating_sub(started.elapsed());
+            let metrics_flush_failed = self.meter.shutdown_with_timeout(left()).is_err();
+            let _ = self.tracer.shutdown_with_timeout(left());
+            if let Some(logger) = &self.logger {
+                let _ = logger.shutdown_with_timeout(left());
+            }
+            metrics_flush_failed
+        });
+        let (metrics_flush_failed, timed_out) = match tokio::time::timeout(deadline, work).await {
+            Ok(Ok(failed)) => (failed, false),
+            _ => (true, true),
+        };
+        let lost = |done: &AtomicU64, went: &AtomicU64| {
+            if exporting { done.load(Ordering::Relaxed).saturating_sub(went.load(Ordering::Relaxed)) } else { 0 }
+        };
+        ShutdownReport {
+            spans_dropped: lost(&counts.spans_ended, &counts.spans_exported),
+            logs_dropped: lost(&counts.logs_emitted, &counts.logs_exported),
+            metrics_flush_failed: exporting && metrics_flush_failed,
+            timed_out,
+        }
+    }
+}

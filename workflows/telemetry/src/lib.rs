@@ -1,0 +1,87 @@
+//! flowtel's workload telemetry library: what a workflow calls to be observable, with the API of the user's
+//! original TypeScript library (`initializeTelemetry`, `startSpan`/`endSpan`, `traceAsyncFunction`,
+//! `recordWorkflowRun`, `recordWorkflowStep`, `recordRetry`, `recordImageUpload`, `recordDbUpsert`,
+//! `classifyError`, `shutdownTelemetry`) in Rust.
+//!
+//! - [`initialize_telemetry`] reads what flowtel injects into an attempt's Job (`OTEL_EXPORTER_OTLP_ENDPOINT`,
+//!   `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `TRACEPARENT`) plus explicit [`TelemetryOptions`]; the
+//!   workflow's spans continue the trace named by `TRACEPARENT`, under the attempt's span.
+//! - Metrics have exactly the user's names, labels and duration buckets ([`metrics`]).
+//! - Under flowtel the run-level metrics (`workflow.run.total`, `.status`, `.duration_ms`) come from the operator,
+//!   which counts each run once across restarts: [`record_workflow_run`] then records none of them
+//!   ([`RunMetrics`]).
+//! - `tracing` events are exported as OTLP logs carrying the current trace and span ids.
+//! - It never stalls or crashes the workflow when the backend is down: bounded queues, export timeouts, a
+//!   console fallback, and the number of dropped items reported by [`TelemetryHandle::shutdown`].
+
+mod config;
+mod errors;
+mod exporters;
+pub mod metrics;
+mod spans;
+
+pub use config::{RunMetrics, TelemetryOptions};
+pub use errors::{ErrorClass, ErrorKind, ExitCode, RetryPolicy, classify_error, retry};
+pub use exporters::ShutdownReport;
+pub use metrics::{record_db_upsert, record_image_upload, record_retry, record_workflow_run, record_workflow_step};
+pub use spans::{Outcome, SpanKind, SpanOptions, WorkflowSpan, end_span, start_span, trace_async};
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use opentelemetry::Context;
+
+/// What `initialize_telemetry` set up, shared by the free functions.
+struct Global {
+    tracer: opentelemetry_sdk::trace::Tracer,
+    instruments: metrics::Instruments,
+    /// The context the workflow's spans descend from: the attempt span named by `TRACEPARENT`, if any.
+    parent: Context,
+    run_metrics: RunMetrics,
+    counts: std::sync::Arc<exporters::Counts>,
+}
+
+static GLOBAL: OnceLock<Global> = OnceLock::new();
+
+fn global() -> Option<&'static Global> {
+    GLOBAL.get()
+}
+
+/// Errors setting telemetry up.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error("telemetry is already initialised in this process")]
+    AlreadyInitialised,
+    #[error("building the OTLP {signal} exporter for {endpoint}: {message}")]
+    Exporter { signal: &'static str, endpoint: String, message: String },
+}
+
+/// The providers, kept so that [`TelemetryHandle::shutdown`] can flush them.
+pub struct TelemetryHandle {
+    providers: exporters::Providers,
+}
+
+/// Sets telemetry up for this process (once): OTLP gRPC exporters when an endpoint is known, console output
+/// otherwise or in addition (`console_exporter`). Call it inside a Tokio runtime.
+pub fn initialize_telemetry(options: TelemetryOptions) -> Result<TelemetryHandle, InitError> {
+    if GLOBAL.get().is_some() {
+        return Err(InitError::AlreadyInitialised);
+    }
+    let (providers, tracer, meter, counts) = exporters::build(&options)?;
+    let instruments = metrics::Instruments::new(&meter);
+    let parent = options.parent_context();
+    let run_metrics = options.run_metrics();
+    GLOBAL
+        .set(Global { tracer, instruments, parent, run_metrics, counts })
+        .map_err(|_| InitError::AlreadyInitialised)?;
+    Ok(TelemetryHandle { providers })
+}
+
+impl TelemetryHandle {
+    /// Flushes and stops every exporter within `deadline` (the user's `shutdownTelemetry`); reports what could not
+    /// be exported. Never blocks past the deadline.
+    pub async fn shutdown(self, deadline: Duration) -> ShutdownReport {
+        let counts = global().map(|g| g.counts.clone()).unwrap_or_default();
+        self.providers.shutdown(deadline, counts).await
+    }
+}
