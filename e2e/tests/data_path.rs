@@ -1,0 +1,387 @@
+//! The data path end to end, with real components on loopback: a WorkflowRun on the real control plane, the
+//! operator exporting its run telemetry, a workflow binary run with exactly the environment flowtel put into the
+//! run's Job, the real collector running the configuration flowtel's own TelemetryStack builder generates (its
+//! exporters pointed at local backends), and what lands queried back from Prometheus (metrics), Jaeger v2 (traces,
+//! standing in for Tempo) and VictoriaLogs (logs, standing in for Loki).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use flowtel_crds::WorkflowRun;
+use flowtel_crds::workflow_run::WorkflowRunPhase;
+use flowtel_e2e::{
+    Operator, Process, TEST_MANAGER, TestNamespace, client, collector_bin, eventually, flowtel_binary, free_port,
+    http_get, install_crds, repo_root, run, simple_run, wait_for_port, with_query,
+};
+use k8s_openapi::api::batch::v1::Job;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::wait::await_condition;
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(90);
+const DURATION_LE: [f64; 11] = [5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0];
+
+fn cached(name: &str, version_key: &str) -> PathBuf {
+    let versions = std::fs::read_to_string(repo_root().join("e2e/versions.env")).expect("versions.env");
+    let version = versions
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{version_key}=")))
+        .unwrap_or_else(|| panic!("{version_key} in versions.env"));
+    collector_bin().parent().expect("bin dir").join(format!("{name}-{version}"))
+}
+
+fn spawn(bin: &Path, args: &[String], log: &Path) -> Process {
+    let file = std::fs::File::create(log).expect("log file");
+    let child = Command::new(bin)
+        .args(args)
+        .stdout(file.try_clone().expect("log"))
+        .stderr(file)
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e}", bin.display()));
+    Process { child }
+}
+
+/// A workspace binary beside the test (cargo builds the workflows for their own integration test).
+fn workspace_binary(name: &str) -> PathBuf {
+    let flowtel = flowtel_binary().expect("flowtel binary");
+    flowtel.with_file_name(name)
+}
+
+struct Backends {
+    _processes: Vec<Process>,
+    prometheus: String,
+    jaeger_query: String,
+    victorialogs: String,
+    collector_grpc: u16,
+    dir: PathBuf,
+}
+
+/// The collector configuration flowtel's builder generates for a stack whose backends are external (these local
+/// ones), its listening ports moved off the defaults by the stack's own override mechanism.
+fn generated_collector_config(dir: &Path, ports: &BTreeMap<&str, u16>) -> String {
+    let override_ = format!(
+        "receivers:\n  otlp:\n    protocols:\n      grpc: {{endpoint: \"127.0.0.1:{}\"}}\n      http: {{endpoint: \"127.0.0.1:{}\"}}\n\
+         extensions:\n  health_check: {{endpoint: \"127.0.0.1:{}\"}}\n\
+         exporters:\n  otlp_http/loki: {{logs_endpoint: \"http://127.0.0.1:{}/insert/opentelemetry/v1/logs\"}}\n",
+        ports["grpc"], ports["http"], ports["health"], ports["vlogs"]
+    );
+    let stack = json!({
+        "apiVersion": "flowtel.dev/v1alpha1", "kind": "TelemetryStack",
+        "metadata": {"name": "local", "namespace": "data-path"},
+        "spec": {
+            "collector": {"configOverride": override_, "cardinalityGuard": {"attributes": []}, "batchSize": 100},
+            "prometheus": {"enabled": false, "externalUrl": format!("http://127.0.0.1:{}", ports["prometheus"])},
+            "tempo": {"enabled": false, "externalUrl": format!("http://127.0.0.1:{}", ports["jaeger_otlp"])},
+            "loki": {"enabled": false, "externalUrl": format!("http://127.0.0.1:{}", ports["vlogs"])},
+            "grafana": {"enabled": false},
+        }
+    });
+    let file = dir.join("stack.yaml");
+    std::fs::write(&file, serde_yaml::to_string(&stack).expect("yaml")).expect("write");
+    let out = Command::new(flowtel_binary().expect("flowtel")).args(["render", "--check", "-f"]).arg(&file).output();
+    let out = out.expect("flowtel render");
+    assert!(out.status.success(), "flowtel render --check: {}", String::from_utf8_lossy(&out.stderr));
+    let rendered = String::from_utf8_lossy(&out.stdout).into_owned();
+    serde_yaml::Deserializer::from_str(&rendered)
+        .find_map(|doc| {
+            let v = <Value as serde::Deserialize>::deserialize(doc).ok()?;
+            v["data"]["collector.yaml"].as_str().map(str::to_string)
+        })
+        .expect("the collector's ConfigMap")
+}
+
+async fn start_backends(test: &str) -> Backends {
+    run(Command::new(repo_root().join("e2e/build-binaries")).arg("collector")).expect("collector built");
+    run(Command::new(repo_root().join("e2e/build-binaries")).arg("backends")).expect("backends built");
+    let dir = std::env::temp_dir().join(format!("flowtel-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let ports: BTreeMap<&str, u16> =
+        ["prometheus", "jaeger_otlp", "jaeger_query", "jaeger_query_grpc", "vlogs", "grpc", "http", "health"]
+            .into_iter()
+            .map(|p| (p, free_port()))
+            .collect();
+    let mut processes = Vec::new();
+
+    let prometheus_yml = dir.join("prometheus.yml");
+    std::fs::write(
+        &prometheus_yml,
+        "global:\n  scrape_interval: 30s\nstorage:\n  tsdb:\n    out_of_order_time_window: 30m\n",
+    )
+    .expect("write");
+    processes.push(spawn(
+        &cached("prometheus", "PROMETHEUS_VERSION"),
+        &[
+            format!("--config.file={}", prometheus_yml.display()),
+            format!("--storage.tsdb.path={}", dir.join("tsdb").display()),
+            format!("--web.listen-address=127.0.0.1:{}", ports["prometheus"]),
+            "--web.enable-otlp-receiver".into(),
+            "--enable-feature=exemplar-storage".into(),
+        ],
+        &dir.join("prometheus.log"),
+    ));
+
+    let jaeger_yaml = format!(
+        "service:\n  extensions: [jaeger_storage, jaeger_query]\n  pipelines:\n    traces:\n      receivers: [otlp]\n      \
+         exporters: [jaeger_storage_exporter]\n  telemetry:\n    metrics:\n      level: none\n\
+         extensions:\n  jaeger_storage:\n    backends:\n      memstore:\n        memory:\n          max_traces: 10000\n  \
+         jaeger_query:\n    storage:\n      traces: memstore\n    http:\n      endpoint: \"127.0.0.1:{}\"\n    grpc:\n      \
+         endpoint: \"127.0.0.1:{}\"\n\
+         receivers:\n  otlp:\n    protocols:\n      http:\n        endpoint: \"127.0.0.1:{}\"\n\
+         exporters:\n  jaeger_storage_exporter:\n    trace_storage: memstore\n",
+        ports["jaeger_query"], ports["jaeger_query_grpc"], ports["jaeger_otlp"]
+    );
+    let jaeger_config = dir.join("jaeger.yaml");
+    std::fs::write(&jaeger_config, jaeger_yaml).expect("write");
+    processes.push(spawn(
+        &cached("jaeger", "JAEGER_VERSION"),
+        &[format!("--config={}", jaeger_config.display())],
+        &dir.join("jaeger.log"),
+    ));
+
+    processes.push(spawn(
+        &cached("victoria-logs", "VICTORIALOGS_VERSION"),
+        &[
+            format!("-httpListenAddr=127.0.0.1:{}", ports["vlogs"]),
+            format!("-storageDataPath={}", dir.join("vlogs").display()),
+        ],
+        &dir.join("victorialogs.log"),
+    ));
+
+    let collector_config = dir.join("collector.yaml");
+    std::fs::write(&collector_config, generated_collector_config(&dir, &ports)).expect("write");
+    processes.push(spawn(
+        &collector_bin(),
+        &[format!("--config={}", collector_config.display())],
+        &dir.join("collector.log"),
+    ));
+    for (what, port) in &ports {
+        if *what != "jaeger_query_grpc" {
+            wait_for_port(*port).await.unwrap_or_else(|e| panic!("{what} on {port}: {e}; logs in {}", dir.display()));
+        }
+    }
+    Backends {
+        _processes: processes,
+        prometheus: format!("http://127.0.0.1:{}", ports["prometheus"]),
+        jaeger_query: format!("http://127.0.0.1:{}", ports["jaeger_query"]),
+        victorialogs: format!("http://127.0.0.1:{}", ports["vlogs"]),
+        collector_grpc: ports["grpc"],
+        dir,
+    }
+}
+
+/// The Job's container environment as a process would see it: plain values, downward-API fields resolved, and
+/// `$(VAR)` references expanded as the kubelet expands them.
+fn job_environment(job: &Job, pod_name: &str) -> Vec<(String, String)> {
+    let env = job
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|p| p.containers.first())
+        .and_then(|c| c.env.clone())
+        .unwrap_or_default();
+    let mut out: Vec<(String, String)> = Vec::new();
+    for var in env {
+        let value = match (&var.value, &var.value_from) {
+            (Some(v), _) => v.clone(),
+            (None, Some(from)) => match from.field_ref.as_ref().map(|f| f.field_path.as_str()) {
+                Some("metadata.name") => pod_name.to_string(),
+                Some("spec.nodeName") => "kwok-node-0".to_string(),
+                _ => String::new(),
+            },
+            _ => String::new(),
+        };
+        let mut expanded = value;
+        for (name, v) in &out {
+            expanded = expanded.replace(&format!("$({name})"), v);
+        }
+        out.push((var.name, expanded));
+    }
+    out
+}
+
+async fn prometheus_query(base: &str, query: &str) -> Vec<Value> {
+    let url = with_query(&format!("{base}/api/v1/query"), &[("query", query)]);
+    let Some((200, body)) = http_get(&url).await else { return Vec::new() };
+    let v: Value = serde_json::from_str(&body).unwrap_or_default();
+    v["data"]["result"].as_array().cloned().unwrap_or_default()
+}
+
+fn sum(result: &[Value]) -> f64 {
+    result.iter().filter_map(|s| s["value"][1].as_str()?.parse::<f64>().ok()).sum()
+}
+
+#[tokio::test]
+async fn a_workflow_run_lands_in_prometheus_jaeger_and_victorialogs_joined_to_its_trace() {
+    let backends = start_backends("data-path").await;
+    let client = client().await.expect("client");
+    install_crds(&client).await.expect("CRDs");
+    let ns = TestNamespace::new(&client, "data-path").await.expect("namespace");
+    let endpoint = format!("http://127.0.0.1:{}", backends.collector_grpc);
+    let _operator = Operator::start(&ns.name, &endpoint, &[]).await.expect("operator");
+    let runs: Api<WorkflowRun> = Api::namespaced(client.clone(), &ns.name);
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns.name);
+
+    // Two runs of `sync` (rate() needs two samples), each workflow process run with its Job's environment.
+    let mut trace_ids = Vec::new();
+    for name in ["sync-1", "sync-2"] {
+        let run = simple_run(name, "sync", "2s");
+        runs.patch(name, &PatchParams::apply(TEST_MANAGER), &Patch::Apply(&run)).await.expect("run");
+        let job_name = format!("{name}-1");
+        let job = eventually("the run's Job", WAIT, async || jobs.get_opt(&job_name).await.ok().flatten()).await;
+        let env = job_environment(&job, &format!("{job_name}-pod"));
+        let output = Command::new(workspace_binary("sync"))
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("WORKFLOW_ITEMS", "3")
+            .env("WORKFLOW_STEP_MS", "5")
+            .env("WORKFLOW_FLAKY_PERCENT", "40")
+            .env("WORKFLOW_SEED", if name == "sync-1" { "7" } else { "11" })
+            .output()
+            .expect("the sync workflow");
+        assert!(output.status.success(), "sync: {}", String::from_utf8_lossy(&output.stderr));
+        let done = |r: Option<&WorkflowRun>| {
+            r.and_then(|r| r.status.as_ref()).is_some_and(|s| {
+                s.phase == Some(WorkflowRunPhase::Succeeded) && s.telemetry.as_ref().is_some_and(|t| t.finished)
+            })
+        };
+        let run = tokio::time::timeout(WAIT, await_condition(runs.clone(), name, done)).await.expect("run done");
+        let trace_id = run.expect("watch").and_then(|r| r.status?.trace_id).expect("status.traceId");
+        assert!(env.iter().any(|(k, v)| k == "TRACEPARENT" && v.contains(&trace_id)), "the Job names the run's trace");
+        trace_ids.push(trace_id);
+    }
+    let prom = backends.prometheus.as_str();
+
+    // Run-level metrics from the operator, counted once per run; the workflow (under flowtel) counted none.
+    let total = eventually("workflow_run_total for both runs", WAIT, async || {
+        let r = prometheus_query(prom, "sum(workflow_run_total{workflow_name=\"sync\"})").await;
+        (sum(&r) >= 2.0).then(|| sum(&r))
+    })
+    .await;
+    assert_eq!(total, 2.0, "each run counted once");
+    let status =
+        sum(&prometheus_query(prom, "sum(workflow_run_status_total{workflow_name=\"sync\",status=\"success\"})").await);
+    assert_eq!(status, 2.0);
+
+    // The ten metrics, with their labels.
+    let expected: [(&str, &[&str]); 10] = [
+        ("workflow_run_total", &["workflow_name"]),
+        ("workflow_run_duration_ms_milliseconds_bucket", &["workflow_name", "le"]),
+        ("workflow_run_status_total", &["workflow_name", "status"]),
+        ("workflow_step_duration_ms_milliseconds_bucket", &["workflow_name", "step_name", "le"]),
+        ("workflow_step_status_total", &["workflow_name", "step_name", "status"]),
+        ("workflow_retry_count_total", &["workflow_name", "step_name"]),
+        ("workflow_image_uploaded_total", &["workflow_name", "phone_id"]),
+        ("workflow_image_size_bytes_bucket", &["workflow_name", "phone_id", "le"]),
+        ("workflow_db_upsert_total", &["workflow_name", "table_name"]),
+        ("workflow_db_upsert_duration_ms_milliseconds_bucket", &["workflow_name", "table_name", "le"]),
+    ];
+    for (metric, labels) in expected {
+        let series = eventually(&format!("{metric} in Prometheus"), WAIT, async || {
+            let r = prometheus_query(prom, &format!("{metric}{{workflow_name=\"sync\"}}")).await;
+            (!r.is_empty()).then_some(r)
+        })
+        .await;
+        for s in &series {
+            let metric_labels = s["metric"].as_object().expect("labels");
+            for label in labels {
+                assert!(metric_labels.contains_key(*label), "{metric} lacks {label}: {s}");
+            }
+        }
+    }
+    // Exactly the user's bucket boundaries.
+    for metric in [
+        "workflow_run_duration_ms_milliseconds_bucket",
+        "workflow_step_duration_ms_milliseconds_bucket",
+        "workflow_db_upsert_duration_ms_milliseconds_bucket",
+    ] {
+        let series = prometheus_query(prom, &format!("{metric}{{workflow_name=\"sync\"}}")).await;
+        let le: BTreeSet<String> =
+            series.iter().filter_map(|s| s["metric"]["le"].as_str().map(str::to_string)).collect();
+        let mut expected: BTreeSet<String> = DURATION_LE.iter().map(|b| b.to_string()).collect();
+        expected.insert("+Inf".into());
+        let normalised: BTreeSet<String> = le
+            .iter()
+            .map(|l| if l == "+Inf" { l.clone() } else { l.parse::<f64>().map(|f| f.to_string()).unwrap_or_default() })
+            .collect();
+        assert_eq!(normalised, expected, "{metric} boundaries");
+    }
+
+    // Jaeger: the run's trace holds the operator's run and attempt spans and the workflow's spans beneath.
+    for trace_id in &trace_ids {
+        let url = format!("{}/api/traces/{trace_id}", backends.jaeger_query);
+        let spans = eventually(&format!("trace {trace_id} in Jaeger"), WAIT, async || {
+            let (code, body) = http_get(&url).await?;
+            let v: Value = serde_json::from_str(&body).ok()?;
+            let spans = v["data"][0]["spans"].as_array().cloned().unwrap_or_default();
+            let names: BTreeSet<&str> = spans.iter().filter_map(|s| s["operationName"].as_str()).collect();
+            (code == 200 && names.contains("workflow.run") && names.contains("workflow sync")).then_some(spans)
+        })
+        .await;
+        let by_name = |name: &str| spans.iter().find(|s| s["operationName"] == name).cloned().expect(name);
+        let parent_of = |span: &Value| -> Option<String> {
+            span["references"].as_array()?.iter().find(|r| r["refType"] == "CHILD_OF")?["spanID"]
+                .as_str()
+                .map(str::to_string)
+        };
+        let attempt = by_name("workflow.attempt");
+        let root = by_name("workflow sync");
+        assert_eq!(parent_of(&attempt).as_deref(), by_name("workflow.run")["spanID"].as_str(), "attempt under run");
+        assert_eq!(parent_of(&root).as_deref(), attempt["spanID"].as_str(), "the workflow's root under the attempt");
+        let steps: Vec<&Value> =
+            spans.iter().filter(|s| s["operationName"].as_str().is_some_and(|n| n.starts_with("step "))).collect();
+        assert_eq!(steps.len(), 4, "fetch_source, transform, upsert_phones, upload_images");
+        for step in steps {
+            assert_eq!(parent_of(step).as_deref(), root["spanID"].as_str(), "{} under the root", step["operationName"]);
+        }
+    }
+
+    // VictoriaLogs: the workflow's log records carry the run's trace id.
+    for trace_id in &trace_ids {
+        let url = with_query(
+            &format!("{}/select/logsql/query", backends.victorialogs),
+            &[("query", &format!("trace_id:{trace_id}"))],
+        );
+        let lines = eventually(&format!("logs of trace {trace_id} in VictoriaLogs"), WAIT, async || {
+            let (code, body) = http_get(&url).await?;
+            let lines: Vec<Value> = body.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+            (code == 200 && !lines.is_empty()).then_some(lines)
+        })
+        .await;
+        assert!(lines.iter().any(|l| l["_msg"].as_str().is_some_and(|m| m.contains("workflow started"))), "{lines:?}");
+    }
+
+    // Every query of the built-in dashboard returns data from this Prometheus.
+    let dashboard_stack = backends.dir.join("dashboard-stack.yaml");
+    std::fs::write(
+        &dashboard_stack,
+        "apiVersion: flowtel.dev/v1alpha1\nkind: TelemetryStack\nmetadata: {name: d, namespace: n}\nspec: {}\n",
+    )
+    .expect("write");
+    let out = Command::new(flowtel_binary().expect("flowtel"))
+        .args(["render", "-f"])
+        .arg(&dashboard_stack)
+        .output()
+        .expect("render");
+    let rendered = String::from_utf8_lossy(&out.stdout).into_owned();
+    let dashboard: Value = serde_yaml::Deserializer::from_str(&rendered)
+        .find_map(|doc| {
+            let v = <Value as serde::Deserialize>::deserialize(doc).ok()?;
+            serde_json::from_str(v["data"]["workflow-runs.json"].as_str()?).ok()
+        })
+        .expect("the dashboard");
+    let mut checked = 0;
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr").replace("$__rate_interval", "10m");
+            eventually(&format!("data for {} ({expr})", panel["title"]), WAIT, async || {
+                (!prometheus_query(prom, &expr).await.is_empty()).then_some(())
+            })
+            .await;
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 13, "every dashboard query");
+}
