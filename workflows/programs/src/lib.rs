@@ -152,7 +152,11 @@ where
     }
     let span = start_span(&format!("workflow {workflow}"), root);
     let knobs = Knobs::from_env();
-    tracing::info!(workflow, items = knobs.items, trace_id = %span.trace_id(), "workflow started");
+    {
+        // Logged inside the root span, so the record carries its trace and span ids.
+        let _inside = span.context().attach();
+        tracing::info!(workflow, items = knobs.items, "workflow started");
+    }
     let result = body(knobs).with_context(span.context()).await;
     let (status, code) = match &result {
         Ok(()) => ("success", ExitCode::SUCCESS),
