@@ -109,7 +109,7 @@ impl Knobs {
         let policy =
             RetryPolicy { attempts: 5, base_delay: Duration::from_millis(10), max_delay: Duration::from_millis(200) };
         let options = SpanOptions::new(SpanKind::Client).attribute("step.name", step.to_string());
-        trace_async(what, options, retry(workflow, step, policy, || self.call(what))).await
+        trace_async(what.to_string(), options, retry(workflow, step, policy, || self.call(what))).await
     }
 }
 
@@ -122,7 +122,7 @@ where
     let options = SpanOptions::new(SpanKind::Internal)
         .attribute("workflow.name", workflow.to_string())
         .attribute("step.name", name.to_string());
-    let result = trace_async(&format!("step {name}"), options, work).await;
+    let result = trace_async(format!("step {name}"), options, work).await;
     let status = if result.is_ok() { "success" } else { "failure" };
     record_workflow_step(workflow, name, started.elapsed().as_secs_f64() * 1000.0, status);
     result
@@ -150,7 +150,7 @@ where
     if let Some(run_id) = options.run_id() {
         root = root.attribute("workflow.run_id", run_id);
     }
-    let span = start_span(&format!("workflow {workflow}"), root);
+    let span = start_span(format!("workflow {workflow}"), root);
     let knobs = Knobs::from_env();
     {
         // Logged inside the root span, so the record carries its trace and span ids.

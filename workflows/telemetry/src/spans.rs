@@ -2,9 +2,8 @@
 //! flowtel named in `TRACEPARENT`, so a workflow's spans join the run's trace.
 
 use std::future::Future;
-use std::time::Instant;
 
-use opentelemetry::trace::{FutureExt, Status, TraceContextExt, Tracer};
+use opentelemetry::trace::{FutureExt, Span, SpanContext, Status, TraceContextExt, Tracer};
 use opentelemetry::{Context, KeyValue};
 
 /// Span kinds, as the user's library names them.
@@ -56,57 +55,59 @@ pub enum Outcome<'a> {
     Failure(&'a (dyn std::error::Error + 'static)),
 }
 
-/// A started span and the context it makes current for its children.
+/// A started span. Held directly (not inside a `Context`, whose span sits behind a mutex): children and log
+/// records reach it through [`WorkflowSpan::context`], which carries its ids.
 pub struct WorkflowSpan {
-    context: Context,
-    name: String,
-    started: Instant,
+    span: Option<opentelemetry_sdk::trace::Span>,
+    parent: Context,
+    span_context: SpanContext,
 }
 
 impl WorkflowSpan {
     /// The context to run the span's work in (`fut.with_context(span.context())`), so children and log records
     /// carry its ids.
     pub fn context(&self) -> Context {
-        self.context.clone()
+        if self.span.is_none() {
+            return self.parent.clone();
+        }
+        self.parent.with_remote_span_context(self.span_context.clone())
     }
 
-    /// Milliseconds since the span started.
-    pub fn elapsed_ms(&self) -> f64 {
-        self.started.elapsed().as_secs_f64() * 1000.0
-    }
-
-    pub fn set_attribute(&self, key: &'static str, value: impl Into<opentelemetry::Value>) {
-        self.context.span().set_attribute(KeyValue::new(key, value));
+    pub fn set_attribute(&mut self, key: &'static str, value: impl Into<opentelemetry::Value>) {
+        if let Some(span) = &mut self.span {
+            span.set_attribute(KeyValue::new(key, value));
+        }
     }
 
     /// The span's trace id (hex), for logs and tests.
     pub fn trace_id(&self) -> String {
-        self.context.span().span_context().trace_id().to_string()
+        self.span_context.trace_id().to_string()
     }
 }
 
 /// Starts a span: a child of the current context's span, else of the workflow's parent (`TRACEPARENT`).
 /// Before `initialize_telemetry` it is a span that records nothing.
-pub fn start_span(name: &str, options: SpanOptions) -> WorkflowSpan {
-    let started = Instant::now();
+pub fn start_span(name: impl Into<std::borrow::Cow<'static, str>>, options: SpanOptions) -> WorkflowSpan {
     let current = Context::current();
     let Some(g) = crate::global() else {
-        return WorkflowSpan { context: current, name: name.into(), started };
+        let span_context = current.span().span_context().clone();
+        return WorkflowSpan { span: None, parent: current, span_context };
     };
     let parent = if current.has_active_span() { current } else { g.parent.clone() };
     let span = g
         .tracer
-        .span_builder(name.to_string())
+        .span_builder(name)
         .with_kind(options.kind.into())
         .with_attributes(options.attributes)
         .start_with_context(&g.tracer, &parent);
-    WorkflowSpan { context: parent.with_span(span), name: name.into(), started }
+    let span_context = span.span_context().clone();
+    WorkflowSpan { span: Some(span), parent, span_context }
 }
 
 /// Ends a span with success or failure (`endSpan(span, 'success' | 'failure', error)`); a failure records the error
 /// as an event and sets the span's status to Error. Also sets `step.status`.
-pub fn end_span(span: WorkflowSpan, outcome: Outcome<'_>) {
-    let s = span.context.span();
+pub fn end_span(mut span: WorkflowSpan, outcome: Outcome<'_>) {
+    let Some(s) = span.span.as_mut() else { return };
     match outcome {
         Outcome::Success => {
             s.set_attribute(KeyValue::new("step.status", "success"));
@@ -124,12 +125,15 @@ pub fn end_span(span: WorkflowSpan, outcome: Outcome<'_>) {
     if let Some(g) = crate::global() {
         g.counts.span_ended();
     }
-    tracing::debug!(span = %span.name, duration_ms = span.elapsed_ms(), "span ended");
 }
 
 /// Runs `work` inside a span (`traceAsyncFunction`): its children and logs carry the span's ids; the span ends with
 /// the result's outcome.
-pub async fn trace_async<T, E, Fut>(name: &str, options: SpanOptions, work: Fut) -> Result<T, E>
+pub async fn trace_async<T, E, Fut>(
+    name: impl Into<std::borrow::Cow<'static, str>>,
+    options: SpanOptions,
+    work: Fut,
+) -> Result<T, E>
 where
     E: std::error::Error + 'static,
     Fut: Future<Output = Result<T, E>>,
