@@ -463,3 +463,22 @@ async fn the_spec_is_immutable_except_cancel_and_ttl() {
     set(&mut obj, "/spec/cancel", Some(json!(true)));
     apply(&api, &obj).await.expect("cancel may go to true");
 }
+
+#[tokio::test]
+async fn every_example_manifest_is_accepted_by_the_apiserver() {
+    let client = client().await.expect("client");
+    install_crds(&client).await.expect("CRDs installed and Established");
+    let ns = TestNamespace::new(&client, "crd-examples").await.expect("namespace");
+    let dir = flowtel_e2e::repo_root().join("manifests/examples");
+    let mut files: Vec<_> = std::fs::read_dir(&dir).expect("examples").map(|e| e.expect("entry").path()).collect();
+    files.sort();
+    assert_eq!(files.len(), 6, "hello, telemetrystack and the four workflows");
+    for file in files {
+        // `create` (not apply): the workflow examples use generateName, as a run per submission does.
+        let out = flowtel_e2e::run(
+            flowtel_e2e::kubectl().args(["create", "--dry-run=server", "-o", "name", "-n", &ns.name, "-f"]).arg(&file),
+        );
+        let name = out.unwrap_or_else(|e| panic!("{} refused: {e}", file.display()));
+        assert!(name.contains("flowtel.dev"), "{}: {name}", file.display());
+    }
+}
