@@ -197,6 +197,11 @@ fn cache_bin() -> PathBuf {
     cache.join("bin")
 }
 
+/// A binary e2e/build-binaries caches as `<name>-<version>`, the version read from `e2e/versions.env`.
+pub fn cached_binary(name: &str, version_key: &str) -> PathBuf {
+    cache_bin().join(format!("{name}-{}", versions_env(version_key).unwrap_or_default()))
+}
+
 /// The collector e2e/build-binaries builds: named by release and component-list revision.
 pub fn collector_bin() -> PathBuf {
     let version = versions_env("OTELCOL_VERSION").unwrap_or_default();

@@ -23,15 +23,6 @@ use serde_json::{Value, json};
 const WAIT: Duration = Duration::from_secs(90);
 const DURATION_LE: [f64; 11] = [5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0];
 
-fn cached(name: &str, version_key: &str) -> PathBuf {
-    let versions = std::fs::read_to_string(repo_root().join("e2e/versions.env")).expect("versions.env");
-    let version = versions
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{version_key}=")))
-        .unwrap_or_else(|| panic!("{version_key} in versions.env"));
-    collector_bin().parent().expect("bin dir").join(format!("{name}-{version}"))
-}
-
 fn spawn(bin: &Path, args: &[String], log: &Path) -> Process {
     let file = std::fs::File::create(log).expect("log file");
     let child = Command::new(bin)
@@ -112,7 +103,7 @@ async fn start_backends(test: &str) -> Backends {
     )
     .expect("write");
     processes.push(spawn(
-        &cached("prometheus", "PROMETHEUS_VERSION"),
+        &flowtel_e2e::cached_binary("prometheus", "PROMETHEUS_VERSION"),
         &[
             format!("--config.file={}", prometheus_yml.display()),
             format!("--storage.tsdb.path={}", dir.join("tsdb").display()),
@@ -136,13 +127,13 @@ async fn start_backends(test: &str) -> Backends {
     let jaeger_config = dir.join("jaeger.yaml");
     std::fs::write(&jaeger_config, jaeger_yaml).expect("write");
     processes.push(spawn(
-        &cached("jaeger", "JAEGER_VERSION"),
+        &flowtel_e2e::cached_binary("jaeger", "JAEGER_VERSION"),
         &[format!("--config={}", jaeger_config.display())],
         &dir.join("jaeger.log"),
     ));
 
     processes.push(spawn(
-        &cached("victoria-logs", "VICTORIALOGS_VERSION"),
+        &flowtel_e2e::cached_binary("victoria-logs", "VICTORIALOGS_VERSION"),
         &[
             format!("-httpListenAddr=127.0.0.1:{}", ports["vlogs"]),
             format!("-storageDataPath={}", dir.join("vlogs").display()),

@@ -465,16 +465,6 @@ fn every_golden_collector_config_passes_otelcol_validate() {
     assert_eq!(checked, 5, "every golden stack has a collector");
 }
 
-/// A binary e2e/build-binaries caches: `<name>-<version>`.
-fn cached(name: &str, version_key: &str) -> std::path::PathBuf {
-    let versions = std::fs::read_to_string(repo_root().join("e2e/versions.env")).expect("versions.env");
-    let version = versions
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{version_key}=")))
-        .unwrap_or_else(|| panic!("{version_key} in versions.env"));
-    collector_bin().parent().expect("bin dir").join(format!("{name}-{version}"))
-}
-
 /// Every object of every golden stack, as JSON.
 fn golden_objects() -> Vec<(String, Value)> {
     let dir = repo_root().join("operator/src/telemetry_stack/testdata");
@@ -497,7 +487,7 @@ fn golden_objects() -> Vec<(String, Value)> {
 fn every_golden_prometheus_config_and_dashboard_query_passes_promtool() {
     let status = Command::new(repo_root().join("e2e/build-binaries")).arg("prometheus").status().expect("build");
     assert!(status.success());
-    let promtool = cached("promtool", "PROMETHEUS_VERSION");
+    let promtool = flowtel_e2e::cached_binary("promtool", "PROMETHEUS_VERSION");
     let dir = std::env::temp_dir().join(format!("flowtel-promtool-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let (mut configs, mut queries) = (0, 0);
