@@ -78,6 +78,9 @@ pub struct Plan {
     pub events: Vec<EventNote>,
 }
 
+/// How soon a run whose failed Job's cached pod does not show its end yet is looked at again.
+const POD_LAG_RECHECK: SignedDuration = SignedDuration::from_secs(5);
+
 /// How an attempt ended, read from its pod (exit codes, DisruptionTarget) or, when the pod is gone, its Job.
 #[derive(Clone, Debug, PartialEq)]
 struct Outcome {
@@ -285,7 +288,11 @@ impl Planner<'_> {
             Some(o) if o.reason == "DeadlineExceeded" => Some(o),
             // A Job fails only after its pod did, but the pod's cache may lag behind the Job's (a relist): while the
             // cached pod does not show its end, wait for it, as its exit code decides. A pod that is gone cannot.
+            // Looked at again shortly: when the pod is deleted while the watch is relisting (an apiserver restart),
+            // no event says so, and the run would wait until its deadline for a pod that is gone.
             Some(o) if o.classification != AttemptClassification::Succeeded && pod.is_some() && from_pod.is_none() => {
+                let again = self.obs.now.saturating_add(POD_LAG_RECHECK).unwrap_or(self.obs.now);
+                self.requeue_at(again);
                 None
             }
             job => from_pod.or(job),
@@ -869,6 +876,10 @@ mod tests {
         let p = observe(&r, vec![&running], t(2));
         assert_eq!(p.status.attempts[0].classification, None, "the cached pod lags: wait for it");
         assert_eq!(p.action, Action::None);
+        assert_eq!(p.requeue_after, Some(std::time::Duration::from_secs(5)), "and look again soon, in case it is gone");
+        // Gone (deleted during a relist, no event): the Job's outcome decides.
+        let gone = observe(&r, vec![], t(8));
+        assert!(gone.status.attempts[0].classification.is_some(), "a pod that is gone cannot be waited for");
         let p = observe(&r, vec![&failed], t(3));
         assert_eq!(p.status.attempts[0].classification, Some(AttemptClassification::Permanent));
         let p = observe(&r, vec![], t(3));
