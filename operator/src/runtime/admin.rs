@@ -60,6 +60,8 @@ impl AdminServer {
         let state = AdminState { readiness, registry: Arc::new(registry) };
         let app = Router::new()
             .route("/healthz", get(|| async { "ok\n" }))
+            // The Kubernetes name of the same check, for the chart's liveness probe.
+            .route("/livez", get(|| async { "ok\n" }))
             .route("/readyz", get(readyz))
             .route("/metrics", get(metrics))
             .with_state(state);
