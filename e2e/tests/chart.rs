@@ -40,7 +40,10 @@ fn the_charts_crds_are_the_same_bytes_as_crds() {
     for file in ["flowtel.dev_workflowruns.yaml", "flowtel.dev_telemetrystacks.yaml"] {
         let ours = std::fs::read(root.join("crds").join(file)).expect("crds/");
         let chart = std::fs::read(root.join("charts/flowtel/crds").join(file)).expect("chart crds/");
-        assert!(ours == chart, "charts/flowtel/crds/{file} differs from crds/{file}: cp crds/*.yaml charts/flowtel/crds/");
+        assert!(
+            ours == chart,
+            "charts/flowtel/crds/{file} differs from crds/{file}: cp crds/*.yaml charts/flowtel/crds/"
+        );
     }
 }
 

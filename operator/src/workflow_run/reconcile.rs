@@ -214,8 +214,9 @@ async fn publish(ctx: &Context, run: &WorkflowRun, note: &plan::EventNote) {
     } else {
         publish_for_long_name(ctx, run, note, reference).await
     };
+    // Visible: a refused Event (RBAC) must not pass unnoticed; an outage costs one line per event at most.
     if let Err(e) = result {
-        tracing::debug!(error = %e, "publishing an event failed");
+        tracing::warn!(error = %e, "publishing an event failed");
     }
 }
 
