@@ -13,6 +13,8 @@ use crate::runtime::conditions::set_condition;
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
+pub const RECONCILING: &str = "Reconciling";
+pub const STALLED: &str = "Stalled";
 
 /// A component's workload as the caches hold it.
 #[derive(Clone, Debug)]
@@ -154,12 +156,23 @@ pub fn compute(
             }
         }
     }
-    if rolling.is_empty() {
+    if let Some(p) = problem {
+        // Refused: nothing is being rolled out, and nothing will be until the spec changes.
+        set_condition(&mut conditions, PROGRESSING, "False", &p.reason, &p.message, generation, now);
+        set_condition(&mut conditions, RECONCILING, "False", &p.reason, &p.message, generation, now);
+    } else if rolling.is_empty() {
         set_condition(&mut conditions, PROGRESSING, "False", "RolloutComplete", "", generation, now);
+        set_condition(&mut conditions, RECONCILING, "False", "RolloutComplete", "", generation, now);
     } else {
         let message = format!("rolling out {}", rolling.join(", "));
         set_condition(&mut conditions, PROGRESSING, "True", "RollingOut", &message, generation, now);
+        set_condition(&mut conditions, RECONCILING, "True", "RollingOut", &message, generation, now);
     }
+    // kstatus (Flux, kpt) reads Reconciling and Stalled: a stack refused for bad input is Failed, not InProgress.
+    match problem {
+        Some(p) => set_condition(&mut conditions, STALLED, "True", &p.reason, &p.message, generation, now),
+        None => set_condition(&mut conditions, STALLED, "False", "AsExpected", "", generation, now),
+    };
     TelemetryStackStatus { components, endpoints, conditions, observed_generation: generation }
 }
 
@@ -290,6 +303,8 @@ mod tests {
         assert_eq!(get(&status, DEGRADED).status, "True");
         assert_eq!(get(&status, DEGRADED).reason, "InvalidCollectorConfig");
         assert_eq!(get(&status, READY).status, "False");
+        assert_eq!(get(&status, STALLED).status, "True", "kstatus: Failed");
+        assert_eq!(get(&status, RECONCILING).status, "False", "nothing rolls out while refused");
         assert!(status.endpoints.otlp_grpc.is_some());
     }
 

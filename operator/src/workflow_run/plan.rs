@@ -17,6 +17,9 @@ use crate::runtime::ids;
 /// Condition types.
 pub const SUCCEEDED: &str = "Succeeded";
 pub const TELEMETRY_DEGRADED: &str = "TelemetryDegraded";
+pub const READY: &str = "Ready";
+pub const RECONCILING: &str = "Reconciling";
+pub const STALLED: &str = "Stalled";
 /// Attempts kept in status; older ones are dropped (their counts stay in `attemptCount`, `transientFailures` and
 /// `disruptions`, which the retry limits are checked against).
 pub const MAX_ATTEMPTS_KEPT: usize = 32;
@@ -227,12 +230,18 @@ impl Planner<'_> {
     fn phase(&mut self, phase: WorkflowRunPhase, reason: &str, message: &str) {
         let generation = self.run.metadata.generation;
         let now = self.obs.now;
-        let (status, reason) = match phase {
-            WorkflowRunPhase::Succeeded => ("True", reason),
-            WorkflowRunPhase::Failed => ("False", reason),
-            _ => ("Unknown", reason),
+        // Succeeded (as Knative and Tekton name it), and the kstatus conventions GitOps tools read: Reconciling while
+        // the run goes on (InProgress), Ready when it succeeded (Current), Stalled when it failed (Failed).
+        let (succeeded, ready, reconciling, stalled) = match phase {
+            WorkflowRunPhase::Succeeded => ("True", "True", "False", "False"),
+            WorkflowRunPhase::Failed => ("False", "False", "False", "True"),
+            _ => ("Unknown", "False", "True", "False"),
         };
-        set_condition(&mut self.status.conditions, SUCCEEDED, status, reason, message, generation, now);
+        let conditions = &mut self.status.conditions;
+        set_condition(conditions, SUCCEEDED, succeeded, reason, message, generation, now);
+        set_condition(conditions, READY, ready, reason, message, generation, now);
+        set_condition(conditions, RECONCILING, reconciling, reason, message, generation, now);
+        set_condition(conditions, STALLED, stalled, reason, message, generation, now);
         self.status.phase = Some(phase);
     }
 
@@ -429,19 +438,7 @@ impl Planner<'_> {
         let retry = &self.run.spec.retry;
         let Some(last) = self.status.attempts.last().cloned() else {
             match self.obs.waiting_for.clone() {
-                Some((reason, message)) => {
-                    let generation = self.run.metadata.generation;
-                    set_condition(
-                        &mut self.status.conditions,
-                        SUCCEEDED,
-                        "Unknown",
-                        &reason,
-                        &message,
-                        generation,
-                        now,
-                    );
-                    self.status.phase = Some(WorkflowRunPhase::Pending);
-                }
+                Some((reason, message)) => self.phase(WorkflowRunPhase::Pending, &reason, &message),
                 None => self.start_attempt(1, deadline_at),
             }
             return;
