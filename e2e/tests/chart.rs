@@ -209,10 +209,9 @@ async fn the_operator_runs_on_the_charts_service_account_without_a_403() {
         s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True").then_some(())
     })
     .await;
+    // A refused request reads "... is forbidden: User ... cannot ..." (the Forbidden status), whatever logs it.
     let log = std::fs::read_to_string(&operator.log).unwrap_or_default();
-    for refused in ["403", "forbidden", "Forbidden"] {
-        assert!(!log.contains(refused), "the operator was refused ({refused}); log: {}", operator.log.display());
-    }
+    assert!(!log.to_lowercase().contains("forbidden"), "the operator was refused; log: {}", operator.log.display());
     let uninstall = helm().args(["uninstall", release, "--namespace", &ns.name]).output().expect("uninstall");
     assert!(uninstall.status.success());
 }
