@@ -482,3 +482,30 @@ async fn every_example_manifest_is_accepted_by_the_apiserver() {
         assert!(name.contains("flowtel.dev"), "{}: {name}", file.display());
     }
 }
+
+#[tokio::test]
+async fn every_gitops_overlay_is_accepted_by_the_apiserver_and_passes_flowtel_render_check() {
+    let client = client().await.expect("client");
+    install_crds(&client).await.expect("CRDs installed and Established");
+    let ns = TestNamespace::new(&client, "crd-gitops").await.expect("namespace");
+    let root = flowtel_e2e::repo_root();
+    for overlay in ["laptop", "production"] {
+        let dir = root.join("manifests/gitops/overlays").join(overlay);
+        let built = flowtel_e2e::run(flowtel_e2e::kubectl().arg("kustomize").arg(&dir)).expect("kubectl kustomize");
+        let file = std::env::temp_dir().join(format!("flowtel-gitops-{overlay}-{}.yaml", std::process::id()));
+        std::fs::write(&file, &built).expect("write");
+        let applied = flowtel_e2e::run(
+            flowtel_e2e::kubectl()
+                .args(["apply", "--server-side", "--dry-run=server", "-n", &ns.name, "-f"])
+                .arg(&file),
+        );
+        let applied = applied.unwrap_or_else(|e| panic!("{overlay}: refused by the apiserver: {e}"));
+        assert!(applied.contains("telemetrystack.flowtel.dev/telemetry"), "{overlay}: {applied}");
+        let out = std::process::Command::new(flowtel_e2e::flowtel_binary().expect("flowtel"))
+            .args(["render", "--check", "-f"])
+            .arg(&file)
+            .output()
+            .expect("flowtel render");
+        assert!(out.status.success(), "{overlay}: flowtel render --check: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
