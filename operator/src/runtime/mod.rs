@@ -9,5 +9,9 @@ pub mod names;
 pub mod rates;
 pub mod readiness;
 
+/// The label on every object flowtel creates (Jobs, a stack's objects): the operator's caches select by it.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY: &str = "flowtel";
+
 /// The field manager of everything flowtel writes (server-side apply and status).
 pub const FIELD_MANAGER: &str = "flowtel";

@@ -97,7 +97,7 @@ pub async fn reconcile(stack: Arc<TelemetryStack>, ctx: Arc<Context>) -> Result<
     let stored = stack.status.clone().unwrap_or_default();
     let computed =
         status::compute(&view, &stored, |c| workload(&ctx.caches, &view, c), problem.as_ref(), jiff::Timestamp::now());
-    if !same_status(&stored, &computed) {
+    if stored != computed {
         write_status(&ctx.client, &stack, &computed).await?;
         if let Some(p) = &problem
             && newly_degraded(&stored, p)
@@ -293,11 +293,6 @@ fn workload(caches: &Caches, stack: &Stack<'_>, component: Component) -> Option<
         }
         _ => owned(&caches.stateful_sets, stack, &name).map(Workload::StatefulSet),
     }
-}
-
-/// Equal apart from condition timestamps that only a flip would change anyway.
-fn same_status(stored: &TelemetryStackStatus, computed: &TelemetryStackStatus) -> bool {
-    stored == computed
 }
 
 fn newly_degraded(stored: &TelemetryStackStatus, problem: &Problem) -> bool {

@@ -12,8 +12,7 @@ use kube::{Resource, ResourceExt};
 use super::env::{Injection, inject};
 use crate::runtime::{ids, names};
 
-pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
-pub const MANAGED_BY: &str = "flowtel";
+pub use crate::runtime::{MANAGED_BY, MANAGED_BY_LABEL};
 pub const WORKFLOW_LABEL: &str = "flowtel.dev/workflow";
 pub const RUN_LABEL: &str = "flowtel.dev/run";
 pub const ATTEMPT_LABEL: &str = "flowtel.dev/attempt";

@@ -1,8 +1,5 @@
 //! The OpenTelemetry Collector: its generated configuration (merged with the user's override) and its workload,
 //! Service, PodDisruptionBudget and HorizontalPodAutoscaler.
-
-use std::collections::BTreeMap;
-
 use flowtel_crds::telemetry_stack::{CardinalityAction, CollectorMode, CollectorSpec};
 use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec, Deployment, DeploymentSpec, StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::autoscaling::v2::{
@@ -396,11 +393,6 @@ fn resource_metric(name: &str, percent: i32) -> MetricSpec {
         }),
         ..MetricSpec::default()
     }
-}
-
-/// Labels of the collector's pods, for tests and status.
-pub fn pod_selector(stack: &Stack) -> BTreeMap<String, String> {
-    stack.selector(Component::Collector)
 }
 
 #[cfg(test)]

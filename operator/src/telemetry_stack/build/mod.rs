@@ -27,8 +27,7 @@ use kube::{Resource, ResourceExt};
 
 use crate::runtime::names;
 
-pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
-pub const MANAGED_BY: &str = "flowtel";
+pub use crate::runtime::{MANAGED_BY, MANAGED_BY_LABEL};
 /// On every object of a stack: which stack made it (pruning selects by it).
 pub const STACK_LABEL: &str = "flowtel.dev/stack";
 pub const NAME_LABEL: &str = "app.kubernetes.io/name";

@@ -14,8 +14,7 @@ pub struct Built {
 
 /// prometheus.yml: OTLP resource attributes promoted to labels (workflow and Kubernetes identity), an
 /// out-of-order window for OTLP pushes that arrive late, and Prometheus scraping itself.
-pub fn config(stack: &Stack) -> Value {
-    let _ = stack;
+pub fn config() -> Value {
     json!({
         "global": {"scrape_interval": "30s", "evaluation_interval": "30s"},
         "otlp": {
@@ -33,7 +32,7 @@ pub fn config(stack: &Stack) -> Value {
 
 pub fn build(stack: &Stack) -> Built {
     let p = &stack.stack.spec.prometheus;
-    let config_yaml = super::yaml(&config(stack));
+    let config_yaml = super::yaml(&config());
     let config_name = stack.object_name(Component::Prometheus, Some("config"));
     let mut args = vec![
         "--config.file=/etc/prometheus/prometheus.yml".to_string(),
