@@ -1,5 +1,6 @@
 //! The OpenTelemetry Collector: its generated configuration (merged with the user's override) and its workload,
 //! Service, PodDisruptionBudget and HorizontalPodAutoscaler.
+
 use flowtel_crds::telemetry_stack::{CardinalityAction, CollectorMode, CollectorSpec};
 use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec, Deployment, DeploymentSpec, StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::autoscaling::v2::{
