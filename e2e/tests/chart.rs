@@ -75,7 +75,9 @@ fn the_chart_lints_strictly_and_a_wrong_value_fails_naming_it() {
     let out = helm().args(["lint", "--strict", &chart()]).output().expect("helm lint");
     assert!(out.status.success(), "helm lint --strict: {}", String::from_utf8_lossy(&out.stdout));
     for (set, named) in [
-        ("replicas=3", "replicas"),
+        ("replicas=11", "replicas"),
+        ("leaderElection.enabled=false,replicas=2", "leaderElection"),
+        ("leaderElection.leaseDuration=1m", "leaseDuration"),
         ("operator.concurrency=0", "concurrency"),
         ("image.pullPolicy=Sometimes", "pullPolicy"),
         ("watchNamespace=Not_A_Namespace", "watchNamespace"),
@@ -106,9 +108,12 @@ async fn the_rendered_chart_is_accepted_and_installs_and_upgrades() {
         std::fs::write(&file, &rendered).expect("write");
         let out = run(kubectl().args(["apply", "--server-side", "--dry-run=server", "-f"]).arg(&file));
         let out = out.unwrap_or_else(|e| panic!("{what}: the apiserver refused the rendered chart: {e}"));
-        for kind in ["serviceaccount", "deployment.apps"] {
+        for kind in ["serviceaccount", "deployment.apps", "role.rbac.authorization.k8s.io/flowtel-leader-election"] {
             assert!(out.contains(kind), "{what}: {kind} applied: {out}");
         }
+        // Two replicas: a standby, kept through a drain.
+        let production = what == "production values";
+        assert_eq!(out.contains("poddisruptionbudget.policy/flowtel"), production, "{what}: {out}");
     }
     // Install, then upgrade with a changed value: revision 2, the Deployment follows.
     let release = format!("flowtel-{}", &ns.name[ns.name.len().saturating_sub(5)..]);
@@ -180,10 +185,11 @@ async fn the_operator_runs_on_the_charts_service_account_without_a_403() {
     let kubeconfig = std::env::temp_dir().join(format!("flowtel-sa-{}.kubeconfig", ns.name));
     token_kubeconfig(token.trim(), &kubeconfig);
     let collector = Collector::start("chart-rbac").await.expect("collector");
+    // As the chart runs it: electing a leader over a Lease in the release's namespace (the chart's Role there).
     let operator = Operator::start_with_env(
         &ns.name,
         Some(&collector.endpoint),
-        &[],
+        &["--leader-elect", "--leader-elect-namespace", &ns.name, "--leader-elect-lease-name", release],
         &[("KUBECONFIG", kubeconfig.to_str().expect("path"))],
     )
     .await
@@ -209,6 +215,9 @@ async fn the_operator_runs_on_the_charts_service_account_without_a_403() {
         s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True").then_some(())
     })
     .await;
+    let lease: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client.clone(), &ns.name);
+    let holder = lease.get(release).await.expect("the Lease").spec.and_then(|s| s.holder_identity);
+    assert!(holder.is_some(), "the operator holds the chart's Lease");
     // A refused request reads "... is forbidden: User ... cannot ..." (the Forbidden status), whatever logs it.
     let log = std::fs::read_to_string(&operator.log).unwrap_or_default();
     assert!(!log.to_lowercase().contains("forbidden"), "the operator was refused; log: {}", operator.log.display());

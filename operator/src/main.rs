@@ -5,6 +5,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use flowtel::runtime::admin::AdminServer;
+use flowtel::runtime::leader::{self, ElectionConfig, Elector};
 use flowtel::runtime::rates::RunRates;
 use flowtel::runtime::readiness::Readiness;
 use flowtel::runtime::readiness::SyncTracker;
@@ -31,7 +32,7 @@ enum Command {
         out_dir: Option<std::path::PathBuf>,
     },
     /// Run the operator.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print, with no cluster, exactly the objects flowtel would apply for a TelemetryStack (YAML documents).
     Render {
         /// The TelemetryStack manifest (YAML), `-` for stdin.
@@ -73,6 +74,53 @@ struct RunArgs {
     /// Timeout of one OTLP export, in seconds; also how long a stopping operator drains its export queue.
     #[arg(long, env = "FLOWTEL_EXPORT_TIMEOUT_SECONDS", default_value_t = 5)]
     export_timeout_seconds: u64,
+    #[command(flatten)]
+    election: ElectionArgs,
+}
+
+/// With more than one replica, one leader reconciles and exports; the others are ready but idle.
+#[derive(clap::Args)]
+struct ElectionArgs {
+    /// Elect a leader over a coordination.k8s.io Lease before reconciling.
+    #[arg(long, env = "FLOWTEL_LEADER_ELECT")]
+    leader_elect: bool,
+    /// Namespace of the Lease (default: the pod's namespace, POD_NAMESPACE, else the watched namespace, else
+    /// `default`).
+    #[arg(long, env = "FLOWTEL_LEADER_ELECT_NAMESPACE")]
+    leader_elect_namespace: Option<String>,
+    /// Name of the Lease.
+    #[arg(long, env = "FLOWTEL_LEADER_ELECT_LEASE_NAME", default_value = "flowtel")]
+    leader_elect_lease_name: String,
+    /// How long a standby waits, after it last saw the Lease change, before taking it over.
+    #[arg(long, env = "FLOWTEL_LEADER_ELECT_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    leader_elect_lease_duration: Duration,
+    /// How long a leader keeps leading without a successful renewal; then it exits, before its Lease expires.
+    #[arg(long, env = "FLOWTEL_LEADER_ELECT_RENEW_DEADLINE", default_value = "10s", value_parser = parse_duration)]
+    leader_elect_renew_deadline: Duration,
+    /// How often candidates try to take, and the leader to renew, the Lease.
+    #[arg(long, env = "FLOWTEL_LEADER_ELECT_RETRY_PERIOD", default_value = "2s", value_parser = parse_duration)]
+    leader_elect_retry_period: Duration,
+}
+
+/// `15s`, `1m30s`, `500ms`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let d: jiff::SignedDuration = text.parse().map_err(|e| format!("{text:?} is not a duration like 15s: {e}"))?;
+    Duration::try_from(d).map_err(|_| format!("{text:?} is negative"))
+}
+
+/// SIGTERM (a rolling update) or Ctrl-C.
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -90,8 +138,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let client = kube::Client::try_from(kube_config).context("building the Kubernetes client")?;
     let mut registry = Registry::default();
     let readiness = Readiness::default();
-    let runs_synced = readiness.gate("workflowrun-watches-synced", false);
-    let stacks_synced = readiness.gate("telemetrystack-watches-synced", false);
     let (notify_tx, notify_rx) = tokio::sync::mpsc::unbounded_channel();
     // Without an endpoint the operator exports nothing, says so on every run once (NoOtlpEndpoint) and holds no
     // finalizer; runs are never held up by telemetry.
@@ -111,14 +157,53 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         )?,
     };
     let metrics = ControllerMetrics::register(&mut registry);
+    let leading = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+    registry.register(
+        "flowtel_leader",
+        "1 while this process reconciles (leads, or runs without election)",
+        leading.clone(),
+    );
     // Bound before anything starts: a port in use ends the process with an error instead of a silent operator.
-    let admin = AdminServer::bind(args.admin_addr, readiness, registry).await?;
+    let admin = AdminServer::bind(args.admin_addr, readiness.clone(), registry).await?;
     tokio::spawn(async move {
         if let Err(e) = admin.serve().await {
             tracing::error!(error = %e, "admin server stopped");
         }
     });
     tracing::info!(admin = %args.admin_addr, namespace = ?args.namespace, "flowtel operator starting");
+    let mut elector = match args.election.leader_elect {
+        false => None,
+        true => {
+            let e = &args.election;
+            let config = ElectionConfig {
+                namespace: e
+                    .leader_elect_namespace
+                    .clone()
+                    .or_else(|| std::env::var("POD_NAMESPACE").ok().filter(|n| !n.is_empty()))
+                    .or_else(|| args.namespace.clone())
+                    .unwrap_or_else(|| "default".into()),
+                lease_name: e.leader_elect_lease_name.clone(),
+                identity: leader::identity(std::env::var("POD_NAME").ok().as_deref()),
+                lease_duration: e.leader_elect_lease_duration,
+                renew_deadline: e.leader_elect_renew_deadline,
+                retry_period: e.leader_elect_retry_period,
+            };
+            Some(Elector::new(client.clone(), config)?)
+        }
+    };
+    if let Some(elector) = elector.as_mut() {
+        // A standby is ready (its gates so far are open) and idle: no watch, no write, until it leads.
+        tokio::select! {
+            _ = elector.acquire() => {}
+            _ = shutdown_signal() => {
+                tracing::info!("flowtel operator stopped before it led");
+                return Ok(());
+            }
+        }
+    }
+    leading.set(1);
+    let runs_synced = readiness.gate("workflowrun-watches-synced", false);
+    let stacks_synced = readiness.gate("telemetrystack-watches-synced", false);
     let rates = RunRates::default();
     let stacks = telemetry_stack::run(
         client.clone(),
@@ -144,11 +229,28 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         runs_synced,
         rates,
     );
-    tokio::join!(stacks, runs);
+    let controllers = async { tokio::join!(stacks, runs) };
+    match elector.as_mut() {
+        None => {
+            controllers.await;
+        }
+        Some(elector) => tokio::select! {
+            _ = controllers => {}
+            lost = elector.hold() => {
+                // Exiting is the one way to be sure no reconcile still in flight writes after another leader starts
+                // (the renew deadline is shorter than the lease duration); the pod restarts as a standby.
+                tracing::error!(?lost, "leadership lost: exiting before another leader can start");
+                std::process::exit(1);
+            }
+        },
+    }
     // SIGTERM: what is queued is exported (bounded), so a rolling update loses no report that could still go out.
     let drain = Duration::from_secs(args.export_timeout_seconds);
     if !telemetry.shutdown(drain).await {
         tracing::warn!(seconds = drain.as_secs(), "the export queue was not drained in time");
+    }
+    if let Some(elector) = elector.as_mut() {
+        elector.release().await;
     }
     tracing::info!("flowtel operator stopped");
     Ok(())
@@ -181,7 +283,7 @@ async fn main() -> anyhow::Result<()> {
                     .with_context(|| format!("writing {}", path.display()))?;
             }
         }
-        Command::Run(args) => run(args).await?,
+        Command::Run(args) => run(*args).await?,
         Command::Render { file, check } => render(&file, check)?,
     }
     Ok(())

@@ -1,10 +1,12 @@
-//! What the controllers share and none of them owns: readiness, the admin port, operator metrics, trace ids.
+//! What the controllers share and none of them owns: readiness, the admin port, operator metrics, leader election,
+//! trace ids.
 //! Nothing here knows a controller.
 
 pub mod admin;
 pub mod conditions;
 pub mod expiring;
 pub mod ids;
+pub mod leader;
 pub mod names;
 pub mod rates;
 pub mod readiness;

@@ -2,26 +2,38 @@
 //! gate once its watches synced; a background worker closes its gate when it stops.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use kube::runtime::watcher;
 
-/// One condition of readiness.
+/// One condition of readiness (or of starting work: see `opened`).
 #[derive(Clone, Debug)]
 pub struct Gate {
     name: &'static str,
-    open: Arc<AtomicBool>,
+    open: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Gate {
+    /// A gate no readiness reads: something else awaits it.
+    pub fn standalone(name: &'static str) -> Self {
+        Self { name, open: Arc::new(tokio::sync::watch::Sender::new(false)) }
+    }
+
     pub fn set(&self, open: bool) {
-        if self.open.swap(open, Ordering::SeqCst) != open {
+        if self.open.send_replace(open) != open {
             tracing::info!(gate = self.name, open, "readiness changed");
         }
     }
 
     pub fn is_open(&self) -> bool {
-        self.open.load(Ordering::SeqCst)
+        *self.open.borrow()
+    }
+
+    /// Returns once the gate is open (at once if it is).
+    pub async fn opened(&self) {
+        let mut rx = self.open.subscribe();
+        // The sender lives in self: the wait cannot fail while we hold it.
+        let _ = rx.wait_for(|open| *open).await;
     }
 }
 
@@ -34,7 +46,7 @@ pub struct Readiness {
 impl Readiness {
     /// A new gate, open or closed.
     pub fn gate(&self, name: &'static str, open: bool) -> Gate {
-        let gate = Gate { name, open: Arc::new(AtomicBool::new(open)) };
+        let gate = Gate { name, open: Arc::new(tokio::sync::watch::Sender::new(open)) };
         self.gates.lock().unwrap_or_else(|e| e.into_inner()).push(gate.clone());
         gate
     }
@@ -94,5 +106,20 @@ mod tests {
         assert!(readiness.closed().is_empty());
         worker.set(false);
         assert_eq!(readiness.closed(), ["export-worker"]);
+    }
+
+    #[tokio::test]
+    async fn a_standalone_gate_wakes_whoever_awaits_it() {
+        let gate = Gate::standalone("children");
+        let waiter = tokio::spawn({
+            let gate = gate.clone();
+            async move { gate.opened().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        gate.set(true);
+        assert!(waiter.await.is_ok());
+        // Opened already: returns at once.
+        gate.opened().await;
     }
 }

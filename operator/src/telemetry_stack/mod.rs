@@ -25,7 +25,7 @@ use kube::{Client, Resource, ResourceExt};
 
 use crate::runtime::FIELD_MANAGER;
 use crate::runtime::rates::RunRates;
-use crate::runtime::readiness::SyncTracker;
+use crate::runtime::readiness::{Gate, SyncTracker};
 use build::{MANAGED_BY, MANAGED_BY_LABEL};
 pub use reconcile::Context;
 
@@ -57,7 +57,7 @@ where
 fn managed<K>(
     client: &Client,
     namespace: &Option<String>,
-    sync: &SyncTracker,
+    trackers: [&SyncTracker; 2],
     what: &'static str,
 ) -> (Store<K>, impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static)
 where
@@ -75,7 +75,8 @@ where
         .default_backoff()
         .modify(|o| o.managed_fields_mut().clear())
         .reflect(writer)
-        .inspect(sync.watch(what))
+        .inspect(trackers[0].watch(what))
+        .inspect(trackers[1].watch(what))
         .touched_objects();
     (store, stream)
 }
@@ -116,30 +117,43 @@ pub fn render(stack: &TelemetryStack, check: bool) -> Result<String, Vec<String>
 
 /// Runs the controller until SIGTERM or SIGINT.
 pub async fn run(client: Client, namespace: Option<String>, rates: RunRates, sync: SyncTracker, concurrency: u16) {
-    let (config_maps, config_map_stream) = managed::<ConfigMap>(&client, &namespace, &sync, "stack-configmaps");
-    let (services, service_stream) = managed::<Service>(&client, &namespace, &sync, "stack-services");
-    let (deployments, deployment_stream) = managed::<Deployment>(&client, &namespace, &sync, "stack-deployments");
-    let (stateful_sets, stateful_set_stream) = managed::<StatefulSet>(&client, &namespace, &sync, "stack-statefulsets");
-    let (daemon_sets, daemon_set_stream) = managed::<DaemonSet>(&client, &namespace, &sync, "stack-daemonsets");
+    // The stacks' watch starts once what they own is cached: a stack reconciled before would apply every object
+    // again (and look for its admin Secret in an empty cache) after each restart or takeover.
+    let children_synced = Gate::standalone("telemetrystack-children-synced");
+    let owned = SyncTracker::new(WATCHES - 1, children_synced.clone());
+    let trackers = [&sync, &owned];
+    let (config_maps, config_map_stream) = managed::<ConfigMap>(&client, &namespace, trackers, "stack-configmaps");
+    let (services, service_stream) = managed::<Service>(&client, &namespace, trackers, "stack-services");
+    let (deployments, deployment_stream) = managed::<Deployment>(&client, &namespace, trackers, "stack-deployments");
+    let (stateful_sets, stateful_set_stream) =
+        managed::<StatefulSet>(&client, &namespace, trackers, "stack-statefulsets");
+    let (daemon_sets, daemon_set_stream) = managed::<DaemonSet>(&client, &namespace, trackers, "stack-daemonsets");
     let (disruption_budgets, pdb_stream) =
-        managed::<PodDisruptionBudget>(&client, &namespace, &sync, "stack-poddisruptionbudgets");
+        managed::<PodDisruptionBudget>(&client, &namespace, trackers, "stack-poddisruptionbudgets");
     let (autoscalers, hpa_stream) =
-        managed::<HorizontalPodAutoscaler>(&client, &namespace, &sync, "stack-horizontalpodautoscalers");
+        managed::<HorizontalPodAutoscaler>(&client, &namespace, trackers, "stack-horizontalpodautoscalers");
     let (secrets, secrets_writer) = reflector::store();
     let secret_stream = watcher(api::<PartialObjectMeta<Secret>>(&client, &namespace), watcher::Config::default())
         .default_backoff()
         .modify(|s| s.managed_fields_mut().clear())
         .reflect(secrets_writer)
         .inspect(sync.watch("secrets-metadata"))
+        .inspect(owned.watch("secrets-metadata"))
         .touched_objects();
 
     let (stacks, stacks_writer) = reflector::store();
-    let stack_stream = watcher(api::<TelemetryStack>(&client, &namespace), watcher::Config::default())
-        .default_backoff()
-        .modify(|s| s.managed_fields_mut().clear())
-        .reflect(stacks_writer)
-        .inspect(sync.watch("stack-controller-telemetrystacks"))
-        .touched_objects();
+    let stacks_api = api::<TelemetryStack>(&client, &namespace);
+    let stacks_synced = sync.watch("stack-controller-telemetrystacks");
+    let stack_stream = futures::stream::once(async move {
+        children_synced.opened().await;
+        watcher(stacks_api, watcher::Config::default())
+            .default_backoff()
+            .modify(|s| s.managed_fields_mut().clear())
+            .reflect(stacks_writer)
+            .inspect(stacks_synced)
+            .touched_objects()
+    })
+    .flatten();
     let context = Arc::new(Context {
         client: client.clone(),
         caches: Caches {

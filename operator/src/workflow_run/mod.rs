@@ -71,16 +71,20 @@ pub async fn run(
     rates: RunRates,
 ) {
     let sync = SyncTracker::new(4, synced);
+    // The runs' watch starts once the Jobs, pods and stacks are cached: a run reconciled before would find no Job
+    // and create one again (a conflict on every run after each restart or takeover).
+    let children_synced = Gate::standalone("workflowrun-children-synced");
+    let children = SyncTracker::new(3, children_synced.clone());
     let job_index = index::RunIndex::default();
     let pod_index = index::RunIndex::default();
     // Job status carries no exit codes or disruption conditions, the pods do: both are watched, trimmed, indexed.
     let (jobs, job_stream) =
-        managed_children(api::<Job>(&client, &config.scope), &sync, "jobs", &job_index, |j: &Job| {
+        managed_children(api::<Job>(&client, &config.scope), [&sync, &children], "jobs", &job_index, |j: &Job| {
             let run = j.owner_references().iter().find(|o| o.kind == "WorkflowRun" && o.controller == Some(true))?;
             Some(((j.namespace()?, run.name.clone()), j.name_any()))
         });
     let (pods, pod_stream) =
-        managed_children(api::<Pod>(&client, &config.scope), &sync, "pods", &pod_index, |p: &Pod| {
+        managed_children(api::<Pod>(&client, &config.scope), [&sync, &children], "pods", &pod_index, |p: &Pod| {
             Some(((p.namespace()?, p.annotations().get(RUN_NAME_ANNOTATION)?.clone()), p.name_any()))
         });
     let (stacks, stacks_writer) = reflector::store();
@@ -89,16 +93,23 @@ pub async fn run(
         .modify(|s| s.managed_fields_mut().clear())
         .reflect(stacks_writer)
         .inspect(sync.watch("telemetrystacks"))
+        .inspect(children.watch("telemetrystacks"))
         .touched_objects();
 
     // The runs' own reflector, so readiness can wait on it like on the others; managedFields are never read.
     let (runs_store, runs_writer) = reflector::store();
-    let run_stream = watcher(api::<WorkflowRun>(&client, &config.scope), watcher::Config::default())
-        .default_backoff()
-        .modify(|r| r.managed_fields_mut().clear())
-        .reflect(runs_writer)
-        .inspect(sync.watch("workflowruns"))
-        .touched_objects();
+    let runs_api = api::<WorkflowRun>(&client, &config.scope);
+    let runs_synced = sync.watch("workflowruns");
+    let run_stream = futures::stream::once(async move {
+        children_synced.opened().await;
+        watcher(runs_api, watcher::Config::default())
+            .default_backoff()
+            .modify(|r| r.managed_fields_mut().clear())
+            .reflect(runs_writer)
+            .inspect(runs_synced)
+            .touched_objects()
+    })
+    .flatten();
     let controller = Controller::for_stream(run_stream, runs_store.clone());
     let runs_for_stacks = runs_store.clone();
     let context = Arc::new(Context {
@@ -151,7 +162,7 @@ pub async fn run(
 /// A cached, trimmed and run-indexed watch of the objects flowtel manages (label managed-by=flowtel).
 fn managed_children<K>(
     api: Api<K>,
-    sync: &SyncTracker,
+    trackers: [&SyncTracker; 2],
     what: &'static str,
     index: &index::RunIndex,
     key: impl Fn(&K) -> Option<((String, String), String)> + Send + 'static,
@@ -165,7 +176,8 @@ where
         .default_backoff()
         .modify(|o| o.managed_fields_mut().clear())
         .reflect(writer)
-        .inspect(sync.watch(what))
+        .inspect(trackers[0].watch(what))
+        .inspect(trackers[1].watch(what))
         .inspect(index.observe(key))
         .touched_objects();
     (store, stream)
