@@ -1,5 +1,6 @@
 //! What GitOps tools conclude from flowtel's status: kstatus (sigs.k8s.io/cli-utils, used by Flux and kpt), built from
-//! its module (`e2e/kstatus/main.go`), reads real WorkflowRuns and TelemetryStacks from the real apiserver.
+//! its module (`e2e/kstatus/main.go`), reads real WorkflowRuns and TelemetryStacks from the real apiserver; so do
+//! flowtel's Argo CD health checks (`manifests/argocd/`).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -8,8 +9,8 @@ use std::time::Duration;
 
 use flowtel_crds::{TelemetryStack, WorkflowRun};
 use flowtel_e2e::{
-    Collector, Operator, TEST_MANAGER, TestNamespace, cached_binary, client, ensure_storage, install_crds, kubectl,
-    repo_root, run, simple_run,
+    Collector, Operator, TEST_MANAGER, TestNamespace, argocd_health, cached_binary, client, ensure_storage,
+    install_crds, kubectl, repo_root, run, simple_run,
 };
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
@@ -74,4 +75,25 @@ async fn kstatus_reads_running_succeeded_failed_ready_and_degraded_the_way_gitop
         last = verdicts(&ns.name);
     }
     assert_eq!(last, expected, "kstatus verdicts");
+
+    // Argo CD, with flowtel's health checks, on the same live objects: Argo Workflows' mapping.
+    let argocd = BTreeMap::from([
+        ("succeeded", "Healthy"),
+        ("failed", "Degraded"),
+        ("running", "Progressing"),
+        ("ready", "Healthy"),
+        ("degraded", "Degraded"),
+    ]);
+    let list =
+        run(kubectl().args(["get", "workflowruns,telemetrystacks", "-n", &ns.name, "-o", "json"])).expect("list");
+    let list: serde_json::Value = serde_json::from_str(&list).expect("JSON");
+    let mut seen = BTreeMap::new();
+    for object in list["items"].as_array().expect("items") {
+        let name = object["metadata"]["name"].as_str().expect("name");
+        let (status, message) = argocd_health(object).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(!message.is_empty(), "{name}: Argo CD shows a message");
+        seen.insert(name, status);
+    }
+    let seen: BTreeMap<&str, &str> = seen.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    assert_eq!(seen, argocd, "Argo CD health");
 }
