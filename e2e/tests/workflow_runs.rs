@@ -214,6 +214,16 @@ async fn a_successful_run_injects_otel_and_reports_spans_and_metrics() {
     let bounds: Vec<f64> = hist["explicitBounds"].as_array().into_iter().flatten().filter_map(Value::as_f64).collect();
     assert_eq!(bounds, [5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0]);
     assert_eq!(hist["count"], "1");
+
+    // What the run cost the apiserver, creation to exported telemetry: the finalizer, the attempt recorded, its
+    // Job, and one terminal write that records the export too; no Event (Normal Events are opt-in).
+    let writes = settled_operator_writes(&env.ns.name).await;
+    let expected = [("create jobs", 1), ("patch workflowruns", 1), ("patch workflowruns/status", 2)];
+    let expected: Vec<(String, u64)> = expected.iter().map(|(w, n)| (w.to_string(), *n)).collect();
+    assert_eq!(writes, expected, "4 writes for a successful run");
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), &env.ns.name);
+    let events = events.list(&ListParams::default()).await.expect("events").items;
+    assert!(events.iter().all(|e| e.reporting_controller.as_deref() != Some("flowtel")), "no Event: {events:#?}");
 }
 
 #[tokio::test]
@@ -782,7 +792,8 @@ async fn sigterm_stops_the_operator_cleanly() {
 
 #[tokio::test]
 async fn runs_at_the_schemas_edges_end_with_a_reason_and_an_event_beside_a_healthy_run() {
-    let env = Env::new("wfr-edges", &[]).await;
+    // Normal Events too: every run, the succeeded ones included, is named by an Event.
+    let env = Env::new("wfr-edges", &["--normal-events"]).await;
     let plain = || run_json("x", "wf-edges", json!({}), json!({}), json!({}));
     // 50 containers, each given the injected environment.
     let mut many = plain();

@@ -74,6 +74,10 @@ struct RunArgs {
     /// Timeout of one OTLP export, in seconds; also how long a stopping operator drains its export queue.
     #[arg(long, env = "FLOWTEL_EXPORT_TIMEOUT_SECONDS", default_value_t = 5)]
     export_timeout_seconds: u64,
+    /// Publish Normal Events too (attempt started or finished, run succeeded): each is an apiserver write, three
+    /// per successful run. Warnings (failures, retries, cancels, telemetry trouble) are always published.
+    #[arg(long, env = "FLOWTEL_NORMAL_EVENTS")]
+    normal_events: bool,
     #[command(flatten)]
     election: ElectionArgs,
 }
@@ -224,6 +228,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             },
             default_otlp_endpoint: args.otlp_endpoint,
             concurrency: args.concurrency,
+            normal_events: args.normal_events,
         },
         metrics,
         runs_synced,

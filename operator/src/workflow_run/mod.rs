@@ -57,6 +57,8 @@ pub struct ControllerSettings {
     pub settings: Settings,
     pub default_otlp_endpoint: Option<String>,
     pub concurrency: u16,
+    /// Normal Events too (attempt started or finished, run succeeded); Warnings (failures, retries, cancels) always.
+    pub normal_events: bool,
 }
 
 /// Runs the controller until SIGTERM or SIGINT. `synced` opens when every watch has delivered its first list;
@@ -122,6 +124,7 @@ pub async fn run(
         telemetry,
         settings: config.settings,
         default_otlp_endpoint: config.default_otlp_endpoint,
+        normal_events: config.normal_events,
         recorder: Recorder::new(client.clone(), Reporter { controller: "flowtel".into(), instance: None }),
         metrics,
         created_jobs: ExpiringMap::new(std::time::Duration::from_secs(60)),

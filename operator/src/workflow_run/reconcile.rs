@@ -82,6 +82,8 @@ pub struct Context {
     pub settings: Settings,
     /// The workload's OTLP endpoint when a run references no TelemetryStack.
     pub default_otlp_endpoint: Option<String>,
+    /// Whether Normal Events are published (each is an apiserver write: opt-in); Warnings always are.
+    pub normal_events: bool,
     pub recorder: Recorder,
     pub metrics: ControllerMetrics,
     /// Jobs this process created lately (namespace, name): until the Job cache shows one, a reconcile that finds
@@ -594,7 +596,7 @@ async fn reconcile_run(run: &WorkflowRun, ctx: &Context) -> Result<ControllerAct
         ctx.telemetry.settled(&key).await;
         reports = report_telemetry(run, ctx, &stored);
     }
-    let obs = Observation {
+    let mut obs = Observation {
         now: plan::now_ms(jiff::Timestamp::now()),
         jobs: jobs.iter().map(Arc::as_ref).collect(),
         pods: pods.iter().map(Arc::as_ref).collect(),
@@ -604,6 +606,12 @@ async fn reconcile_run(run: &WorkflowRun, ctx: &Context) -> Result<ControllerAct
     };
     let mut plan = plan::plan(run, &obs, &ctx.settings);
     plan.status.telemetry = Some(reports.report);
+    if let Some(ended) = export_the_end_with_it(run, ctx, &stored, &plan.status).await? {
+        // Planned again with the export's verdict, so TelemetryDegraded is right in the one terminal write.
+        obs.telemetry_degraded = ended.degraded.or(target_degraded.clone());
+        plan = plan::plan(run, &obs, &ctx.settings);
+        plan.status.telemetry = Some(ended.report);
+    }
     // A new attempt is recorded before its Job is created (and its start report with it), so a crash after the
     // create finds the attempt in status and never starts or counts it twice; the planner re-creates a Job that
     // is missing. Deletions go first: a crash after them is planned again, never leaves a Job running.
@@ -619,12 +627,38 @@ async fn reconcile_run(run: &WorkflowRun, ctx: &Context) -> Result<ControllerAct
     wrote |= write_status(run, ctx, &plan.status, &recorded).await?;
     // Events describe the changes a status write records; a deferred change is announced when it is written.
     if wrote {
-        for note in &plan.events {
+        for note in plan.events.iter().filter(|n| n.warning || ctx.normal_events) {
             publish(ctx, run, note).await;
         }
     }
     let requeue = [plan.requeue_after, reports.retry_after].into_iter().flatten().min();
     Ok(requeue.map_or_else(ControllerAction::await_change, ControllerAction::requeue))
+}
+
+/// How long a run that ends in this reconcile waits for its report to reach a healthy collector before its terminal
+/// status is written without it.
+const END_EXPORT_WAIT: Duration = Duration::from_secs(1);
+
+/// A run that ends in this reconcile: its one report goes out first (milliseconds, to a healthy collector), so that
+/// a single status write records the end and the export (a write per run saved). An export that takes longer, or
+/// a collector that is failing, leaves the report to the next reconcile, as for any terminal run.
+async fn export_the_end_with_it(
+    run: &WorkflowRun,
+    ctx: &Context,
+    stored: &WorkflowRunStatus,
+    planned: &WorkflowRunStatus,
+) -> Result<Option<Reports>, ReconcileError> {
+    let ends_now = !plan::is_terminal(stored) && plan::is_terminal(planned);
+    if !ends_now || !ctx.telemetry.is_enabled() || !ctx.telemetry.is_healthy() {
+        return Ok(None);
+    }
+    ctx.await_apiserver(run).await?;
+    let mut reports = report_telemetry(run, ctx, planned);
+    if let Some(key) = reports.awaiting.take() {
+        let _ = tokio::time::timeout(END_EXPORT_WAIT, ctx.telemetry.settled(&key)).await;
+        reports = report_telemetry(run, ctx, planned);
+    }
+    Ok(reports.report.finished.then_some(reports))
 }
 
 pub fn error_policy(run: Arc<WorkflowRun>, error: &ReconcileError, _ctx: Arc<Context>) -> ControllerAction {
