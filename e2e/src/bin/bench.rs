@@ -1,57 +1,551 @@
-//! Figures that are measured, not asserted: the operator's apiserver writes for one successful single-attempt run
-//! (from the audit log) and the wall time of a burst of runs. Needs the cluster (`e2e/cluster up`) and the built
-//! operator (`cargo build --workspace`):
+//! The throughput bench (`e2e/bench`): flowtel side by side with bare Jobs on the local control plane, in one run.
+//! Figures are printed and written as JSON, never asserted. Stages:
 //!
-//!     cargo run -p flowtel-e2e --bin bench -- [RUNS]      (default 200)
+//! 1. bare Jobs (the pod template flowtel's Jobs get, a 1 s simulated pod) offered open loop at rising rates; a rate
+//!    is sustained when every Job completes and none waits more than `--max-lag` beyond its pod → the ceiling;
+//! 2. WorkflowRuns at the same rates (to one step past the Jobs' ceiling), the operator (release build) exporting to
+//!    the real collector → sustained runs/s and the ratio;
+//! 3. latency at flowtel's highest sustained rate, from the bench's own watches: run created → Job seen, pod
+//!    terminal → run terminal;
+//! 4. API cost from the audit log: the operator's requests per run by verb and resource (Events and GETs
+//!    included: a GET is an uncached read), and every client's writes per run, flowtel vs bare Jobs;
+//! 5. the operator's CPU per 1,000 runs and its RSS, then RSS with 10k and 50k finished runs retained, fitted;
+//! 6. telemetry: spans and metric points per run at the collector, reports dropped.
+//!
+//!     e2e/bench [--rates 10,20,30,40,50] [--step-seconds 40] [--retained 10000,50000] [--out target/bench.json]
 
-use std::time::Duration;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use flowtel_crds::WorkflowRun;
-use flowtel_e2e::{
-    Collector, Operator, TEST_MANAGER, TestNamespace, burst, client, install_crds, operator_writes, simple_run,
-};
-use kube::api::{Api, Patch, PatchParams};
+use flowtel_e2e::{Collector, Operator, TEST_MANAGER, TestNamespace, client, cluster_kubeconfig, install_crds};
+use futures::StreamExt;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use serde_json::{Value, json};
+
+const POD_SECONDS: f64 = 1.0;
+/// The bench stops by itself: every stage checks this budget.
+const BUDGET: Duration = Duration::from_secs(14 * 60);
+
+struct Args {
+    rates: Vec<f64>,
+    step: Duration,
+    max_lag: Duration,
+    retained: Vec<usize>,
+    out: std::path::PathBuf,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        rates: vec![10.0, 20.0, 30.0, 40.0, 50.0],
+        step: Duration::from_secs(40),
+        max_lag: Duration::from_secs(5),
+        retained: vec![10_000, 50_000],
+        out: std::path::PathBuf::from("target/bench.json"),
+    };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    for pair in argv.chunks(2) {
+        let (flag, value) = (pair[0].as_str(), pair.get(1).map(String::as_str).unwrap_or_default());
+        let list = || value.split(',').filter_map(|v| v.trim().parse().ok());
+        match flag {
+            "--rates" => a.rates = list().collect(),
+            "--step-seconds" => a.step = Duration::from_secs(value.parse().unwrap_or(40)),
+            "--max-lag-seconds" => a.max_lag = Duration::from_secs(value.parse().unwrap_or(5)),
+            "--retained" => a.retained = value.split(',').filter_map(|v| v.trim().parse().ok()).collect(),
+            "--out" => a.out = value.into(),
+            other => {
+                eprintln!("unknown flag {other}; see the header of e2e/src/bin/bench.rs");
+                std::process::exit(2);
+            }
+        }
+    }
+    a
+}
+
+/// When the bench saw each object's milestones (its own clock, from its own watches).
+#[derive(Default)]
+struct Timeline {
+    created: HashMap<String, Instant>,
+    job_seen: HashMap<String, Instant>,
+    pod_done: HashMap<String, Instant>,
+    done: HashMap<String, Instant>,
+    failed_creates: usize,
+}
+
+type Shared = Arc<Mutex<Timeline>>;
+
+fn lock(t: &Shared) -> std::sync::MutexGuard<'_, Timeline> {
+    t.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn template(workflow: &str) -> Value {
+    json!({
+        "metadata": {"annotations": {"sim.flowtel.dev/duration": "1s"}, "labels": {"bench.flowtel.dev/workflow": workflow}},
+        "spec": {"containers": [{"name": "main", "image": "registry.example/app:1.0"}]}
+    })
+}
+
+fn bare_job(name: &str) -> Job {
+    let mut pod = template("bare");
+    pod["spec"]["restartPolicy"] = json!("Never");
+    serde_json::from_value(json!({
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name},
+        // What flowtel's attempt Jobs set: no retries by the Job, the pod template as given.
+        "spec": {"backoffLimit": 0, "template": pod}
+    }))
+    .expect("a valid Job")
+}
+
+fn workflow_run(name: &str) -> WorkflowRun {
+    serde_json::from_value(json!({
+        "apiVersion": "flowtel.dev/v1alpha1", "kind": "WorkflowRun", "metadata": {"name": name},
+        "spec": {"workflowName": "bench", "template": template("flowtel")}
+    }))
+    .expect("a valid WorkflowRun")
+}
+
+/// Records Jobs (bare: their completion; flowtel: when each run's Job appeared), pods' ends and runs' ends.
+fn watch_all(client: &kube::Client, ns: &str, timeline: &Shared, flowtel: bool) {
+    let jobs: Api<Job> = Api::namespaced(client.clone(), ns);
+    let t = timeline.clone();
+    tokio::spawn(async move {
+        let mut s = std::pin::pin!(watcher(jobs, watcher::Config::default()).default_backoff());
+        while let Some(Ok(ev)) = s.next().await {
+            let (watcher::Event::Apply(j) | watcher::Event::InitApply(j)) = ev else { continue };
+            let now = Instant::now();
+            let name = j.metadata.name.clone().unwrap_or_default();
+            let mut t = lock(&t);
+            if flowtel {
+                let run = name.strip_suffix("-1").unwrap_or(&name).to_string();
+                t.job_seen.entry(run).or_insert(now);
+            } else if j.status.as_ref().and_then(|s| s.succeeded).unwrap_or(0) > 0
+                || j.status.as_ref().and_then(|s| s.failed).unwrap_or(0) > 0
+            {
+                t.done.entry(name).or_insert(now);
+            }
+        }
+    });
+    if !flowtel {
+        return;
+    }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let t = timeline.clone();
+    tokio::spawn(async move {
+        let mut s = std::pin::pin!(watcher(pods, watcher::Config::default()).default_backoff());
+        while let Some(Ok(ev)) = s.next().await {
+            let (watcher::Event::Apply(p) | watcher::Event::InitApply(p)) = ev else { continue };
+            let phase = p.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
+            if phase != "Succeeded" && phase != "Failed" {
+                continue;
+            }
+            let job = p.metadata.labels.as_ref().and_then(|l| l.get("job-name")).cloned().unwrap_or_default();
+            let run = job.strip_suffix("-1").unwrap_or(&job).to_string();
+            lock(&t).pod_done.entry(run).or_insert_with(Instant::now);
+        }
+    });
+    let runs: Api<WorkflowRun> = Api::namespaced(client.clone(), ns);
+    let t = timeline.clone();
+    tokio::spawn(async move {
+        let mut s = std::pin::pin!(watcher(runs, watcher::Config::default()).default_backoff());
+        while let Some(Ok(ev)) = s.next().await {
+            let (watcher::Event::Apply(r) | watcher::Event::InitApply(r)) = ev else { continue };
+            let terminal = r.status.as_ref().and_then(|s| s.completion_time.as_ref()).is_some();
+            if terminal {
+                lock(&t).done.entry(r.metadata.name.clone().unwrap_or_default()).or_insert_with(Instant::now);
+            }
+        }
+    });
+}
+
+/// Offers `rate` objects a second for `step`, open loop (a create never waits for an earlier one); returns names.
+async fn offer(client: &kube::Client, ns: &str, prefix: &str, rate: f64, step: Duration, t: &Shared, flowtel: bool) -> Vec<String> {
+    let count = (rate * step.as_secs_f64()).round() as usize;
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut names = Vec::with_capacity(count);
+    for i in 0..count {
+        ticker.tick().await;
+        let name = format!("{prefix}-{i}");
+        lock(t).created.insert(name.clone(), Instant::now());
+        names.push(name.clone());
+        let (client, ns, t) = (client.clone(), ns.to_string(), t.clone());
+        tokio::spawn(async move {
+            let pp = PostParams { field_manager: Some(TEST_MANAGER.into()), ..PostParams::default() };
+            let ok = if flowtel {
+                Api::<WorkflowRun>::namespaced(client, &ns).create(&pp, &workflow_run(&name)).await.is_ok()
+            } else {
+                Api::<Job>::namespaced(client, &ns).create(&pp, &bare_job(&name)).await.is_ok()
+            };
+            if !ok {
+                lock(&t).failed_creates += 1;
+            }
+        });
+    }
+    names
+}
+
+fn percentile(mut v: Vec<f64>, p: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let i = ((p / 100.0) * (v.len() as f64 - 1.0)).round() as usize;
+    v.get(i).copied()
+}
+
+struct StepResult {
+    rate: f64,
+    offered: usize,
+    completed: usize,
+    sustained: bool,
+    completions_per_s: f64,
+    lag_p50: Option<f64>,
+    lag_p99: Option<f64>,
+    lag_max: Option<f64>,
+    names: Vec<String>,
+}
+
+async fn step(
+    client: &kube::Client,
+    ns: &str,
+    prefix: &str,
+    rate: f64,
+    a: &Args,
+    t: &Shared,
+    flowtel: bool,
+) -> StepResult {
+    let names = offer(client, ns, prefix, rate, a.step, t, flowtel).await;
+    let drain_until = Instant::now() + a.max_lag + Duration::from_secs_f64(POD_SECONDS);
+    loop {
+        let finished = {
+            let t = lock(t);
+            names.iter().filter(|n| t.done.contains_key(*n)).count()
+        };
+        if finished == names.len() || Instant::now() > drain_until {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let t = lock(t);
+    let lags: Vec<f64> = names
+        .iter()
+        .filter_map(|n| Some(t.done.get(n)?.duration_since(*t.created.get(n)?).as_secs_f64()))
+        .collect();
+    let first = names.first().and_then(|n| t.created.get(n)).copied();
+    let last_done = names.iter().filter_map(|n| t.done.get(n)).max().copied();
+    let span = match (first, last_done) {
+        (Some(f), Some(l)) => l.duration_since(f).as_secs_f64(),
+        _ => f64::INFINITY,
+    };
+    let completed = lags.len();
+    let lag_max = lags.iter().copied().fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+    let sustained = completed == names.len()
+        && lag_max.is_some_and(|m| m <= POD_SECONDS + a.max_lag.as_secs_f64());
+    StepResult {
+        rate,
+        offered: names.len(),
+        completed,
+        sustained,
+        completions_per_s: completed as f64 / span,
+        lag_p50: percentile(lags.clone(), 50.0),
+        lag_p99: percentile(lags.clone(), 99.0),
+        lag_max,
+        names,
+    }
+}
+
+fn step_json(s: &StepResult) -> Value {
+    json!({"rate": s.rate, "offered": s.offered, "completed": s.completed, "sustained": s.sustained,
+        "completions_per_s": s.completions_per_s, "lag_p50_s": s.lag_p50, "lag_p99_s": s.lag_p99, "lag_max_s": s.lag_max})
+}
+
+fn print_step(kind: &str, s: &StepResult) {
+    println!(
+        "  {kind:<8} {:>5.0}/s offered {:>5}  completed {:>5}  {:>6.1}/s  lag p50 {:>5.2}s p99 {:>5.2}s max {:>5.2}s  {}",
+        s.rate,
+        s.offered,
+        s.completed,
+        s.completions_per_s,
+        s.lag_p50.unwrap_or(f64::NAN),
+        s.lag_p99.unwrap_or(f64::NAN),
+        s.lag_max.unwrap_or(f64::NAN),
+        if s.sustained { "sustained" } else { "NOT sustained" }
+    );
+}
+
+/// Audit entries (writes, and GETs) in `ns`: (user agent is flowtel's, verb, resource[/subresource]) → count.
+fn audit(ns: &str) -> BTreeMap<(bool, String, String), u64> {
+    let dir = cluster_kubeconfig().parent().map(|d| d.join("logs")).unwrap_or_default();
+    let needle = format!("\"namespace\":\"{ns}\"");
+    let mut counts = BTreeMap::new();
+    let files = std::fs::read_dir(&dir).into_iter().flatten().flatten().map(|e| e.path());
+    for path in files.filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("audit"))) {
+        for line in std::fs::read_to_string(&path).unwrap_or_default().lines().filter(|l| l.contains(&needle)) {
+            let Ok(e) = serde_json::from_str::<Value>(line) else { continue };
+            if e["stage"] != "ResponseComplete" || e["objectRef"]["namespace"] != ns {
+                continue;
+            }
+            let ours = e["userAgent"].as_str().is_some_and(|ua| ua.starts_with("flowtel/"));
+            let sub = e["objectRef"]["subresource"].as_str().map(|s| format!("/{s}")).unwrap_or_default();
+            let resource = format!("{}{sub}", e["objectRef"]["resource"].as_str().unwrap_or("?"));
+            *counts.entry((ours, e["verb"].as_str().unwrap_or("?").to_string(), resource)).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+fn is_write(verb: &str) -> bool {
+    matches!(verb, "create" | "update" | "patch" | "delete" | "deletecollection")
+}
+
+/// utime + stime of `pid`, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or_default();
+    // Fields 14 and 15 of stat; after "comm) " the state is field 3, so index 11 and 12. USER_HZ is 100 on Linux.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// (VmRSS, VmHWM) of `pid`, in MiB.
+fn memory_mib(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.split_whitespace().next()?.parse::<f64>().ok())
+            .unwrap_or_default()
+    };
+    (kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0)
+}
+
+/// Creates finished runs `from..to` in `ns` (created, then given the status a real finished run got), 64 at once.
+async fn retain(client: &kube::Client, ns: &str, from: usize, to: usize, status: &Value, deadline: Instant) -> usize {
+    let api: Api<WorkflowRun> = Api::namespaced(client.clone(), ns);
+    let pp = PostParams { field_manager: Some(TEST_MANAGER.into()), ..PostParams::default() };
+    let made = futures::stream::iter(from..to)
+        .map(|i| {
+            let (api, pp) = (api.clone(), pp.clone());
+            let status = json!({"status": status});
+            async move {
+                if Instant::now() > deadline {
+                    return false;
+                }
+                let name = format!("kept-{i}");
+                api.create(&pp, &workflow_run(&name)).await.is_ok()
+                    && api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status)).await.is_ok()
+            }
+        })
+        .buffer_unordered(64)
+        .filter(|ok| futures::future::ready(*ok))
+        .count()
+        .await;
+    from + made
+}
+
+/// Starts an operator for `ns` and waits until it has reconciled every one of `count` runs once.
+async fn rss_with(ns: &str, endpoint: &str, count: usize) -> Result<(f64, f64), Box<dyn std::error::Error>> {
+    let operator = Operator::start(ns, endpoint, &[]).await?;
+    let started = Instant::now();
+    while operator.counter("flowtel_reconciles_total").await.unwrap_or(0) < count as u64
+        && started.elapsed() < Duration::from_secs(180)
+    {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let pid = operator.pid().unwrap_or_default();
+    Ok((memory_mib(pid).0, cpu_seconds(pid)))
+}
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let runs: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(200);
+    let a = args();
+    let began = Instant::now();
+    let deadline = began + BUDGET;
     let client = client().await?;
     install_crds(&client).await?;
     let collector = Collector::start("bench").await?;
+    let mut report = serde_json::Map::new();
+    println!("flowtel bench: rates {:?}/s, {} s a step, a 1 s pod; budget {} min", a.rates, a.step.as_secs(), BUDGET.as_secs() / 60);
 
-    // One run, start to deletion by its TTL: every write the operator makes for it.
-    let ns = TestNamespace::new(&client, "bench-writes").await?;
-    let operator = Operator::start(&ns.name, &collector.endpoint, &[]).await?;
-    let api: Api<WorkflowRun> = Api::namespaced(client.clone(), &ns.name);
-    let mut run = simple_run("single", "bench", "1s");
-    run["spec"]["ttlSecondsAfterFinished"] = 1.into();
-    let created = api.patch("single", &PatchParams::apply(TEST_MANAGER), &Patch::Apply(&run)).await?;
-    let uid = created.metadata.uid.clone().unwrap_or_default();
-    let gone = kube::runtime::wait::await_condition(api, "single", kube::runtime::conditions::is_deleted(&uid));
-    tokio::time::timeout(Duration::from_secs(120), gone).await??;
-    tokio::time::sleep(Duration::from_secs(2)).await; // the audit log is written asynchronously
-    let writes = operator_writes(&ns.name);
-    let total: u64 = writes.iter().map(|(_, n)| n).sum();
-    println!("operator writes for one successful single-attempt run, creation to TTL deletion: {total}");
-    for (what, n) in &writes {
-        println!("  {n:>3}  {what}");
+    // 1. Bare Jobs.
+    let bare_ns = TestNamespace::new(&client, "bench-jobs").await?;
+    let bare_t: Shared = Arc::default();
+    watch_all(&client, &bare_ns.name, &bare_t, false);
+    let mut bare_steps = Vec::new();
+    println!("bare Jobs:");
+    for (i, rate) in a.rates.iter().enumerate() {
+        let s = step(&client, &bare_ns.name, &format!("j{i}"), *rate, &a, &bare_t, false).await;
+        print_step("Jobs", &s);
+        let stop = !s.sustained;
+        bare_steps.push(s);
+        if stop || Instant::now() > deadline {
+            break;
+        }
     }
-    println!("  (Events are not counted; reconciles: {:?})", operator.counter("flowtel_reconciles_total").await);
+    let bare_ceiling = bare_steps.iter().filter(|s| s.sustained).map(|s| s.rate).fold(0.0, f64::max);
+    let bare_count: usize = bare_steps.iter().map(|s| s.offered).sum();
+
+    // 2. WorkflowRuns, the operator exporting to the collector.
+    let ns = TestNamespace::new(&client, "bench-flowtel").await?;
+    let t: Shared = Arc::default();
+    watch_all(&client, &ns.name, &t, true);
+    let operator = Operator::start(&ns.name, &collector.endpoint, &["--concurrency", "32"]).await?;
+    let pid = operator.pid().unwrap_or_default();
+    let cpu_before = cpu_seconds(pid);
+    let mut steps = Vec::new();
+    println!("WorkflowRuns:");
+    for (i, rate) in a.rates.iter().enumerate() {
+        let s = step(&client, &ns.name, &format!("r{i}"), *rate, &a, &t, true).await;
+        print_step("flowtel", &s);
+        let stop = !s.sustained || *rate > bare_ceiling;
+        steps.push(s);
+        if stop || Instant::now() > deadline {
+            break;
+        }
+    }
+    // Every run terminal with its telemetry recorded before the costs are read.
+    let runs_api: Api<WorkflowRun> = Api::namespaced(client.clone(), &ns.name);
+    let total_runs: usize = steps.iter().map(|s| s.offered).sum();
+    let settle_until = Instant::now() + Duration::from_secs(60);
+    let mut finished = 0;
+    while Instant::now() < settle_until {
+        let list = runs_api.list(&Default::default()).await?.items;
+        finished = list.iter().filter(|r| r.status.as_ref().and_then(|s| s.telemetry.as_ref()).is_some_and(|t| t.finished)).count();
+        if finished >= total_runs {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let cpu = cpu_seconds(pid) - cpu_before;
+    let (rss, hwm) = memory_mib(pid);
+    let flowtel_ceiling = steps.iter().filter(|s| s.sustained).map(|s| s.rate).fold(0.0, f64::max);
+    let ratio = if bare_ceiling > 0.0 { flowtel_ceiling / bare_ceiling } else { f64::NAN };
+    println!("ceiling: bare Jobs {bare_ceiling}/s, flowtel {flowtel_ceiling}/s: {ratio:.2}x");
+
+    // 3. Latency at flowtel's highest sustained rate.
+    let latency = steps.iter().filter(|s| s.sustained).last().map(|s| {
+        let t = lock(&t);
+        let to_job: Vec<f64> = s.names.iter().filter_map(|n| Some(t.job_seen.get(n)?.duration_since(*t.created.get(n)?).as_secs_f64())).collect();
+        let to_end: Vec<f64> = s.names.iter().filter_map(|n| Some(t.done.get(n)?.duration_since(*t.pod_done.get(n)?).as_secs_f64())).collect();
+        json!({"rate": s.rate,
+            "created_to_job_p50_s": percentile(to_job.clone(), 50.0), "created_to_job_p99_s": percentile(to_job, 99.0),
+            "pod_terminal_to_run_terminal_p50_s": percentile(to_end.clone(), 50.0),
+            "pod_terminal_to_run_terminal_p99_s": percentile(to_end, 99.0)})
+    });
+    if let Some(l) = &latency {
+        println!("latency at {}/s: run created → Job seen p50 {:.3} s p99 {:.3} s; pod terminal → run terminal p50 {:.3} s p99 {:.3} s",
+            l["rate"], l["created_to_job_p50_s"].as_f64().unwrap_or(f64::NAN), l["created_to_job_p99_s"].as_f64().unwrap_or(f64::NAN),
+            l["pod_terminal_to_run_terminal_p50_s"].as_f64().unwrap_or(f64::NAN), l["pod_terminal_to_run_terminal_p99_s"].as_f64().unwrap_or(f64::NAN));
+    }
+
+    // 4. API cost, from the audit log (written asynchronously: give it a moment).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let flowtel_audit = audit(&ns.name);
+    let bare_audit = audit(&bare_ns.name);
+    let per = |n: u64, of: usize| if of == 0 { f64::NAN } else { n as f64 / of as f64 };
+    let mut operator_requests = serde_json::Map::new();
+    println!("operator requests per finished run ({finished} runs):");
+    for ((ours, verb, resource), n) in &flowtel_audit {
+        if *ours {
+            println!("  {:>6.2}  {verb} {resource}", per(*n, finished));
+            operator_requests.insert(format!("{verb} {resource}"), json!(per(*n, finished)));
+        }
+    }
+    let sum = |m: &BTreeMap<(bool, String, String), u64>, f: &dyn Fn(bool, &str, &str) -> bool| -> u64 {
+        m.iter().filter(|((o, v, r), _)| f(*o, v, r)).map(|(_, n)| n).sum()
+    };
+    let operator_writes = sum(&flowtel_audit, &|o, v, _| o && is_write(v));
+    let operator_events = sum(&flowtel_audit, &|o, v, r| o && is_write(v) && r == "events");
+    let uncached_reads = sum(&flowtel_audit, &|o, v, _| o && v == "get");
+    let all_writes_flowtel = sum(&flowtel_audit, &|_, v, _| is_write(v));
+    let all_writes_bare = sum(&bare_audit, &|_, v, _| is_write(v));
+    println!(
+        "operator writes per run {:.2} (Events {:.2}); uncached reads {uncached_reads}; apiserver writes per run: flowtel {:.2}, bare Job {:.2}",
+        per(operator_writes, finished), per(operator_events, finished), per(all_writes_flowtel, finished), per(all_writes_bare, bare_count)
+    );
+
+    // 5. CPU and memory.
+    let cpu_per_1000 = per((cpu * 1000.0) as u64, finished);
+    println!("operator CPU {cpu:.2} s for {finished} runs: {cpu_per_1000:.2} s per 1,000 runs; RSS {rss:.1} MiB (peak {hwm:.1})");
+
+    // 6. Telemetry at the collector.
+    let spans = collector.spans().len();
+    let points: usize = collector
+        .documents("metrics")
+        .iter()
+        .flat_map(|d| d["resourceMetrics"].as_array().cloned().unwrap_or_default())
+        .flat_map(|rm| rm["scopeMetrics"].as_array().cloned().unwrap_or_default())
+        .flat_map(|sm| sm["metrics"].as_array().cloned().unwrap_or_default())
+        .map(|m| ["sum", "histogram", "gauge"].iter().map(|k| m[*k]["dataPoints"].as_array().map_or(0, Vec::len)).sum::<usize>())
+        .sum();
+    let dropped = operator.counter("flowtel_telemetry_dropped_total").await.unwrap_or_default();
+    let queue_full = operator.counter("flowtel_telemetry_queue_full_total").await.unwrap_or_default();
+    println!("telemetry per run: {:.2} spans, {:.2} metric points; dropped {dropped}, queue full {queue_full}", per(spans as u64, finished), per(points as u64, finished));
+    let status_template = runs_api
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .find_map(|r| r.status.filter(|s| s.telemetry.as_ref().is_some_and(|t| t.finished)));
     drop(operator);
 
-    let ns = TestNamespace::new(&client, "bench-burst").await?;
-    let operator = Operator::start(&ns.name, &collector.endpoint, &[]).await?;
-    let wall = burst(&client, &ns.name, "bench-burst", runs, Duration::from_secs(1200)).await?;
-    println!(
-        "burst of {runs} runs (pods run 1s): all terminal with telemetry exported in {:.1} s ({:.1} runs/s)",
-        wall.as_secs_f64(),
-        runs as f64 / wall.as_secs_f64()
+    // 5b. RSS with finished runs retained (no operator while they are created, so none is started).
+    let mut retained = Vec::new();
+    if let Some(status) = status_template.map(|s| serde_json::to_value(s).unwrap_or_default()) {
+        let kept = TestNamespace::new(&client, "bench-retained").await?;
+        let mut have = 0;
+        for target in &a.retained {
+            let t0 = Instant::now();
+            have = retain(&client, &kept.name, have, *target, &status, deadline).await;
+            let created_s = t0.elapsed().as_secs_f64();
+            let (rss, cpu) = rss_with(&kept.name, &collector.endpoint, have).await?;
+            println!("retained {have} finished runs (created in {created_s:.0} s): RSS {rss:.1} MiB, startup CPU {cpu:.2} s");
+            retained.push((have, rss));
+            if Instant::now() > deadline {
+                break;
+            }
+        }
+    }
+    let fit = match retained.as_slice() {
+        [.., (n1, r1), (n2, r2)] if n2 > n1 => {
+            let per_object_kib = (r2 - r1) * 1024.0 / (*n2 - *n1) as f64;
+            let base = r1 - per_object_kib * *n1 as f64 / 1024.0;
+            println!("fit: {base:.1} MiB + {per_object_kib:.2} KiB per retained run");
+            Some(json!({"base_mib": base, "per_object_kib": per_object_kib}))
+        }
+        _ => None,
+    };
+
+    report.insert("date".into(), json!(jiff_now()));
+    report.insert("bare_jobs".into(), json!(bare_steps.iter().map(step_json).collect::<Vec<_>>()));
+    report.insert("workflow_runs".into(), json!(steps.iter().map(step_json).collect::<Vec<_>>()));
+    report.insert("ceiling_per_s".into(), json!({"bare_jobs": bare_ceiling, "flowtel": flowtel_ceiling, "ratio": ratio}));
+    report.insert("latency".into(), latency.unwrap_or(Value::Null));
+    report.insert("operator_requests_per_run".into(), Value::Object(operator_requests));
+    report.insert(
+        "writes_per_run".into(),
+        json!({"operator": per(operator_writes, finished), "operator_events": per(operator_events, finished),
+            "uncached_reads": uncached_reads, "apiserver_flowtel": per(all_writes_flowtel, finished),
+            "apiserver_bare_job": per(all_writes_bare, bare_count)}),
     );
-    println!(
-        "  status writes: {:?}, reconciles: {:?}, export failures: {:?}",
-        operator.counter("flowtel_status_writes_total").await,
-        operator.counter("flowtel_reconciles_total").await,
-        operator.counter("flowtel_telemetry_export_failures_total").await
-    );
+    report.insert("operator".into(), json!({"cpu_s_per_1000_runs": cpu_per_1000, "rss_mib": rss, "peak_rss_mib": hwm,
+        "retained": retained.iter().map(|(n, r)| json!({"runs": n, "rss_mib": r})).collect::<Vec<_>>(), "fit": fit}));
+    report.insert("telemetry_per_run".into(), json!({"spans": per(spans as u64, finished), "metric_points": per(points as u64, finished),
+        "dropped": dropped, "queue_full": queue_full}));
+    if let Some(dir) = a.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&a.out, serde_json::to_string_pretty(&Value::Object(report))?)?;
+    println!("written {} in {:.0} s; cleaning up", a.out.display(), began.elapsed().as_secs_f64());
     Ok(())
+}
+
+fn jiff_now() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    format!("unix {secs}")
 }
