@@ -106,7 +106,7 @@ pub async fn run(
         children_synced.opened().await;
         watcher(runs_api, watcher::Config::default())
             .default_backoff()
-            .modify(|r| r.managed_fields_mut().clear())
+            .modify(trim_for_cache)
             .reflect(runs_writer)
             .inspect(runs_synced)
             .touched_objects()
@@ -162,6 +162,20 @@ pub async fn run(
         .await;
 }
 
+/// What the cache keeps of a run: never managedFields or kubectl's last-applied copy of the whole object; and once
+/// the run is over with its telemetry exported, not its pod template either (nothing reads it again: a finished run
+/// only waits for its TTL). Retained finished runs are most of the cache at 10M runs a day. Writes are merge
+/// patches of status or finalizers, so a trimmed copy never overwrites what it lacks.
+fn trim_for_cache(run: &mut WorkflowRun) {
+    run.managed_fields_mut().clear();
+    run.annotations_mut().remove("kubectl.kubernetes.io/last-applied-configuration");
+    let status = run.status.as_ref();
+    let done = status.is_some_and(|s| s.completion_time.is_some() && s.telemetry.as_ref().is_some_and(|t| t.finished));
+    if done {
+        run.spec.template = Default::default();
+    }
+}
+
 /// A cached, trimmed and run-indexed watch of the objects flowtel manages (label managed-by=flowtel).
 fn managed_children<K>(
     api: Api<K>,
@@ -184,4 +198,37 @@ where
         .inspect(index.observe(key))
         .touched_objects();
     (store, stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(status: serde_json::Value) -> WorkflowRun {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "flowtel.dev/v1alpha1", "kind": "WorkflowRun",
+            "metadata": {"name": "r", "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{...}", "keep": "1"}},
+            "spec": {"workflowName": "w", "template": {"spec": {"containers": [{"name": "main", "image": "app"}]}}},
+            "status": status
+        }))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn a_finished_exported_run_is_cached_without_its_template_a_running_one_with_it() {
+        let mut finished = run(
+            serde_json::json!({"completionTime": "2026-11-30T05:00:00.000000Z", "telemetry": {"started": true, "finished": true}}),
+        );
+        trim_for_cache(&mut finished);
+        assert!(finished.spec.template.spec.is_none());
+        assert_eq!(finished.annotations().get("keep").map(String::as_str), Some("1"));
+        assert!(!finished.annotations().contains_key("kubectl.kubernetes.io/last-applied-configuration"));
+        // Over, but its report not yet exported: the report is built from the run, template labels included.
+        let mut unreported = run(serde_json::json!({"completionTime": "2026-11-30T05:00:00.000000Z"}));
+        trim_for_cache(&mut unreported);
+        assert!(unreported.spec.template.spec.is_some());
+        let mut running = run(serde_json::json!({"phase": "Running"}));
+        trim_for_cache(&mut running);
+        assert!(running.spec.template.spec.is_some());
+    }
 }

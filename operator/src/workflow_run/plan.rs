@@ -45,7 +45,33 @@ pub struct Observation<'a> {
     /// Why the first attempt may not start yet (reason, message): the referenced TelemetryStack is not ready.
     /// The run stays Pending, bounded by its deadline.
     pub waiting_for: Option<(String, String)>,
+    /// Why the open attempt's Job has created no pod, from the Job's `FailedCreate` Event (read only when the
+    /// Job has had no pod for `POD_CREATE_GRACE`).
+    pub pod_creation_failure: Option<PodCreationFailure>,
 }
+
+/// A pod the apiserver refused to create for the open attempt.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodCreationFailure {
+    /// Refused by the namespace's Pod Security level: the same pod never will be admitted.
+    pub forbidden: bool,
+    /// The apiserver's message.
+    pub message: String,
+}
+
+impl PodCreationFailure {
+    /// From the job controller's `FailedCreate` message: PodSecurity admission refusals are final; anything else
+    /// (a quota, a webhook down) may pass later.
+    pub fn from_message(message: &str) -> Self {
+        Self { forbidden: message.contains("violates PodSecurity"), message: message.to_string() }
+    }
+}
+
+/// How long an attempt's Job may have no pod before the reconcile reads why (a pod normally appears within
+/// milliseconds; the read is the one uncached read, so it waits for a Job that is really stuck).
+pub const POD_CREATE_GRACE: SignedDuration = SignedDuration::from_secs(3);
+/// How often a run whose pod cannot be created (quota) looks again.
+const POD_CREATE_RECHECK: SignedDuration = SignedDuration::from_secs(10);
 
 /// The one thing to do besides writing status.
 #[derive(Clone, Debug, PartialEq)]
@@ -444,7 +470,26 @@ impl Planner<'_> {
             return;
         };
         let Some(class) = last.classification else {
+            if let Some(failure) = self.obs.pod_creation_failure.clone() {
+                if failure.forbidden {
+                    self.stop_active_attempt("PodForbidden");
+                    self.finish(WorkflowRunPhase::Failed, "PodForbidden", failure.message);
+                } else {
+                    // Transient (a quota): the Job keeps trying; the run says why it waits, bounded by its deadline.
+                    self.phase(WorkflowRunPhase::Pending, "PodCreationFailed", &failure.message);
+                    self.requeue_at(now.saturating_add(POD_CREATE_RECHECK).unwrap_or(now));
+                }
+                return;
+            }
             self.phase(WorkflowRunPhase::Running, "Running", &format!("attempt {} is running", last.number));
+            // A Job that never gets a pod says why only in an Event: looked at once the grace has passed.
+            let has_pod = self.obs.pods.iter().any(|p| attempt_of(&p.metadata) == Some(last.number));
+            if !has_pod && let Some(started) = &last.start_time {
+                let grace_ends = started.0.saturating_add(POD_CREATE_GRACE).unwrap_or(now);
+                let look =
+                    if grace_ends > now { grace_ends } else { now.saturating_add(POD_CREATE_RECHECK).unwrap_or(now) };
+                self.requeue_at(look);
+            }
             // Status records an attempt before its Job is created: a crash in between, or a Job deleted under a
             // running attempt, leaves an open attempt without a Job, which is (re)created under the same name.
             if !self.obs.jobs.iter().any(|j| j.name_any() == last.job_name) {
@@ -635,10 +680,60 @@ mod tests {
             telemetry_degraded: None,
             exports_telemetry: true,
             waiting_for: None,
+            pod_creation_failure: None,
         };
         let p = plan(run, &obs, &settings());
         run.status = Some(p.status.clone());
         p
+    }
+
+    fn with_failure(run: &WorkflowRun, job: &Job, failure: Option<PodCreationFailure>, now: Timestamp) -> Plan {
+        let obs = Observation {
+            now,
+            jobs: vec![job],
+            pods: vec![],
+            telemetry_degraded: None,
+            exports_telemetry: true,
+            waiting_for: None,
+            pod_creation_failure: failure,
+        };
+        plan(run, &obs, &settings())
+    }
+
+    #[test]
+    fn a_job_with_no_pod_is_looked_at_after_the_grace_and_a_pod_security_refusal_fails_the_run() {
+        let mut r = run(json!({"limit": 3}));
+        step(&mut r, &[], t(0));
+        let job: Job = serde_json::from_value(json!({"metadata": {"name": "r-1"}})).expect("job");
+        let p = with_failure(&r, &job, None, t(1));
+        assert_eq!(p.status.phase, Some(WorkflowRunPhase::Running));
+        assert_eq!(p.requeue_after, Some(std::time::Duration::from_secs(2)), "looked at once the 3 s grace ends");
+        let p = with_failure(&r, &job, None, t(4));
+        assert_eq!(p.requeue_after, Some(std::time::Duration::from_secs(10)), "past the grace: no hot loop");
+        let message = "Error creating: pods \"r-1-x\" is forbidden: violates PodSecurity \"restricted:latest\": ...";
+        let p = with_failure(&r, &job, Some(PodCreationFailure::from_message(message)), t(4));
+        assert_eq!(p.status.phase, Some(WorkflowRunPhase::Failed), "never retried: the same pod is never admitted");
+        let c = p.status.conditions.iter().find(|c| c.type_ == SUCCEEDED).expect("condition");
+        assert_eq!((c.reason.as_str(), c.message.as_str()), ("PodForbidden", message));
+        assert_eq!(p.action, Action::DeleteJob { name: "r-1".into() });
+        assert!(p.events.iter().any(|e| e.warning && e.reason == "PodForbidden"));
+    }
+
+    #[test]
+    fn a_quota_refusal_keeps_the_run_pending_and_a_pod_that_appears_makes_it_running_again() {
+        let mut r = run(json!({}));
+        step(&mut r, &[], t(0));
+        let job: Job = serde_json::from_value(json!({"metadata": {"name": "r-1"}})).expect("job");
+        let message = "Error creating: pods \"r-1-x\" is forbidden: exceeded quota: pods, requested: pods=1";
+        let p = with_failure(&r, &job, Some(PodCreationFailure::from_message(message)), t(5));
+        assert_eq!(p.status.phase, Some(WorkflowRunPhase::Pending));
+        let c = p.status.conditions.iter().find(|c| c.type_ == SUCCEEDED).expect("condition");
+        assert_eq!((c.reason.as_str(), c.message.as_str()), ("PodCreationFailed", message));
+        assert_eq!(p.action, Action::None, "the Job keeps trying");
+        assert_eq!(p.requeue_after, Some(std::time::Duration::from_secs(10)));
+        r.status = Some(p.status);
+        let p = step(&mut r, &[pod(1, "Running", None, false)], t(20));
+        assert_eq!(p.status.phase, Some(WorkflowRunPhase::Running));
     }
 
     #[test]
@@ -841,6 +936,7 @@ mod tests {
             telemetry_degraded: None,
             exports_telemetry: true,
             waiting_for: None,
+            pod_creation_failure: None,
         };
         let p = plan(&r, &obs, &settings());
         assert_eq!(p.status.attempts[0].classification, Some(AttemptClassification::Disruption));
@@ -867,6 +963,7 @@ mod tests {
                 telemetry_degraded: None,
                 exports_telemetry: true,
                 waiting_for: None,
+                pod_creation_failure: None,
             };
             plan(r, &obs, &settings())
         };

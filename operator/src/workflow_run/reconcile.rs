@@ -10,7 +10,7 @@ use flowtel_crds::workflow_run::{TelemetryReport, WorkflowRunPhase, WorkflowRunS
 use flowtel_crds::{TelemetryStack, WorkflowRun};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, PropagationPolicy};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
 use kube::runtime::controller::Action as ControllerAction;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -275,6 +275,39 @@ fn read_children(run: &WorkflowRun, ctx: &Context) -> (Vec<Arc<Job>>, Vec<Arc<Po
         .filter(|p| p.owner_references().iter().any(|o| o.kind == "Job" && job_names.contains(&o.name)))
         .collect();
     (jobs, pods)
+}
+
+/// Why the open attempt's Job has no pod, once it has had none for the grace: the job controller's latest
+/// `FailedCreate` Event about it. This list is the reconcile's one uncached read, and only a stuck run makes it
+/// (instead of a dry-run pod create per attempt, which would cost every run a request and the operator the right
+/// to create pods).
+async fn pod_creation_failure(
+    run: &WorkflowRun,
+    ctx: &Context,
+    stored: &WorkflowRunStatus,
+    jobs: &[Arc<Job>],
+    pods: &[Arc<Pod>],
+) -> Result<Option<plan::PodCreationFailure>, ReconcileError> {
+    let Some(attempt) = stored.attempts.last().filter(|a| a.classification.is_none()) else { return Ok(None) };
+    let Some(job) = jobs.iter().find(|j| j.name_any() == attempt.job_name) else { return Ok(None) };
+    if stored.completion_time.is_some() || pods.iter().any(|p| job::attempt_of(&p.metadata) == Some(attempt.number)) {
+        return Ok(None);
+    }
+    let now = jiff::Timestamp::now();
+    let stuck_since = attempt.start_time.as_ref().and_then(|t| t.0.checked_add(plan::POD_CREATE_GRACE).ok());
+    if stuck_since.is_none_or(|t| t > now) {
+        return Ok(None);
+    }
+    let events: Api<k8s_openapi::api::core::v1::Event> =
+        Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
+    let fields = format!("involvedObject.kind=Job,involvedObject.name={},reason=FailedCreate", attempt.job_name);
+    let list = events.list(&ListParams::default().fields(&fields)).await?;
+    ctx.note_answer();
+    let latest =
+        list.items.iter().filter(|e| e.involved_object.uid.is_none() || e.involved_object.uid == job.uid()).max_by_key(
+            |e| e.last_timestamp.as_ref().map(|t| t.0).or(e.metadata.creation_timestamp.as_ref().map(|t| t.0)),
+        );
+    Ok(latest.and_then(|e| e.message.as_deref()).map(plan::PodCreationFailure::from_message))
 }
 
 /// Where the run's telemetry reports stand.
@@ -596,6 +629,7 @@ async fn reconcile_run(run: &WorkflowRun, ctx: &Context) -> Result<ControllerAct
         ctx.telemetry.settled(&key).await;
         reports = report_telemetry(run, ctx, &stored);
     }
+    let pod_creation_failure = pod_creation_failure(run, ctx, &stored, &jobs, &pods).await?;
     let mut obs = Observation {
         now: plan::now_ms(jiff::Timestamp::now()),
         jobs: jobs.iter().map(Arc::as_ref).collect(),
@@ -603,6 +637,7 @@ async fn reconcile_run(run: &WorkflowRun, ctx: &Context) -> Result<ControllerAct
         telemetry_degraded: reports.degraded.or(target_degraded.clone()),
         exports_telemetry: exports,
         waiting_for: target_degraded.clone().filter(|(reason, _)| reason == STACK_NOT_READY),
+        pod_creation_failure,
     };
     let mut plan = plan::plan(run, &obs, &ctx.settings);
     plan.status.telemetry = Some(reports.report);
