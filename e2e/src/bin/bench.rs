@@ -12,7 +12,7 @@
 //! 5. the operator's CPU per 1,000 runs and its RSS, then RSS with 10k and 50k finished runs retained, fitted;
 //! 6. telemetry: spans and metric points per run at the collector, reports dropped.
 //!
-//!     e2e/bench [--rates 10,20,30,40,50] [--step-seconds 40] [--retained 10000,50000] [--out target/bench.json]
+//!     e2e/bench [--rates 10,20,30,40,50,60,80] [--step-seconds 40] [--retained 10000,50000] [--out target/bench.json]
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -41,7 +41,7 @@ struct Args {
 
 fn args() -> Args {
     let mut a = Args {
-        rates: vec![10.0, 20.0, 30.0, 40.0, 50.0],
+        rates: vec![10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 80.0],
         step: Duration::from_secs(40),
         max_lag: Duration::from_secs(5),
         retained: vec![10_000, 50_000],
@@ -129,9 +129,7 @@ fn watch_all(client: &kube::Client, ns: &str, timeline: &Shared, flowtel: bool) 
             }
         }
     });
-    if !flowtel {
-        return;
-    }
+    // Pods are watched in both stages, so that the bench's own load on the apiserver is the same for both.
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let t = timeline.clone();
     tokio::spawn(async move {
@@ -147,6 +145,9 @@ fn watch_all(client: &kube::Client, ns: &str, timeline: &Shared, flowtel: bool) 
             lock(&t).pod_done.entry(run).or_insert_with(Instant::now);
         }
     });
+    if !flowtel {
+        return;
+    }
     let runs: Api<WorkflowRun> = Api::namespaced(client.clone(), ns);
     let t = timeline.clone();
     tokio::spawn(async move {
@@ -162,7 +163,15 @@ fn watch_all(client: &kube::Client, ns: &str, timeline: &Shared, flowtel: bool) 
 }
 
 /// Offers `rate` objects a second for `step`, open loop (a create never waits for an earlier one); returns names.
-async fn offer(client: &kube::Client, ns: &str, prefix: &str, rate: f64, step: Duration, t: &Shared, flowtel: bool) -> Vec<String> {
+async fn offer(
+    client: &kube::Client,
+    ns: &str,
+    prefix: &str,
+    rate: f64,
+    step: Duration,
+    t: &Shared,
+    flowtel: bool,
+) -> Vec<String> {
     let count = (rate * step.as_secs_f64()).round() as usize;
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -231,10 +240,8 @@ async fn step(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let t = lock(t);
-    let lags: Vec<f64> = names
-        .iter()
-        .filter_map(|n| Some(t.done.get(n)?.duration_since(*t.created.get(n)?).as_secs_f64()))
-        .collect();
+    let lags: Vec<f64> =
+        names.iter().filter_map(|n| Some(t.done.get(n)?.duration_since(*t.created.get(n)?).as_secs_f64())).collect();
     let first = names.first().and_then(|n| t.created.get(n)).copied();
     let last_done = names.iter().filter_map(|n| t.done.get(n)).max().copied();
     let span = match (first, last_done) {
@@ -243,8 +250,7 @@ async fn step(
     };
     let completed = lags.len();
     let lag_max = lags.iter().copied().fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
-    let sustained = completed == names.len()
-        && lag_max.is_some_and(|m| m <= POD_SECONDS + a.max_lag.as_secs_f64());
+    let sustained = completed == names.len() && lag_max.is_some_and(|m| m <= POD_SECONDS + a.max_lag.as_secs_f64());
     StepResult {
         rate,
         offered: names.len(),
@@ -370,7 +376,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     install_crds(&client).await?;
     let collector = Collector::start("bench").await?;
     let mut report = serde_json::Map::new();
-    println!("flowtel bench: rates {:?}/s, {} s a step, a 1 s pod; budget {} min", a.rates, a.step.as_secs(), BUDGET.as_secs() / 60);
+    println!(
+        "flowtel bench: rates {:?}/s, {} s a step, a 1 s pod; budget {} min",
+        a.rates,
+        a.step.as_secs(),
+        BUDGET.as_secs() / 60
+    );
 
     // 1. Bare Jobs.
     let bare_ns = TestNamespace::new(&client, "bench-jobs").await?;
@@ -415,7 +426,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut finished = 0;
     while Instant::now() < settle_until {
         let list = runs_api.list(&Default::default()).await?.items;
-        finished = list.iter().filter(|r| r.status.as_ref().and_then(|s| s.telemetry.as_ref()).is_some_and(|t| t.finished)).count();
+        finished = list
+            .iter()
+            .filter(|r| r.status.as_ref().and_then(|s| s.telemetry.as_ref()).is_some_and(|t| t.finished))
+            .count();
         if finished >= total_runs {
             break;
         }
@@ -428,19 +442,32 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("ceiling: bare Jobs {bare_ceiling}/s, flowtel {flowtel_ceiling}/s: {ratio:.2}x");
 
     // 3. Latency at flowtel's highest sustained rate.
-    let latency = steps.iter().filter(|s| s.sustained).last().map(|s| {
+    let latency = steps.iter().rev().find(|s| s.sustained).map(|s| {
         let t = lock(&t);
-        let to_job: Vec<f64> = s.names.iter().filter_map(|n| Some(t.job_seen.get(n)?.duration_since(*t.created.get(n)?).as_secs_f64())).collect();
-        let to_end: Vec<f64> = s.names.iter().filter_map(|n| Some(t.done.get(n)?.duration_since(*t.pod_done.get(n)?).as_secs_f64())).collect();
+        let to_job: Vec<f64> = s
+            .names
+            .iter()
+            .filter_map(|n| Some(t.job_seen.get(n)?.duration_since(*t.created.get(n)?).as_secs_f64()))
+            .collect();
+        let to_end: Vec<f64> = s
+            .names
+            .iter()
+            .filter_map(|n| Some(t.done.get(n)?.duration_since(*t.pod_done.get(n)?).as_secs_f64()))
+            .collect();
         json!({"rate": s.rate,
             "created_to_job_p50_s": percentile(to_job.clone(), 50.0), "created_to_job_p99_s": percentile(to_job, 99.0),
             "pod_terminal_to_run_terminal_p50_s": percentile(to_end.clone(), 50.0),
             "pod_terminal_to_run_terminal_p99_s": percentile(to_end, 99.0)})
     });
     if let Some(l) = &latency {
-        println!("latency at {}/s: run created → Job seen p50 {:.3} s p99 {:.3} s; pod terminal → run terminal p50 {:.3} s p99 {:.3} s",
-            l["rate"], l["created_to_job_p50_s"].as_f64().unwrap_or(f64::NAN), l["created_to_job_p99_s"].as_f64().unwrap_or(f64::NAN),
-            l["pod_terminal_to_run_terminal_p50_s"].as_f64().unwrap_or(f64::NAN), l["pod_terminal_to_run_terminal_p99_s"].as_f64().unwrap_or(f64::NAN));
+        println!(
+            "latency at {}/s: run created → Job seen p50 {:.3} s p99 {:.3} s; pod terminal → run terminal p50 {:.3} s p99 {:.3} s",
+            l["rate"],
+            l["created_to_job_p50_s"].as_f64().unwrap_or(f64::NAN),
+            l["created_to_job_p99_s"].as_f64().unwrap_or(f64::NAN),
+            l["pod_terminal_to_run_terminal_p50_s"].as_f64().unwrap_or(f64::NAN),
+            l["pod_terminal_to_run_terminal_p99_s"].as_f64().unwrap_or(f64::NAN)
+        );
     }
 
     // 4. API cost, from the audit log (written asynchronously: give it a moment).
@@ -466,12 +493,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let all_writes_bare = sum(&bare_audit, &|_, v, _| is_write(v));
     println!(
         "operator writes per run {:.2} (Events {:.2}); uncached reads {uncached_reads}; apiserver writes per run: flowtel {:.2}, bare Job {:.2}",
-        per(operator_writes, finished), per(operator_events, finished), per(all_writes_flowtel, finished), per(all_writes_bare, bare_count)
+        per(operator_writes, finished),
+        per(operator_events, finished),
+        per(all_writes_flowtel, finished),
+        per(all_writes_bare, bare_count)
     );
 
     // 5. CPU and memory.
     let cpu_per_1000 = per((cpu * 1000.0) as u64, finished);
-    println!("operator CPU {cpu:.2} s for {finished} runs: {cpu_per_1000:.2} s per 1,000 runs; RSS {rss:.1} MiB (peak {hwm:.1})");
+    println!(
+        "operator CPU {cpu:.2} s for {finished} runs: {cpu_per_1000:.2} s per 1,000 runs; RSS {rss:.1} MiB (peak {hwm:.1})"
+    );
 
     // 6. Telemetry at the collector.
     let spans = collector.spans().len();
@@ -481,11 +513,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .flat_map(|d| d["resourceMetrics"].as_array().cloned().unwrap_or_default())
         .flat_map(|rm| rm["scopeMetrics"].as_array().cloned().unwrap_or_default())
         .flat_map(|sm| sm["metrics"].as_array().cloned().unwrap_or_default())
-        .map(|m| ["sum", "histogram", "gauge"].iter().map(|k| m[*k]["dataPoints"].as_array().map_or(0, Vec::len)).sum::<usize>())
+        .map(|m| {
+            ["sum", "histogram", "gauge"]
+                .iter()
+                .map(|k| m[*k]["dataPoints"].as_array().map_or(0, Vec::len))
+                .sum::<usize>()
+        })
         .sum();
     let dropped = operator.counter("flowtel_telemetry_dropped_total").await.unwrap_or_default();
     let queue_full = operator.counter("flowtel_telemetry_queue_full_total").await.unwrap_or_default();
-    println!("telemetry per run: {:.2} spans, {:.2} metric points; dropped {dropped}, queue full {queue_full}", per(spans as u64, finished), per(points as u64, finished));
+    println!(
+        "telemetry per run: {:.2} spans, {:.2} metric points; dropped {dropped}, queue full {queue_full}",
+        per(spans as u64, finished),
+        per(points as u64, finished)
+    );
     let status_template = runs_api
         .list(&Default::default())
         .await?
@@ -504,7 +545,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             have = retain(&client, &kept.name, have, *target, &status, deadline).await;
             let created_s = t0.elapsed().as_secs_f64();
             let (rss, cpu) = rss_with(&kept.name, &collector.endpoint, have).await?;
-            println!("retained {have} finished runs (created in {created_s:.0} s): RSS {rss:.1} MiB, startup CPU {cpu:.2} s");
+            println!(
+                "retained {have} finished runs (created in {created_s:.0} s): RSS {rss:.1} MiB, startup CPU {cpu:.2} s"
+            );
             retained.push((have, rss));
             if Instant::now() > deadline {
                 break;
@@ -524,7 +567,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     report.insert("date".into(), json!(jiff_now()));
     report.insert("bare_jobs".into(), json!(bare_steps.iter().map(step_json).collect::<Vec<_>>()));
     report.insert("workflow_runs".into(), json!(steps.iter().map(step_json).collect::<Vec<_>>()));
-    report.insert("ceiling_per_s".into(), json!({"bare_jobs": bare_ceiling, "flowtel": flowtel_ceiling, "ratio": ratio}));
+    report
+        .insert("ceiling_per_s".into(), json!({"bare_jobs": bare_ceiling, "flowtel": flowtel_ceiling, "ratio": ratio}));
     report.insert("latency".into(), latency.unwrap_or(Value::Null));
     report.insert("operator_requests_per_run".into(), Value::Object(operator_requests));
     report.insert(
@@ -533,10 +577,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "uncached_reads": uncached_reads, "apiserver_flowtel": per(all_writes_flowtel, finished),
             "apiserver_bare_job": per(all_writes_bare, bare_count)}),
     );
-    report.insert("operator".into(), json!({"cpu_s_per_1000_runs": cpu_per_1000, "rss_mib": rss, "peak_rss_mib": hwm,
-        "retained": retained.iter().map(|(n, r)| json!({"runs": n, "rss_mib": r})).collect::<Vec<_>>(), "fit": fit}));
-    report.insert("telemetry_per_run".into(), json!({"spans": per(spans as u64, finished), "metric_points": per(points as u64, finished),
-        "dropped": dropped, "queue_full": queue_full}));
+    report.insert(
+        "operator".into(),
+        json!({"cpu_s_per_1000_runs": cpu_per_1000, "rss_mib": rss, "peak_rss_mib": hwm,
+        "retained": retained.iter().map(|(n, r)| json!({"runs": n, "rss_mib": r})).collect::<Vec<_>>(), "fit": fit}),
+    );
+    report.insert(
+        "telemetry_per_run".into(),
+        json!({"spans": per(spans as u64, finished), "metric_points": per(points as u64, finished),
+        "dropped": dropped, "queue_full": queue_full}),
+    );
     if let Some(dir) = a.out.parent() {
         std::fs::create_dir_all(dir)?;
     }
