@@ -318,6 +318,42 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+const COMPONENTS: [&str; 5] = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"];
+
+/// CPU seconds used so far by each control-plane component (pids from the cluster's pid files).
+fn control_plane_cpu() -> Vec<f64> {
+    let pids = cluster_kubeconfig().parent().map(|d| d.join("pids")).unwrap_or_default();
+    COMPONENTS
+        .iter()
+        .map(|c| {
+            let pid = std::fs::read_to_string(pids.join(c)).ok().and_then(|p| p.trim().parse().ok()).unwrap_or(0);
+            cpu_seconds(pid)
+        })
+        .collect()
+}
+
+/// CPU milliseconds per object of each component (and the operator, when given) between two samples.
+fn cpu_per_object(before: &[f64], after: &[f64], objects: usize, operator: Option<f64>) -> Value {
+    let mut out = serde_json::Map::new();
+    for ((c, b), a) in COMPONENTS.iter().zip(before).zip(after) {
+        out.insert((*c).into(), json!((a - b) * 1000.0 / objects.max(1) as f64));
+    }
+    if let Some(o) = operator {
+        out.insert("flowtel".into(), json!(o * 1000.0 / objects.max(1) as f64));
+    }
+    Value::Object(out)
+}
+
+fn print_cpu(what: &str, v: &Value) {
+    let parts: Vec<String> = v
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, ms)| format!("{k} {:.1}", ms.as_f64().unwrap_or(f64::NAN)))
+        .collect();
+    println!("CPU ms per {what}: {}", parts.join(", "));
+}
+
 /// (VmRSS, VmHWM) of `pid`, in MiB.
 fn memory_mib(pid: u32) -> (f64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -388,6 +424,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let bare_t: Shared = Arc::default();
     watch_all(&client, &bare_ns.name, &bare_t, false);
     let mut bare_steps = Vec::new();
+    let bare_cpu_before = control_plane_cpu();
     println!("bare Jobs:");
     for (i, rate) in a.rates.iter().enumerate() {
         let s = step(&client, &bare_ns.name, &format!("j{i}"), *rate, &a, &bare_t, false).await;
@@ -400,6 +437,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let bare_ceiling = bare_steps.iter().filter(|s| s.sustained).map(|s| s.rate).fold(0.0, f64::max);
     let bare_count: usize = bare_steps.iter().map(|s| s.offered).sum();
+    let bare_cpu = cpu_per_object(&bare_cpu_before, &control_plane_cpu(), bare_count, None);
 
     // 2. WorkflowRuns, the operator exporting to the collector.
     let ns = TestNamespace::new(&client, "bench-flowtel").await?;
@@ -408,6 +446,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let operator = Operator::start(&ns.name, &collector.endpoint, &["--concurrency", "32"]).await?;
     let pid = operator.pid().unwrap_or_default();
     let cpu_before = cpu_seconds(pid);
+    let flowtel_cpu_before = control_plane_cpu();
     let mut steps = Vec::new();
     println!("WorkflowRuns:");
     for (i, rate) in a.rates.iter().enumerate() {
@@ -436,6 +475,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let cpu = cpu_seconds(pid) - cpu_before;
+    let flowtel_cpu = cpu_per_object(&flowtel_cpu_before, &control_plane_cpu(), finished, Some(cpu));
+    print_cpu("bare Job", &bare_cpu);
+    print_cpu("WorkflowRun", &flowtel_cpu);
     let (rss, hwm) = memory_mib(pid);
     let flowtel_ceiling = steps.iter().filter(|s| s.sustained).map(|s| s.rate).fold(0.0, f64::max);
     let ratio = if bare_ceiling > 0.0 { flowtel_ceiling / bare_ceiling } else { f64::NAN };
@@ -533,7 +575,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .items
         .into_iter()
         .find_map(|r| r.status.filter(|s| s.telemetry.as_ref().is_some_and(|t| t.finished)));
-    drop(operator);
 
     // 5b. RSS with finished runs retained (no operator while they are created, so none is started).
     let mut retained = Vec::new();
@@ -545,8 +586,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             have = retain(&client, &kept.name, have, *target, &status, deadline).await;
             let created_s = t0.elapsed().as_secs_f64();
             let (rss, cpu) = rss_with(&kept.name, &collector.endpoint, have).await?;
+            let writes: u64 =
+                audit(&kept.name).iter().filter(|((o, v, _), _)| *o && is_write(v)).map(|(_, n)| n).sum();
             println!(
-                "retained {have} finished runs (created in {created_s:.0} s): RSS {rss:.1} MiB, startup CPU {cpu:.2} s"
+                "retained {have} finished runs (created in {created_s:.0} s): RSS {rss:.1} MiB, startup CPU {cpu:.2} s, operator writes {writes}"
             );
             retained.push((have, rss));
             if Instant::now() > deadline {
@@ -570,6 +613,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     report
         .insert("ceiling_per_s".into(), json!({"bare_jobs": bare_ceiling, "flowtel": flowtel_ceiling, "ratio": ratio}));
     report.insert("latency".into(), latency.unwrap_or(Value::Null));
+    report.insert("cpu_ms_per_object".into(), json!({"bare_job": bare_cpu, "workflow_run": flowtel_cpu}));
     report.insert("operator_requests_per_run".into(), Value::Object(operator_requests));
     report.insert(
         "writes_per_run".into(),
@@ -592,6 +636,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     std::fs::write(&a.out, serde_json::to_string_pretty(&Value::Object(report))?)?;
     println!("written {} in {:.0} s; cleaning up", a.out.display(), began.elapsed().as_secs_f64());
+    // The runs hold flowtel's finalizer until their telemetry is out: their operator lets them go as the namespace
+    // is deleted, then stops.
+    drop(ns);
+    let gone_until = Instant::now() + Duration::from_secs(180);
+    while Instant::now() < gone_until && runs_api.list(&Default::default()).await.is_ok_and(|l| !l.items.is_empty()) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    drop(operator);
     Ok(())
 }
 

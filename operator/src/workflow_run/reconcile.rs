@@ -557,6 +557,9 @@ fn finalizer_step(run: &WorkflowRun, stored: &WorkflowRunStatus, exports: bool) 
         (_, true, false) => FinalizerStep::Stop,
         (false, _, true) => FinalizerStep::Patch { finalizers: without(), then_stop: true },
         (false, false, false) => FinalizerStep::Continue,
+        // Over and reported already (restored from a backup, or from before an endpoint was set): nothing is left
+        // to guard, and a finalizer would cost a write per such run at every start.
+        (true, false, false) if reported => FinalizerStep::Continue,
         // Added, and the reconcile goes on: the start report and the first attempt need not wait for the echo.
         (true, false, false) => {
             let mut finalizers = run.finalizers().to_vec();
@@ -754,6 +757,7 @@ mod tests {
         let drop_it = FinalizerStep::Patch { finalizers: vec![], then_stop: true };
         assert_eq!(finalizer_step(&run(&[FINALIZER], false), &running, false), drop_it);
         assert_eq!(finalizer_step(&run(&[], true), &running, true), FinalizerStep::Stop);
+        assert_eq!(finalizer_step(&run(&[], false), &done, true), FinalizerStep::Continue, "reported: none added");
     }
 
     #[test]
