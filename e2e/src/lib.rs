@@ -608,7 +608,9 @@ pub fn operator_writes(namespace: &str) -> Vec<(String, u64)> {
         let Ok(e) = serde_json::from_str::<serde_json::Value>(line) else { continue };
         let ours = e["userAgent"].as_str().is_some_and(|ua| ua.starts_with("flowtel/"));
         let object = &e["objectRef"];
+        let write = matches!(e["verb"].as_str(), Some("create" | "update" | "patch" | "delete" | "deletecollection"));
         if !ours
+            || !write
             || e["stage"] != "ResponseComplete"
             || object["namespace"] != namespace
             || object["resource"] == "events"

@@ -586,8 +586,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             have = retain(&client, &kept.name, have, *target, &status, deadline).await;
             let created_s = t0.elapsed().as_secs_f64();
             let (rss, cpu) = rss_with(&kept.name, &collector.endpoint, have).await?;
-            let writes: u64 =
-                audit(&kept.name).iter().filter(|((o, v, _), _)| *o && is_write(v)).map(|(_, n)| n).sum();
+            let writes: u64 = audit(&kept.name).iter().filter(|((o, v, _), _)| *o && is_write(v)).map(|(_, n)| n).sum();
             println!(
                 "retained {have} finished runs (created in {created_s:.0} s): RSS {rss:.1} MiB, startup CPU {cpu:.2} s, operator writes {writes}"
             );

@@ -12,6 +12,7 @@ pub mod report;
 
 use std::sync::Arc;
 
+use flowtel_crds::workflow_run::WorkflowRunStatus;
 use flowtel_crds::{TelemetryStack, WorkflowRun};
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
@@ -163,16 +164,24 @@ pub async fn run(
 }
 
 /// What the cache keeps of a run: never managedFields or kubectl's last-applied copy of the whole object; and once
-/// the run is over with its telemetry exported, not its pod template either (nothing reads it again: a finished run
-/// only waits for its TTL). Retained finished runs are most of the cache at 10M runs a day. Writes are merge
-/// patches of status or finalizers, so a trimmed copy never overwrites what it lacks.
+/// the run is settled (over, reported, status current), only what its TTL needs, since the reconcile of a settled
+/// run reads nothing else (`plan::is_settled`, the same test, decides both). Retained finished runs are most of the
+/// cache at 10M runs a day. Writes are merge patches of status or finalizers, so a trimmed copy never overwrites
+/// what it lacks; a change to the run (a new generation, a deletion) arrives whole and is no longer settled.
 fn trim_for_cache(run: &mut WorkflowRun) {
     run.managed_fields_mut().clear();
     run.annotations_mut().remove("kubectl.kubernetes.io/last-applied-configuration");
-    let status = run.status.as_ref();
-    let done = status.is_some_and(|s| s.completion_time.is_some() && s.telemetry.as_ref().is_some_and(|t| t.finished));
-    if done {
+    if plan::is_settled(run) {
         run.spec.template = Default::default();
+        if let Some(status) = run.status.as_mut() {
+            *status = WorkflowRunStatus {
+                phase: status.phase,
+                completion_time: status.completion_time.take(),
+                telemetry: status.telemetry.take(),
+                observed_generation: status.observed_generation,
+                ..WorkflowRunStatus::default()
+            };
+        }
     }
 }
 

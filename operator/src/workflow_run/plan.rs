@@ -230,7 +230,7 @@ fn job_deadline_seconds(now: Timestamp, deadline_at: Timestamp) -> i64 {
     i64::try_from((remaining_ms + 999) / 1000).unwrap_or(i64::MAX).max(1) + 1
 }
 
-fn until(now: Timestamp, at: Timestamp) -> std::time::Duration {
+pub fn until(now: Timestamp, at: Timestamp) -> std::time::Duration {
     let d = at.duration_since(now);
     std::time::Duration::try_from(d.max(SignedDuration::ZERO)).unwrap_or_default()
 }
@@ -566,9 +566,7 @@ impl Planner<'_> {
         let exported = self.status.telemetry.as_ref().is_some_and(|t| t.finished) || !self.obs.exports_telemetry;
         // The TTL starts once the run's telemetry left: deleting earlier would lose the only record of it.
         if exported {
-            let ttl = self.run.spec.ttl_seconds_after_finished.map_or(settings.default_ttl_seconds, i64::from);
-            let done = self.status.completion_time.as_ref().map_or(now, |t| t.0);
-            let delete_at = done.saturating_add(SignedDuration::from_secs(ttl)).unwrap_or(done);
+            let delete_at = ttl_expiry(self.run, &self.status, settings, now);
             if now >= delete_at {
                 if self.run.metadata.deletion_timestamp.is_none() {
                     self.action = Action::DeleteRun;
@@ -589,6 +587,30 @@ impl Planner<'_> {
             events: self.events,
         }
     }
+}
+
+/// When a finished run is deleted: its completion plus its TTL (the spec's, or the default).
+fn ttl_expiry(run: &WorkflowRun, status: &WorkflowRunStatus, settings: &Settings, now: Timestamp) -> Timestamp {
+    let ttl = run.spec.ttl_seconds_after_finished.map_or(settings.default_ttl_seconds, i64::from);
+    let done = status.completion_time.as_ref().map_or(now, |t| t.0);
+    done.saturating_add(SignedDuration::from_secs(ttl)).unwrap_or(done)
+}
+
+/// A run that is over, whose report is out and whose status describes its current generation: all that is left
+/// is its TTL. Planning it would change nothing, so the reconcile skips the plan, and the cache keeps only what
+/// the TTL needs (`settled_ttl`).
+pub fn is_settled(run: &WorkflowRun) -> bool {
+    run.metadata.deletion_timestamp.is_none()
+        && run.status.as_ref().is_some_and(|s| {
+            s.completion_time.is_some()
+                && s.telemetry.as_ref().is_some_and(|t| t.finished)
+                && s.observed_generation == run.metadata.generation
+        })
+}
+
+/// For a settled run: when its TTL ends.
+pub fn settled_ttl(run: &WorkflowRun, settings: &Settings, now: Timestamp) -> Timestamp {
+    ttl_expiry(run, &run.status.clone().unwrap_or_default(), settings, now)
 }
 
 /// The desired status and the next action for `run`.

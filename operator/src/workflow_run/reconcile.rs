@@ -463,16 +463,19 @@ async fn act(
                 Err(e) => return Err(e.into()),
             }
         }
-        Action::DeleteRun => {
-            let runs: Api<WorkflowRun> = Api::namespaced(ctx.client.clone(), &ns);
-            match runs.delete(&run.name_any(), &DeleteParams::background()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
+        Action::DeleteRun => delete_run(run, ctx).await?,
     }
     Ok(ActOutcome::Done)
+}
+
+/// The TTL ended: the run goes (its Jobs with it, by owner reference).
+async fn delete_run(run: &WorkflowRun, ctx: &Context) -> Result<(), ReconcileError> {
+    let runs: Api<WorkflowRun> = Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
+    match runs.delete(&run.name_any(), &DeleteParams::background()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Whether the planned status is worth a write. Not when nothing changed; not for a deleted run that already
@@ -616,6 +619,16 @@ async fn reconcile_run(run: &WorkflowRun, ctx: &Context) -> Result<ControllerAct
                 return Ok(ControllerAction::await_change());
             }
         }
+    }
+    if plan::is_settled(run) {
+        // Nothing but its TTL is left (and the cache may hold only that much of it).
+        let now = jiff::Timestamp::now();
+        let delete_at = plan::settled_ttl(run, &ctx.settings, now);
+        if now < delete_at {
+            return Ok(ControllerAction::requeue(plan::until(now, delete_at)));
+        }
+        delete_run(run, ctx).await?;
+        return Ok(ControllerAction::await_change());
     }
     let (jobs, pods) = read_children(run, ctx);
     let (target, target_degraded) = telemetry_target(run, ctx);
