@@ -216,7 +216,8 @@ async fn namespace_editors_run_and_cancel_workflow_runs_and_viewers_only_read_th
     let ns = TestNamespace::new(&client, "sec-roles").await.expect("namespace");
     let root = repo_root();
     let helm = flowtel_e2e::cached_binary("helm", "HELM_VERSION");
-    let roles = run(Command::new(&helm).args(["template", "flowtel"]).arg(root.join("charts/flowtel")).args([
+    // A release of its own: the roles are cluster-wide, and the chart tests install releases named flowtel.
+    let roles = run(Command::new(&helm).args(["template", "sec-roles"]).arg(root.join("charts/flowtel")).args([
         "--kube-version",
         "1.37.2",
         "--show-only",
@@ -256,6 +257,7 @@ async fn namespace_editors_run_and_cancel_workflow_runs_and_viewers_only_read_th
         &["patch", "wfr", "by-alice", "--type=merge", "-p", r#"{"spec":{"cancel":false}}"#],
     );
     assert!(cancelled.is_err_and(|e| e.contains("forbidden")), "a viewer cannot cancel");
+    let _ = run(kubectl().args(["delete", "-f"]).arg(&file));
     for user in ["alice", "bob"] {
         let status =
             kubectl_as(user, &ns.name, &["auth", "can-i", "patch", "workflowruns.flowtel.dev", "--subresource=status"]);
