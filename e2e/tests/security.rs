@@ -134,8 +134,7 @@ fn pods_of(doc: &Value) -> Vec<(String, Value)> {
     }
     for claim in doc["spec"]["volumeClaimTemplates"].as_array().into_iter().flatten() {
         let claim_name = claim["metadata"]["name"].clone();
-        let volumes = spec["volumes"].as_array().cloned().unwrap_or_default();
-        let mut volumes = volumes;
+        let mut volumes = spec["volumes"].as_array().cloned().unwrap_or_default();
         volumes.push(json!({"name": claim_name, "persistentVolumeClaim": {"claimName": claim_name}}));
         spec["volumes"] = json!(volumes);
     }

@@ -108,58 +108,64 @@ fn workflow_run(name: &str) -> WorkflowRun {
     .expect("a valid WorkflowRun")
 }
 
+/// Calls `seen` with every object of kind K in `ns` as the watch delivers it. A watch error (an apiserver hiccup) is
+/// skipped, not the end: the backoff reconnects and the watch goes on.
+fn on_each<K>(client: &kube::Client, ns: &str, mut seen: impl FnMut(K) + Send + 'static)
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + 'static,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    tokio::spawn(async move {
+        let mut s = std::pin::pin!(watcher(api, watcher::Config::default()).default_backoff());
+        while let Some(ev) = s.next().await {
+            if let Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) = ev {
+                seen(o);
+            }
+        }
+    });
+}
+
+/// The run an attempt-1 Job or its pod belongs to (flowtel names that Job `<run>-1`).
+fn run_of(job_name: &str) -> String {
+    job_name.strip_suffix("-1").unwrap_or(job_name).to_string()
+}
+
 /// Records Jobs (bare: their completion; flowtel: when each run's Job appeared), pods' ends and runs' ends.
 fn watch_all(client: &kube::Client, ns: &str, timeline: &Shared, flowtel: bool) {
-    let jobs: Api<Job> = Api::namespaced(client.clone(), ns);
     let t = timeline.clone();
-    tokio::spawn(async move {
-        let mut s = std::pin::pin!(watcher(jobs, watcher::Config::default()).default_backoff());
-        while let Some(Ok(ev)) = s.next().await {
-            let (watcher::Event::Apply(j) | watcher::Event::InitApply(j)) = ev else { continue };
-            let now = Instant::now();
-            let name = j.metadata.name.clone().unwrap_or_default();
-            let mut t = lock(&t);
-            if flowtel {
-                let run = name.strip_suffix("-1").unwrap_or(&name).to_string();
-                t.job_seen.entry(run).or_insert(now);
-            } else if j.status.as_ref().and_then(|s| s.succeeded).unwrap_or(0) > 0
-                || j.status.as_ref().and_then(|s| s.failed).unwrap_or(0) > 0
-            {
-                t.done.entry(name).or_insert(now);
-            }
+    on_each(client, ns, move |j: Job| {
+        let now = Instant::now();
+        let name = j.metadata.name.clone().unwrap_or_default();
+        let ended = j.status.as_ref().is_some_and(|s| s.succeeded.unwrap_or(0) > 0 || s.failed.unwrap_or(0) > 0);
+        let mut t = lock(&t);
+        if flowtel {
+            t.job_seen.entry(run_of(&name)).or_insert(now);
+        } else if ended {
+            t.done.entry(name).or_insert(now);
         }
     });
     // Pods are watched in both stages, so that the bench's own load on the apiserver is the same for both.
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let t = timeline.clone();
-    tokio::spawn(async move {
-        let mut s = std::pin::pin!(watcher(pods, watcher::Config::default()).default_backoff());
-        while let Some(Ok(ev)) = s.next().await {
-            let (watcher::Event::Apply(p) | watcher::Event::InitApply(p)) = ev else { continue };
-            let phase = p.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
-            if phase != "Succeeded" && phase != "Failed" {
-                continue;
-            }
+    on_each(client, ns, move |p: Pod| {
+        let phase = p.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or_default();
+        if phase == "Succeeded" || phase == "Failed" {
             let job = p.metadata.labels.as_ref().and_then(|l| l.get("job-name")).cloned().unwrap_or_default();
-            let run = job.strip_suffix("-1").unwrap_or(&job).to_string();
-            lock(&t).pod_done.entry(run).or_insert_with(Instant::now);
+            lock(&t).pod_done.entry(run_of(&job)).or_insert_with(Instant::now);
         }
     });
-    if !flowtel {
-        return;
-    }
-    let runs: Api<WorkflowRun> = Api::namespaced(client.clone(), ns);
-    let t = timeline.clone();
-    tokio::spawn(async move {
-        let mut s = std::pin::pin!(watcher(runs, watcher::Config::default()).default_backoff());
-        while let Some(Ok(ev)) = s.next().await {
-            let (watcher::Event::Apply(r) | watcher::Event::InitApply(r)) = ev else { continue };
-            let terminal = r.status.as_ref().and_then(|s| s.completion_time.as_ref()).is_some();
-            if terminal {
+    if flowtel {
+        let t = timeline.clone();
+        on_each(client, ns, move |r: WorkflowRun| {
+            if r.status.as_ref().and_then(|s| s.completion_time.as_ref()).is_some() {
                 lock(&t).done.entry(r.metadata.name.clone().unwrap_or_default()).or_insert_with(Instant::now);
             }
-        }
-    });
+        });
+    }
 }
 
 /// Offers `rate` objects a second for `step`, open loop (a create never waits for an earlier one); returns names.
@@ -336,7 +342,9 @@ fn control_plane_cpu() -> Vec<f64> {
 fn cpu_per_object(before: &[f64], after: &[f64], objects: usize, operator: Option<f64>) -> Value {
     let mut out = serde_json::Map::new();
     for ((c, b), a) in COMPONENTS.iter().zip(before).zip(after) {
-        out.insert((*c).into(), json!((a - b) * 1000.0 / objects.max(1) as f64));
+        // A component restarted in between (a new pid) has no meaningful difference: null, not a negative figure.
+        let ms = (a >= b).then(|| (a - b) * 1000.0 / objects.max(1) as f64);
+        out.insert((*c).into(), json!(ms));
     }
     if let Some(o) = operator {
         out.insert("flowtel".into(), json!(o * 1000.0 / objects.max(1) as f64));
@@ -482,6 +490,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let flowtel_ceiling = steps.iter().filter(|s| s.sustained).map(|s| s.rate).fold(0.0, f64::max);
     let ratio = if bare_ceiling > 0.0 { flowtel_ceiling / bare_ceiling } else { f64::NAN };
     println!("ceiling: bare Jobs {bare_ceiling}/s, flowtel {flowtel_ceiling}/s: {ratio:.2}x");
+    // A refused create (the apiserver down or throttling) is an offered object that never completes.
+    let refused = (lock(&bare_t).failed_creates, lock(&t).failed_creates);
+    if refused != (0, 0) {
+        println!("creates refused: bare Jobs {}, WorkflowRuns {}", refused.0, refused.1);
+    }
 
     // 3. Latency at flowtel's highest sustained rate.
     let latency = steps.iter().rev().find(|s| s.sustained).map(|s| {
@@ -606,7 +619,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         _ => None,
     };
 
-    report.insert("date".into(), json!(jiff_now()));
+    report.insert("date_unix_seconds".into(), json!(unix_now()));
     report.insert("bare_jobs".into(), json!(bare_steps.iter().map(step_json).collect::<Vec<_>>()));
     report.insert("workflow_runs".into(), json!(steps.iter().map(step_json).collect::<Vec<_>>()));
     report
@@ -646,7 +659,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-fn jiff_now() -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    format!("unix {secs}")
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
