@@ -363,6 +363,12 @@ fn print_cpu(what: &str, v: &Value) {
 }
 
 /// (VmRSS, VmHWM) of `pid`, in MiB.
+/// One unlabelled sample of the operator's `/metrics` (NaN when it cannot be read).
+async fn operator_sample(operator: &Operator, name: &str) -> f64 {
+    let Some((_, body)) = operator.get("/metrics").await else { return f64::NAN };
+    body.lines().find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok()).unwrap_or(f64::NAN)
+}
+
 fn memory_mib(pid: u32) -> (f64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let kib = |key: &str| {
@@ -483,6 +489,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let cpu = cpu_seconds(pid) - cpu_before;
+    let reconciles = operator_sample(&operator, "flowtel_reconciles_total").await;
+    let reconcile_seconds = operator_sample(&operator, "flowtel_reconcile_duration_seconds_sum").await;
     let flowtel_cpu = cpu_per_object(&flowtel_cpu_before, &control_plane_cpu(), finished, Some(cpu));
     print_cpu("bare Job", &bare_cpu);
     print_cpu("WorkflowRun", &flowtel_cpu);
@@ -556,6 +564,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // 5. CPU and memory.
     let cpu_per_1000 = per((cpu * 1000.0) as u64, finished);
+    let reconciles_per_run = reconciles / finished as f64;
+    let reconcile_ms_per_run = reconcile_seconds * 1000.0 / finished as f64;
+    println!(
+        "reconciles per run {reconciles_per_run:.2}, reconcile wall time per run {reconcile_ms_per_run:.2} ms (the rest of the CPU is watches, the HTTP client and export)"
+    );
     println!(
         "operator CPU {cpu:.2} s for {finished} runs: {cpu_per_1000:.2} s per 1,000 runs; RSS {rss:.1} MiB (peak {hwm:.1})"
     );
@@ -636,6 +649,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     report.insert(
         "operator".into(),
         json!({"cpu_s_per_1000_runs": cpu_per_1000, "rss_mib": rss, "peak_rss_mib": hwm,
+        "reconciles_per_run": reconciles_per_run, "reconcile_ms_per_run": reconcile_ms_per_run,
         "retained": retained.iter().map(|(n, r)| json!({"runs": n, "rss_mib": r})).collect::<Vec<_>>(), "fit": fit}),
     );
     report.insert(

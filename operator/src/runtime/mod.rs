@@ -10,6 +10,8 @@ pub mod leader;
 pub mod names;
 pub mod rates;
 pub mod readiness;
+pub mod slim;
+pub mod triggers;
 
 /// The label on every object flowtel creates (Jobs, a stack's objects): the operator's caches select by it.
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";

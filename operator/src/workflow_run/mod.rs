@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use flowtel_crds::workflow_run::WorkflowRunStatus;
 use flowtel_crds::{TelemetryStack, WorkflowRun};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
@@ -29,6 +29,8 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use crate::runtime::expiring::ExpiringMap;
 use crate::runtime::rates::RunRates;
 use crate::runtime::readiness::{Gate, SyncTracker};
+use crate::runtime::slim::{self, Skips, Slim};
+use crate::runtime::triggers::{Changes, Signature};
 use crate::telemetry::Telemetry;
 use job::{MANAGED_BY, MANAGED_BY_LABEL, RUN_NAME_ANNOTATION};
 pub use metrics::ControllerMetrics;
@@ -81,19 +83,29 @@ pub async fn run(
     let job_index = index::RunIndex::default();
     let pod_index = index::RunIndex::default();
     // Job status carries no exit codes or disruption conditions, the pods do: both are watched, trimmed, indexed.
-    let (jobs, job_stream) =
-        managed_children(api::<Job>(&client, &config.scope), [&sync, &children], "jobs", &job_index, |j: &Job| {
+    let (jobs, job_stream) = managed_children(
+        api::<Slim<Job>>(&client, &config.scope),
+        [&sync, &children],
+        "jobs",
+        &job_index,
+        |j: &Job| {
             let run = j.owner_references().iter().find(|o| o.kind == "WorkflowRun" && o.controller == Some(true))?;
             Some(((j.namespace()?, run.name.clone()), j.name_any()))
-        });
-    let (pods, pod_stream) =
-        managed_children(api::<Pod>(&client, &config.scope), [&sync, &children], "pods", &pod_index, |p: &Pod| {
-            Some(((p.namespace()?, p.annotations().get(RUN_NAME_ANNOTATION)?.clone()), p.name_any()))
-        });
+        },
+        plan::job_signature,
+    );
+    let (pods, pod_stream) = managed_children(
+        api::<Slim<Pod>>(&client, &config.scope),
+        [&sync, &children],
+        "pods",
+        &pod_index,
+        |p: &Pod| Some(((p.namespace()?, p.annotations().get(RUN_NAME_ANNOTATION)?.clone()), p.name_any())),
+        plan::pod_signature,
+    );
     let (stacks, stacks_writer) = reflector::store();
-    let stack_stream = watcher(api::<TelemetryStack>(&client, &config.scope), watcher::Config::default())
+    let stack_stream = watcher(api::<Slim<TelemetryStack>>(&client, &config.scope), watcher::Config::default())
         .default_backoff()
-        .modify(|s| s.managed_fields_mut().clear())
+        .map_ok(slim::unwrap_event)
         .reflect(stacks_writer)
         .inspect(sync.watch("telemetrystacks"))
         .inspect(children.watch("telemetrystacks"))
@@ -101,12 +113,13 @@ pub async fn run(
 
     // The runs' own reflector, so readiness can wait on it like on the others; managedFields are never read.
     let (runs_store, runs_writer) = reflector::store();
-    let runs_api = api::<WorkflowRun>(&client, &config.scope);
+    let runs_api = api::<Slim<WorkflowRun>>(&client, &config.scope);
     let runs_synced = sync.watch("workflowruns");
     let run_stream = futures::stream::once(async move {
         children_synced.opened().await;
         watcher(runs_api, watcher::Config::default())
             .default_backoff()
+            .map_ok(slim::unwrap_event)
             .modify(trim_for_cache)
             .reflect(runs_writer)
             .inspect(runs_synced)
@@ -163,13 +176,27 @@ pub async fn run(
         .await;
 }
 
-/// What the cache keeps of a run: never managedFields or kubectl's last-applied copy of the whole object; and once
+// What each watch's cache never reads, skipped while decoding (runtime::slim). The planner reads a Job's and a
+// pod's metadata and status only; a run and a stack are read whole.
+impl Skips for Job {
+    const SKIPPED: &'static [&'static str] = &["spec"];
+}
+impl Skips for Pod {
+    const SKIPPED: &'static [&'static str] = &["spec"];
+}
+impl Skips for WorkflowRun {
+    const SKIPPED: &'static [&'static str] = &[];
+}
+impl Skips for TelemetryStack {
+    const SKIPPED: &'static [&'static str] = &[];
+}
+
+/// What the cache keeps of a run: never managedFields (skipped while decoding) or kubectl's last-applied copy of the whole object; and once
 /// the run is settled (over, reported, status current), only what its TTL needs, since the reconcile of a settled
 /// run reads nothing else (`plan::is_settled`, the same test, decides both). Retained finished runs are most of the
 /// cache at 10M runs a day. Writes are merge patches of status or finalizers, so a trimmed copy never overwrites
 /// what it lacks; a change to the run (a new generation, a deletion) arrives whole and is no longer settled.
 fn trim_for_cache(run: &mut WorkflowRun) {
-    run.managed_fields_mut().clear();
     run.annotations_mut().remove("kubectl.kubernetes.io/last-applied-configuration");
     if plan::is_settled(run) {
         run.spec.template = Default::default();
@@ -185,26 +212,39 @@ fn trim_for_cache(run: &mut WorkflowRun) {
     }
 }
 
-/// A cached, trimmed and run-indexed watch of the objects flowtel manages (label managed-by=flowtel).
+/// A cached, trimmed and run-indexed watch of the objects flowtel manages (label managed-by=flowtel); only changes
+/// to what `signature` covers wake their run.
 fn managed_children<K>(
-    api: Api<K>,
+    api: Api<Slim<K>>,
     trackers: [&SyncTracker; 2],
     what: &'static str,
     index: &index::RunIndex,
     key: impl Fn(&K) -> Option<((String, String), String)> + Send + 'static,
+    signature: Signature<K>,
 ) -> (Store<K>, impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static)
 where
-    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K: Resource<DynamicType = ()>
+        + Skips
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
 {
     let managed = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
     let (store, writer) = reflector::store();
     let stream = watcher(api, managed)
         .default_backoff()
-        .modify(|o| o.managed_fields_mut().clear())
+        .map_ok(slim::unwrap_event)
         .reflect(writer)
         .inspect(trackers[0].watch(what))
         .inspect(trackers[1].watch(what))
         .inspect(index.observe(key))
+        .filter({
+            let mut changes = Changes::new(signature);
+            move |event| futures::future::ready(changes.pass(event))
+        })
         .touched_objects();
     (store, stream)
 }
@@ -212,6 +252,31 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Real watch events from kube-apiserver 1.37 (a bench run): decoded without spec and managedFields, with what
+    /// the planner reads intact.
+    #[test]
+    fn the_children_watches_decode_real_events_without_what_the_planner_never_reads() {
+        let job = include_str!("testdata/watch-event-job.json");
+        let kube::core::WatchEvent::Added(job) =
+            serde_json::from_str::<kube::core::WatchEvent<Slim<Job>>>(job).unwrap()
+        else {
+            panic!("an ADDED event")
+        };
+        let job = job.into_inner();
+        assert_eq!((job.spec.as_ref(), job.metadata.managed_fields.as_ref()), (None, None));
+        assert!(job.owner_references().iter().any(|o| o.kind == "WorkflowRun" && o.controller == Some(true)));
+        let pod = include_str!("testdata/watch-event-pod.json");
+        let kube::core::WatchEvent::Added(pod) =
+            serde_json::from_str::<kube::core::WatchEvent<Slim<Pod>>>(pod).unwrap()
+        else {
+            panic!("an ADDED event")
+        };
+        let pod = pod.into_inner();
+        assert_eq!((pod.spec.as_ref(), pod.metadata.managed_fields.as_ref()), (None, None));
+        assert_eq!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded"));
+        assert!(pod.annotations().contains_key(RUN_NAME_ANNOTATION));
+    }
 
     fn run(status: serde_json::Value) -> WorkflowRun {
         serde_json::from_value(serde_json::json!({

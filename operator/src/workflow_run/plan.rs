@@ -1,6 +1,8 @@
 //! The pure core of the WorkflowRun reconcile: from the run, what the caches show of its Jobs and pods, and the
 //! time, compute the desired status and the one action to take. No I/O here, so every rule is unit-tested.
 
+use std::hash::{DefaultHasher, Hash};
+
 use flowtel_crds::WorkflowRun;
 use flowtel_crds::workflow_run::{
     AttemptClassification, AttemptStatus, RetryPolicy, TelemetryReport, WorkflowRunPhase, WorkflowRunStatus,
@@ -181,6 +183,32 @@ fn pod_outcome(pod: &Pod, retry: &RetryPolicy) -> Option<Outcome> {
             Some(Outcome { classification, exit_code, reason, container })
         }
         _ => None,
+    }
+}
+
+/// What the planner reads of a pod beyond its identity (`pod_outcome`; `attempt_of` and its creation time are
+/// fixed): its phase once terminal, its reason, its disruption and its containers' ends. A pod changes several
+/// times on its way (scheduled, started, ready, its finalizer removed) and none of those changes a plan, so none
+/// of them costs a reconcile (`runtime::triggers`).
+pub fn pod_signature(pod: &Pod, h: &mut DefaultHasher) {
+    let Some(status) = pod.status.as_ref() else { return };
+    status.phase.as_deref().filter(|p| matches!(*p, "Succeeded" | "Failed")).hash(h);
+    status.reason.hash(h);
+    for c in status.conditions.iter().flatten().filter(|c| c.type_ == "DisruptionTarget") {
+        c.status.hash(h);
+    }
+    for c in status.container_statuses.iter().flatten() {
+        if let Some(t) = c.state.as_ref().and_then(|s| s.terminated.as_ref()) {
+            (&c.name, t.exit_code, &t.reason, t.finished_at.as_ref().map(|f| f.0.as_millisecond())).hash(h);
+        }
+    }
+}
+
+/// What the planner reads of a Job beyond its identity (`job_outcome`): its conditions that hold, with their
+/// reasons. Its counters and readiness change while it runs and never change a plan.
+pub fn job_signature(job: &Job, h: &mut DefaultHasher) {
+    for c in job.status.iter().flat_map(|s| s.conditions.iter().flatten()).filter(|c| c.status == "True") {
+        (&c.type_, &c.reason).hash(h);
     }
 }
 
@@ -657,7 +685,7 @@ pub fn reject_attempt(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     fn settings() -> Settings {
         Settings { default_deadline_seconds: 3600, default_ttl_seconds: 600 }
@@ -964,6 +992,67 @@ mod tests {
         assert_eq!(p.status.attempts[0].classification, Some(AttemptClassification::Disruption));
         assert_eq!(p.status.disruptions, Some(1));
         assert_eq!(p.action, Action::CreateJob { attempt: 2, deadline_seconds: 3596 });
+    }
+
+    fn signature<K>(o: &K, sign: fn(&K, &mut DefaultHasher)) -> u64 {
+        let mut h = DefaultHasher::new();
+        sign(o, &mut h);
+        std::hash::Hasher::finish(&h)
+    }
+
+    /// Only signature changes wake a run (`runtime::triggers`): two states of a pod or a Job with one signature must
+    /// plan alike, and the states a run waits for must differ from those before them.
+    #[test]
+    fn a_childs_signature_covers_everything_its_outcome_reads() {
+        let retry: RetryPolicy = serde_json::from_value(json!({"transientExitCodes": [3]})).expect("retry");
+        let mut pods = vec![];
+        for phase in ["Pending", "Running", "Succeeded", "Failed", "Unknown"] {
+            for exit in [None, Some(0), Some(1), Some(3)] {
+                for disrupted in [false, true] {
+                    pods.push(pod(1, phase, exit, disrupted));
+                    let mut ready = pod(1, phase, exit, disrupted);
+                    ready.metadata.finalizers = Some(vec!["batch.kubernetes.io/job-tracking".into()]);
+                    ready.status.as_mut().expect("status").pod_ip = Some("10.0.0.1".into());
+                    pods.push(ready);
+                }
+            }
+        }
+        for a in &pods {
+            for b in &pods {
+                if signature(a, pod_signature) == signature(b, pod_signature) {
+                    assert_eq!(pod_outcome(a, &retry), pod_outcome(b, &retry), "{a:?}\n{b:?}");
+                }
+            }
+        }
+        let running = signature(&pod(1, "Running", None, false), pod_signature);
+        assert_eq!(running, signature(&pod(1, "Pending", None, false), pod_signature), "starting wakes nothing");
+        assert_ne!(running, signature(&pod(1, "Failed", Some(3), false), pod_signature));
+
+        let job = |conditions: Value, active: i32| -> Job {
+            serde_json::from_value(json!({"metadata": {"name": "r-1"},
+                "status": {"active": active, "conditions": conditions}}))
+            .expect("job")
+        };
+        let mut jobs = vec![];
+        for conditions in [
+            json!([]),
+            json!([{"type": "Complete", "status": "True"}]),
+            json!([{"type": "Complete", "status": "False"}]),
+            json!([{"type": "FailureTarget", "status": "True", "reason": "BackoffLimitExceeded"}]),
+            json!([{"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}]),
+            json!([{"type": "Failed", "status": "True", "reason": DISRUPTED_JOB_REASON}]),
+        ] {
+            jobs.extend([job(conditions.clone(), 0), job(conditions, 1)]);
+        }
+        for a in &jobs {
+            for b in &jobs {
+                if signature(a, job_signature) == signature(b, job_signature) {
+                    assert_eq!(job_outcome(a), job_outcome(b), "{a:?}\n{b:?}");
+                }
+            }
+        }
+        assert_eq!(signature(&jobs[0], job_signature), signature(&jobs[1], job_signature), "counters wake nothing");
+        assert_ne!(signature(&jobs[0], job_signature), signature(&jobs[2], job_signature));
     }
 
     #[test]
