@@ -97,7 +97,7 @@ pub fn build_job(
         traceparent: ids::traceparent(&uid, attempt),
     };
 
-    let mut template = run.spec.template.clone();
+    let mut template = k8s_openapi::api::core::v1::PodTemplateSpec::clone(&run.spec.template);
     let meta = template.metadata.get_or_insert_with(Default::default);
     meta.labels.get_or_insert_with(Default::default).extend(labels.clone());
     meta.annotations.get_or_insert_with(Default::default).insert(RUN_NAME_ANNOTATION.into(), run.name_any());
