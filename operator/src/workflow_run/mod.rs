@@ -191,11 +191,12 @@ impl Skips for TelemetryStack {
     const SKIPPED: &'static [&'static str] = &[];
 }
 
-/// What the cache keeps of a run: never managedFields (skipped while decoding) or kubectl's last-applied copy of the whole object; and once
-/// the run is settled (over, reported, status current), only what its TTL needs, since the reconcile of a settled
-/// run reads nothing else (`plan::is_settled`, the same test, decides both). Retained finished runs are most of the
-/// cache at 10M runs a day. Writes are merge patches of status or finalizers, so a trimmed copy never overwrites
-/// what it lacks; a change to the run (a new generation, a deletion) arrives whole and is no longer settled.
+/// What the cache keeps of a run: never managedFields (skipped while decoding) or kubectl's last-applied copy of the
+/// whole object; and once the run is settled (over, reported, status current), only what its TTL needs, since the
+/// reconcile of a settled run reads nothing else (`plan::is_settled`, the same test, decides both). Retained
+/// finished runs are most of the cache at 10M runs a day. Writes are merge patches of status or finalizers, so a
+/// trimmed copy never overwrites what it lacks; a change to the run (a new generation, a deletion) arrives whole
+/// and is no longer settled.
 fn trim_for_cache(run: &mut WorkflowRun) {
     // One empty template for all settled runs: each would otherwise keep its own (1.8 KiB, however empty).
     static EMPTY_TEMPLATE: std::sync::LazyLock<Arc<PodTemplateSpec>> = std::sync::LazyLock::new(Arc::default);
