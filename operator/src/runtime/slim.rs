@@ -17,7 +17,8 @@ use serde::de::{self, DeserializeOwned, DeserializeSeed, Deserializer, IgnoredAn
 
 /// Which top-level fields of a kind its cache never reads. `metadata.managedFields` is always skipped.
 pub trait Skips {
-    const SKIPPED: &'static [&'static str];
+    /// Nothing but `metadata.managedFields` unless a kind says more.
+    const SKIPPED: &'static [&'static str] = &[];
 }
 
 /// A `K` decoded without `K::SKIPPED` and `metadata.managedFields`.
@@ -62,6 +63,9 @@ impl<K: Resource> Resource for Slim<K> {
     }
     fn plural(dt: &Self::DynamicType) -> Cow<'_, str> {
         K::plural(dt)
+    }
+    fn metadata_api() -> bool {
+        K::metadata_api()
     }
     fn meta(&self) -> &ObjectMeta {
         self.0.meta()
@@ -257,9 +261,7 @@ mod tests {
         metadata: Option<ObjectMeta>,
     }
 
-    impl Skips for OptionalMeta {
-        const SKIPPED: &'static [&'static str] = &[];
-    }
+    impl Skips for OptionalMeta {}
 
     /// A kind that needs its spec.
     #[derive(Debug, serde::Deserialize)]
@@ -321,6 +323,14 @@ mod tests {
         let decoded: kube::core::ObjectList<Slim<Thing>> = serde_json::from_str(&list).unwrap();
         assert_eq!(decoded.items.len(), 2);
         assert!(decoded.items.iter().all(|t| t.0.spec.is_none() && t.0.metadata.managed_fields.is_none()));
+    }
+
+    #[test]
+    fn a_metadata_only_kind_stays_metadata_only() {
+        use k8s_openapi::api::core::v1::Secret;
+        use kube::core::PartialObjectMeta;
+        assert!(<Slim<PartialObjectMeta<Secret>> as Resource>::metadata_api());
+        assert!(!<Slim<Secret> as Resource>::metadata_api());
     }
 
     #[test]

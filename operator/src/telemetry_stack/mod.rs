@@ -10,7 +10,7 @@ pub mod validate;
 use std::sync::Arc;
 
 use flowtel_crds::TelemetryStack;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
@@ -26,6 +26,7 @@ use kube::{Client, Resource, ResourceExt};
 use crate::runtime::FIELD_MANAGER;
 use crate::runtime::rates::RunRates;
 use crate::runtime::readiness::{Gate, SyncTracker};
+use crate::runtime::slim::{self, Skips, Slim};
 use build::{MANAGED_BY, MANAGED_BY_LABEL};
 pub use reconcile::Context;
 
@@ -53,6 +54,16 @@ where
     }
 }
 
+// The stack and its objects are read whole, but for `managedFields` (skipped while decoding: runtime::slim).
+impl Skips for TelemetryStack {}
+impl Skips for ConfigMap {}
+impl Skips for Service {}
+impl Skips for Deployment {}
+impl Skips for StatefulSet {}
+impl Skips for DaemonSet {}
+impl Skips for PodDisruptionBudget {}
+impl Skips for HorizontalPodAutoscaler {}
+
 /// A trimmed, cached watch of the objects flowtel manages of one kind.
 fn managed<K>(
     client: &Client,
@@ -62,6 +73,7 @@ fn managed<K>(
 ) -> (Store<K>, impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static)
 where
     K: Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
+        + Skips
         + Clone
         + serde::de::DeserializeOwned
         + std::fmt::Debug
@@ -71,9 +83,9 @@ where
 {
     let config = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY},{}", build::STACK_LABEL));
     let (store, writer) = reflector::store();
-    let stream = watcher(api::<K>(client, namespace), config)
+    let stream = watcher(api::<Slim<K>>(client, namespace), config)
         .default_backoff()
-        .modify(|o| o.managed_fields_mut().clear())
+        .map_ok(slim::unwrap_event)
         .reflect(writer)
         .inspect(trackers[0].watch(what))
         .inspect(trackers[1].watch(what))
@@ -142,13 +154,13 @@ pub async fn run(client: Client, namespace: Option<String>, rates: RunRates, syn
         .touched_objects();
 
     let (stacks, stacks_writer) = reflector::store();
-    let stacks_api = api::<TelemetryStack>(&client, &namespace);
+    let stacks_api = api::<Slim<TelemetryStack>>(&client, &namespace);
     let stacks_synced = sync.watch("stack-controller-telemetrystacks");
     let stack_stream = futures::stream::once(async move {
         children_synced.opened().await;
         watcher(stacks_api, watcher::Config::default())
             .default_backoff()
-            .modify(|s| s.managed_fields_mut().clear())
+            .map_ok(slim::unwrap_event)
             .reflect(stacks_writer)
             .inspect(stacks_synced)
             .touched_objects()

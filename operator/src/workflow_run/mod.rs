@@ -177,19 +177,14 @@ pub async fn run(
 }
 
 // What each watch's cache never reads, skipped while decoding (runtime::slim). The planner reads a Job's and a
-// pod's metadata and status only; a run and a stack are read whole.
+// pod's metadata and status only; a run is read whole (a stack's impl is with its controller).
 impl Skips for Job {
     const SKIPPED: &'static [&'static str] = &["spec"];
 }
 impl Skips for Pod {
     const SKIPPED: &'static [&'static str] = &["spec"];
 }
-impl Skips for WorkflowRun {
-    const SKIPPED: &'static [&'static str] = &[];
-}
-impl Skips for TelemetryStack {
-    const SKIPPED: &'static [&'static str] = &[];
-}
+impl Skips for WorkflowRun {}
 
 /// What the cache keeps of a run: never managedFields (skipped while decoding) or kubectl's last-applied copy of the
 /// whole object; and once the run is settled (over, reported, status current), only what its TTL needs, since the
@@ -260,22 +255,16 @@ mod tests {
     /// the planner reads intact.
     #[test]
     fn the_children_watches_decode_real_events_without_what_the_planner_never_reads() {
-        let job = include_str!("testdata/watch-event-job.json");
-        let kube::core::WatchEvent::Added(job) =
-            serde_json::from_str::<kube::core::WatchEvent<Slim<Job>>>(job).unwrap()
-        else {
-            panic!("an ADDED event")
-        };
-        let job = job.into_inner();
+        fn added<K: Skips + serde::de::DeserializeOwned>(event: &str) -> K {
+            match serde_json::from_str::<kube::core::WatchEvent<Slim<K>>>(event).unwrap() {
+                kube::core::WatchEvent::Added(o) => o.into_inner(),
+                _ => panic!("an ADDED event"),
+            }
+        }
+        let job: Job = added(include_str!("testdata/watch-event-job.json"));
         assert_eq!((job.spec.as_ref(), job.metadata.managed_fields.as_ref()), (None, None));
         assert!(job.owner_references().iter().any(|o| o.kind == "WorkflowRun" && o.controller == Some(true)));
-        let pod = include_str!("testdata/watch-event-pod.json");
-        let kube::core::WatchEvent::Added(pod) =
-            serde_json::from_str::<kube::core::WatchEvent<Slim<Pod>>>(pod).unwrap()
-        else {
-            panic!("an ADDED event")
-        };
-        let pod = pod.into_inner();
+        let pod: Pod = added(include_str!("testdata/watch-event-pod.json"));
         assert_eq!((pod.spec.as_ref(), pod.metadata.managed_fields.as_ref()), (None, None));
         assert_eq!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded"));
         assert!(pod.annotations().contains_key(RUN_NAME_ANNOTATION));
