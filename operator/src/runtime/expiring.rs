@@ -36,6 +36,14 @@ impl<K: Hash + Eq + Clone, V: Clone> ExpiringMap<K, V> {
         }
     }
 
+    /// Removes and returns the entry (its place in the expiry order stays until it expires: a key taken and
+    /// inserted again may leave early).
+    pub fn take(&self, key: &K) -> Option<V> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        Self::expire(self.ttl, &mut inner);
+        inner.0.remove(key)
+    }
+
     pub fn get(&self, key: &K) -> Option<V> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         Self::expire(self.ttl, &mut inner);
@@ -54,6 +62,8 @@ mod tests {
         map.insert("a", 2);
         assert_eq!(map.get(&"a"), Some(2));
         assert_eq!(map.get(&"b"), None);
+        map.insert("c", 3);
+        assert_eq!((map.take(&"c"), map.get(&"c")), (Some(3), None));
         let later = Instant::now() + Duration::from_millis(30);
         while Instant::now() < later {
             std::hint::spin_loop();

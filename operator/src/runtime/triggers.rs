@@ -1,13 +1,18 @@
 //! Which watch events of a child kind may trigger a reconcile: only those that change what the reconcile reads of
 //! it. A pod changes five or six times on its way to its end and a Job four or five (scheduling, readiness,
 //! counters, finalizers), and most of those changes cannot change a plan; each would cost a reconcile. The cache
-//! still takes every event: this decides only which ones wake the owner.
+//! still takes every event: this decides only which ones wake the owner. The same holds for the watch events of an
+//! object's own writes (`OwnWrites`).
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 
+use std::time::Duration;
+
 use kube::Resource;
 use kube::runtime::watcher;
+
+use crate::runtime::expiring::ExpiringMap;
 
 /// What of an object its owner's reconcile reads, as a hash. Two states with one signature plan alike.
 pub type Signature<K> = fn(&K, &mut DefaultHasher);
@@ -60,6 +65,35 @@ impl<K: Resource> Changes<K> {
     }
 }
 
+/// The versions of objects this process wrote whose watch events need not wake them: the reconcile that wrote one
+/// already returned what reconciling it would (it planned the written copy and found nothing to do). Each such
+/// event would otherwise cost a reconcile: three or four per WorkflowRun. Any other event passes, a (re)list too;
+/// an echo that outruns its entry passes as well, which costs a reconcile and nothing else.
+pub struct OwnWrites {
+    versions: ExpiringMap<(String, u64), ()>,
+}
+
+impl OwnWrites {
+    /// Entries that never meet their event (a watch restarted in between) leave after `ttl`.
+    pub fn new(ttl: Duration) -> Self {
+        Self { versions: ExpiringMap::new(ttl) }
+    }
+
+    /// The event of this version of the object (by UID) will not wake it.
+    pub fn expect(&self, uid: String, resource_version: u64) {
+        self.versions.insert((uid, resource_version), ());
+    }
+
+    /// Whether the event may wake its object: not when it is a write of ours that was expected.
+    pub fn pass<K: Resource>(&self, event: &Result<watcher::Event<K>, watcher::Error>) -> bool {
+        let Ok(watcher::Event::Apply(o)) = event else { return true };
+        let (Some(uid), Some(version)) = (o.meta().uid.clone(), o.meta().resource_version.as_deref()) else {
+            return true;
+        };
+        version.parse().map_or(true, |version| self.versions.take(&(uid, version)).is_none())
+    }
+}
+
 fn key<K: Resource>(o: &K) -> (Option<String>, String) {
     (o.meta().namespace.clone(), o.meta().name.clone().unwrap_or_default())
 }
@@ -104,6 +138,20 @@ mod tests {
         assert!(pass(watcher::Event::InitApply(pod("u2", "Running", "5"))), "a relist passes everything");
         assert!(pass(watcher::Event::InitDone));
         assert!(!pass(watcher::Event::Apply(pod("u2", "Running", "6"))), "and remembers what it listed");
+    }
+
+    #[test]
+    fn only_the_expected_versions_of_own_writes_are_held_back_once() {
+        let own = OwnWrites::new(Duration::from_secs(60));
+        own.expect("u1".into(), 7);
+        let event = |uid: &str, version: &str| Ok(watcher::Event::Apply(pod(uid, "Running", version)));
+        assert!(own.pass(&event("u1", "6")), "an older version: someone's, or ours not expected");
+        assert!(own.pass(&event("u2", "7")), "another object");
+        assert!(!own.pass(&event("u1", "7")), "the expected echo");
+        assert!(own.pass(&event("u1", "7")), "held back once only");
+        own.expect("u1".into(), 8);
+        assert!(own.pass(&Ok(watcher::Event::InitApply(pod("u1", "Running", "8")))), "a relist passes");
+        assert!(own.pass(&Ok(watcher::Event::Delete(pod("u1", "Running", "8")))), "a deletion passes");
     }
 
     #[test]

@@ -30,7 +30,7 @@ use crate::runtime::expiring::ExpiringMap;
 use crate::runtime::rates::RunRates;
 use crate::runtime::readiness::{Gate, SyncTracker};
 use crate::runtime::slim::{self, Skips, Slim};
-use crate::runtime::triggers::{Changes, Signature};
+use crate::runtime::triggers::{Changes, OwnWrites, Signature};
 use crate::telemetry::Telemetry;
 use job::{MANAGED_BY, MANAGED_BY_LABEL, RUN_NAME_ANNOTATION};
 pub use metrics::ControllerMetrics;
@@ -82,9 +82,11 @@ pub async fn run(
     let children = SyncTracker::new(3, children_synced.clone());
     let job_index = index::RunIndex::default();
     let pod_index = index::RunIndex::default();
-    // Job status carries no exit codes or disruption conditions, the pods do: both are watched, trimmed, indexed.
+    // Job status carries no exit codes or disruption conditions, the pods do: both are watched, trimmed, indexed;
+    // only ended pods, as the planner reads no others.
     let (jobs, job_stream) = managed_children(
         api::<Slim<Job>>(&client, &config.scope),
+        None,
         [&sync, &children],
         "jobs",
         &job_index,
@@ -96,6 +98,7 @@ pub async fn run(
     );
     let (pods, pod_stream) = managed_children(
         api::<Slim<Pod>>(&client, &config.scope),
+        Some(plan::TERMINAL_PODS),
         [&sync, &children],
         "pods",
         &pod_index,
@@ -115,6 +118,8 @@ pub async fn run(
     let (runs_store, runs_writer) = reflector::store();
     let runs_api = api::<Slim<WorkflowRun>>(&client, &config.scope);
     let runs_synced = sync.watch("workflowruns");
+    let own_writes = Arc::new(OwnWrites::new(std::time::Duration::from_secs(60)));
+    let echoes = own_writes.clone();
     let run_stream = futures::stream::once(async move {
         children_synced.opened().await;
         watcher(runs_api, watcher::Config::default())
@@ -123,6 +128,7 @@ pub async fn run(
             .modify(trim_for_cache)
             .reflect(runs_writer)
             .inspect(runs_synced)
+            .filter(move |event| futures::future::ready(echoes.pass(event)))
             .touched_objects()
     })
     .flatten();
@@ -143,6 +149,7 @@ pub async fn run(
         metrics,
         created_jobs: ExpiringMap::new(std::time::Duration::from_secs(60)),
         written: ExpiringMap::new(std::time::Duration::from_secs(60)),
+        own_writes,
         api_answered: std::sync::Mutex::new(None),
         rates,
     });
@@ -210,10 +217,11 @@ fn trim_for_cache(run: &mut WorkflowRun) {
     }
 }
 
-/// A cached, trimmed and run-indexed watch of the objects flowtel manages (label managed-by=flowtel); only changes
-/// to what `signature` covers wake their run.
+/// A cached, trimmed and run-indexed watch of the objects flowtel manages (label managed-by=flowtel), narrowed by
+/// `fields` when given; only changes to what `signature` covers wake their run.
 fn managed_children<K>(
     api: Api<Slim<K>>,
+    fields: Option<&str>,
     trackers: [&SyncTracker; 2],
     what: &'static str,
     index: &index::RunIndex,
@@ -230,7 +238,10 @@ where
         + Sync
         + 'static,
 {
-    let managed = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
+    let mut managed = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
+    if let Some(fields) = fields {
+        managed = managed.fields(fields);
+    }
     let (store, writer) = reflector::store();
     let stream = watcher(api, managed)
         .default_backoff()

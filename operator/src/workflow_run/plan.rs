@@ -34,11 +34,12 @@ pub struct Settings {
 }
 
 /// What the caches show, and what the telemetry exporter reports.
+#[derive(Clone)]
 pub struct Observation<'a> {
     pub now: Timestamp,
     /// Jobs controlled by this run.
     pub jobs: Vec<&'a Job>,
-    /// Pods of this run.
+    /// Pods of this run that have ended (the watch sees no others: `TERMINAL_PODS`).
     pub pods: Vec<&'a Pod>,
     /// Why the run's telemetry is degraded, when it is (no endpoint, export failures).
     pub telemetry_degraded: Option<(String, String)>,
@@ -67,6 +68,24 @@ impl PodCreationFailure {
     pub fn from_message(message: &str) -> Self {
         Self { forbidden: message.contains("violates PodSecurity"), message: message.to_string() }
     }
+}
+
+/// The pods the planner reads: only ended ones (their exit codes, reasons and disruptions decide an attempt), so a
+/// pod costs the operator no watch event while it is created, scheduled and started. Whether an attempt's Job has a
+/// pod at all is read from the Job's counters (`attempt_has_a_pod`).
+pub const TERMINAL_PODS: &str = "status.phase!=Pending,status.phase!=Running";
+
+/// Whether the attempt's Job has created a pod: one of its ended pods is cached, or the Job counts one.
+pub fn attempt_has_a_pod(jobs: &[&Job], pods: &[&Pod], attempt: &AttemptStatus) -> bool {
+    let counted = |job: &Job| {
+        job.status.as_ref().is_some_and(|s| {
+            let uncounted = s.uncounted_terminated_pods.as_ref();
+            [s.active, s.succeeded, s.failed, s.terminating, s.ready].into_iter().flatten().any(|n| n > 0)
+                || uncounted.is_some_and(|u| u.succeeded.iter().chain(u.failed.iter()).flatten().next().is_some())
+        })
+    };
+    pods.iter().any(|p| attempt_of(&p.metadata) == Some(attempt.number))
+        || jobs.iter().any(|j| j.name_any() == attempt.job_name && counted(j))
 }
 
 /// How long an attempt's Job may have no pod before the reconcile reads why (a pod normally appears within
@@ -109,8 +128,10 @@ pub struct Plan {
     pub events: Vec<EventNote>,
 }
 
-/// How soon a run whose failed Job's cached pod does not show its end yet is looked at again.
+/// How soon a run whose failed Job's pod has not shown its end yet is looked at again.
 const POD_LAG_RECHECK: SignedDuration = SignedDuration::from_secs(5);
+/// How long after its Job failed an attempt waits for its pod's end (exit codes) before the Job's verdict stands.
+const POD_END_WAIT: SignedDuration = SignedDuration::from_secs(15);
 
 /// How an attempt ended, read from its pod (exit codes, DisruptionTarget) or, when the pod is gone, its Job.
 #[derive(Clone, Debug, PartialEq)]
@@ -210,6 +231,16 @@ pub fn job_signature(job: &Job, h: &mut DefaultHasher) {
     for c in job.status.iter().flat_map(|s| s.conditions.iter().flatten()).filter(|c| c.status == "True") {
         (&c.type_, &c.reason).hash(h);
     }
+}
+
+/// When the Job's failure was first recorded (FailureTarget precedes Failed).
+fn job_failed_at(job: &Job) -> Option<Timestamp> {
+    let conditions = job.status.as_ref()?.conditions.as_ref()?;
+    conditions
+        .iter()
+        .filter(|c| c.status == "True" && matches!(c.type_.as_str(), "Failed" | "FailureTarget"))
+        .filter_map(|c| c.last_transition_time.as_ref().map(|t| t.0))
+        .min()
 }
 
 fn job_outcome(job: &Job) -> Option<Outcome> {
@@ -344,18 +375,22 @@ impl Planner<'_> {
             .filter(|p| attempt_of(&p.metadata) == Some(number))
             .max_by_key(|p| p.metadata.creation_timestamp.as_ref().map(|t| t.0));
         let pod_name = pod.map(|p| p.name_any());
-        let job = self.obs.jobs.iter().find(|j| j.name_any() == job_name).and_then(|j| job_outcome(j));
+        let job_object = self.obs.jobs.iter().find(|j| j.name_any() == job_name);
+        let job = job_object.and_then(|j| job_outcome(j));
         let from_pod = pod.and_then(|p| pod_outcome(p, retry));
+        // A Job fails only after its pod did, but the pods' watch may deliver the pod's end after the Job's (two
+        // streams; a relist): the pod's exit code decides, so a generic Job failure waits for it, for a while (a
+        // pod deleted meanwhile never comes).
+        let pod_end_expected_until = job_object
+            .and_then(|j| job_failed_at(j))
+            .and_then(|at| at.checked_add(POD_END_WAIT).ok())
+            .filter(|until| *until > self.obs.now && from_pod.is_none());
         let outcome = match job {
             // A Job deadline kills the pod (exit 137), which alone would look transient: the Job's reason wins.
             Some(o) if o.reason == "DeadlineExceeded" => Some(o),
-            // A Job fails only after its pod did, but the pod's cache may lag behind the Job's (a relist): while the
-            // cached pod does not show its end, wait for it, as its exit code decides. A pod that is gone cannot.
-            // Looked at again shortly: when the pod is deleted while the watch is relisting (an apiserver restart),
-            // no event says so, and the run would wait until its deadline for a pod that is gone.
-            Some(o) if o.classification != AttemptClassification::Succeeded && pod.is_some() && from_pod.is_none() => {
+            Some(o) if o.classification == AttemptClassification::Transient && pod_end_expected_until.is_some() => {
                 let again = self.obs.now.saturating_add(POD_LAG_RECHECK).unwrap_or(self.obs.now);
-                self.requeue_at(again);
+                self.requeue_at(pod_end_expected_until.map_or(again, |until| until.min(again)));
                 None
             }
             job => from_pod.or(job),
@@ -511,8 +546,9 @@ impl Planner<'_> {
             }
             self.phase(WorkflowRunPhase::Running, "Running", &format!("attempt {} is running", last.number));
             // A Job that never gets a pod says why only in an Event: looked at once the grace has passed.
-            let has_pod = self.obs.pods.iter().any(|p| attempt_of(&p.metadata) == Some(last.number));
-            if !has_pod && let Some(started) = &last.start_time {
+            if !attempt_has_a_pod(&self.obs.jobs, &self.obs.pods, &last)
+                && let Some(started) = &last.start_time
+            {
                 let grace_ends = started.0.saturating_add(POD_CREATE_GRACE).unwrap_or(now);
                 let look =
                     if grace_ends > now { grace_ends } else { now.saturating_add(POD_CREATE_RECHECK).unwrap_or(now) };
@@ -760,6 +796,23 @@ mod tests {
         assert_eq!(p.requeue_after, Some(std::time::Duration::from_secs(2)), "looked at once the 3 s grace ends");
         let p = with_failure(&r, &job, None, t(4));
         assert_eq!(p.requeue_after, Some(std::time::Duration::from_secs(10)), "past the grace: no hot loop");
+        // The watch sees no running pod: the Job's counters say it has one.
+        let counting: Job =
+            serde_json::from_value(json!({"metadata": {"name": "r-1"}, "status": {"active": 1}})).expect("job");
+        let p = with_failure(&r, &counting, None, t(1));
+        assert_ne!(p.requeue_after, Some(std::time::Duration::from_secs(2)), "a pod: nothing to look at");
+        let attempt = &r.status.as_ref().expect("status").attempts[0];
+        assert!(attempt_has_a_pod(&[&counting], &[], attempt));
+        assert!(!attempt_has_a_pod(&[&job], &[], attempt));
+        let uncounted: Job = serde_json::from_value(
+            json!({"metadata": {"name": "r-1"}, "status": {"uncountedTerminatedPods": {"failed": ["u"]}}}),
+        )
+        .expect("job");
+        assert!(attempt_has_a_pod(&[&uncounted], &[], attempt));
+        let other: Job =
+            serde_json::from_value(json!({"metadata": {"name": "r-2"}, "status": {"active": 1}})).expect("job");
+        assert!(!attempt_has_a_pod(&[&other], &[], attempt), "another attempt's Job");
+        assert!(attempt_has_a_pod(&[&job], &[&pod(1, "Failed", Some(1), false)], attempt));
         let message = "Error creating: pods \"r-1-x\" is forbidden: violates PodSecurity \"restricted:latest\": ...";
         let p = with_failure(&r, &job, Some(PodCreationFailure::from_message(message)), t(4));
         assert_eq!(p.status.phase, Some(WorkflowRunPhase::Failed), "never retried: the same pod is never admitted");
@@ -782,7 +835,9 @@ mod tests {
         assert_eq!(p.action, Action::None, "the Job keeps trying");
         assert_eq!(p.requeue_after, Some(std::time::Duration::from_secs(10)));
         r.status = Some(p.status);
-        let p = step(&mut r, &[pod(1, "Running", None, false)], t(20));
+        let counting: Job =
+            serde_json::from_value(json!({"metadata": {"name": "r-1"}, "status": {"active": 1}})).expect("job");
+        let p = with_failure(&r, &counting, None, t(20));
         assert_eq!(p.status.phase, Some(WorkflowRunPhase::Running));
     }
 
@@ -994,6 +1049,55 @@ mod tests {
         assert_eq!(p.action, Action::CreateJob { attempt: 2, deadline_seconds: 3596 });
     }
 
+    #[test]
+    fn a_failed_job_waits_a_while_for_its_pods_end_which_decides() {
+        let mut r = run(json!({"limit": 3, "permanentExitCodes": [42]}));
+        step(&mut r, &[], t(0));
+        let job: Job = serde_json::from_value(json!({
+            "metadata": {"name": "r-1"},
+            "status": {"failed": 1, "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+                "lastTransitionTime": t(10).to_string()}]}
+        }))
+        .expect("job");
+        let at = |now: Timestamp, pods: Vec<&Pod>| {
+            let obs = Observation {
+                now,
+                jobs: vec![&job],
+                pods,
+                telemetry_degraded: None,
+                exports_telemetry: true,
+                waiting_for: None,
+                pod_creation_failure: None,
+            };
+            plan(&r, &obs, &settings())
+        };
+        let waiting = at(t(11), vec![]);
+        assert_eq!(waiting.status.attempts[0].classification, None, "the pod's end is on its way");
+        assert_eq!(waiting.requeue_after, Some(std::time::Duration::from_secs(5)));
+        let failed = pod(1, "Failed", Some(42), false);
+        let p = at(t(12), vec![&failed]);
+        assert_eq!(p.status.attempts[0].classification, Some(AttemptClassification::Permanent), "its exit code");
+        let late = at(t(24), vec![]);
+        assert_eq!(late.requeue_after, Some(std::time::Duration::from_secs(1)), "no later than the wait's end");
+        let p = at(t(25), vec![]);
+        assert_eq!(p.status.attempts[0].classification, Some(AttemptClassification::Transient), "the Job's verdict");
+        let mut undated = job.clone();
+        if let Some(c) = undated.status.as_mut().and_then(|s| s.conditions.as_mut()) {
+            c[0].last_transition_time = None;
+        }
+        let obs = Observation {
+            now: t(11),
+            jobs: vec![&undated],
+            pods: vec![],
+            telemetry_degraded: None,
+            exports_telemetry: true,
+            waiting_for: None,
+            pod_creation_failure: None,
+        };
+        let p = plan(&r, &obs, &settings());
+        assert_eq!(p.status.attempts[0].classification, Some(AttemptClassification::Transient), "no time: no wait");
+    }
+
     fn signature<K>(o: &K, sign: fn(&K, &mut DefaultHasher)) -> u64 {
         let mut h = DefaultHasher::new();
         sign(o, &mut h);
@@ -1053,42 +1157,6 @@ mod tests {
         }
         assert_eq!(signature(&jobs[0], job_signature), signature(&jobs[1], job_signature), "counters wake nothing");
         assert_ne!(signature(&jobs[0], job_signature), signature(&jobs[2], job_signature));
-    }
-
-    #[test]
-    fn a_failed_job_waits_for_its_pod_to_show_the_exit_code() {
-        let mut r = run(json!({"limit": 3, "permanentExitCodes": [42]}));
-        step(&mut r, &[], t(0));
-        let job: Job = serde_json::from_value(json!({
-            "metadata": {"name": "r-1"},
-            "status": {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}
-        }))
-        .expect("job");
-        let running = pod(1, "Running", None, false);
-        let failed = pod(1, "Failed", Some(42), false);
-        let observe = |r: &WorkflowRun, pods: Vec<&Pod>, now| {
-            let obs = Observation {
-                now,
-                jobs: vec![&job],
-                pods,
-                telemetry_degraded: None,
-                exports_telemetry: true,
-                waiting_for: None,
-                pod_creation_failure: None,
-            };
-            plan(r, &obs, &settings())
-        };
-        let p = observe(&r, vec![&running], t(2));
-        assert_eq!(p.status.attempts[0].classification, None, "the cached pod lags: wait for it");
-        assert_eq!(p.action, Action::None);
-        assert_eq!(p.requeue_after, Some(std::time::Duration::from_secs(5)), "and look again soon, in case it is gone");
-        // Gone (deleted during a relist, no event): the Job's outcome decides.
-        let gone = observe(&r, vec![], t(8));
-        assert!(gone.status.attempts[0].classification.is_some(), "a pod that is gone cannot be waited for");
-        let p = observe(&r, vec![&failed], t(3));
-        assert_eq!(p.status.attempts[0].classification, Some(AttemptClassification::Permanent));
-        let p = observe(&r, vec![], t(3));
-        assert_eq!(p.status.attempts[0].classification, Some(AttemptClassification::Transient), "no pod: the Job");
     }
 
     #[test]

@@ -24,6 +24,7 @@ use super::metrics::ControllerMetrics;
 use super::plan::{self, Action, Observation, Settings};
 use super::report::{self, ReportKind};
 use crate::runtime::expiring::ExpiringMap;
+use crate::runtime::triggers::OwnWrites;
 use crate::telemetry::{RETRY_EVERY, ReportState, Telemetry};
 
 /// The field manager of everything flowtel writes.
@@ -92,6 +93,8 @@ pub struct Context {
     /// The resourceVersion of each run as this process last wrote it (by UID). A reconcile of an older copy (the
     /// export worker's notification can outrun the watch event of our own write) waits for the newer one.
     pub written: ExpiringMap<String, u64>,
+    /// The versions our writes produced whose watch events need not wake their run (`quiet_after`).
+    pub own_writes: Arc<OwnWrites>,
     /// When a write of ours (or a read from etcd) last succeeded; None after a failure (unreachable, 5xx, 429).
     pub api_answered: std::sync::Mutex<Option<Instant>>,
 }
@@ -290,7 +293,9 @@ async fn pod_creation_failure(
 ) -> Result<Option<plan::PodCreationFailure>, ReconcileError> {
     let Some(attempt) = stored.attempts.last().filter(|a| a.classification.is_none()) else { return Ok(None) };
     let Some(job) = jobs.iter().find(|j| j.name_any() == attempt.job_name) else { return Ok(None) };
-    if stored.completion_time.is_some() || pods.iter().any(|p| job::attempt_of(&p.metadata) == Some(attempt.number)) {
+    let (jobs_seen, pods_seen): (Vec<&Job>, Vec<&Pod>) =
+        (jobs.iter().map(Arc::as_ref).collect(), pods.iter().map(Arc::as_ref).collect());
+    if stored.completion_time.is_some() || plan::attempt_has_a_pod(&jobs_seen, &pods_seen, attempt) {
         return Ok(None);
     }
     let now = jiff::Timestamp::now();
@@ -505,15 +510,15 @@ fn worth_writing(run: &WorkflowRun, planned: &WorkflowRunStatus, stored: &Workfl
     !bookkeeping_only || settles_finished
 }
 
-/// Writes the planned status when it is worth a write; returns whether it wrote.
+/// Writes the planned status when it is worth a write; returns the written copy when it wrote.
 async fn write_status(
     run: &WorkflowRun,
     ctx: &Context,
     planned: &WorkflowRunStatus,
     stored: &WorkflowRunStatus,
-) -> Result<bool, ReconcileError> {
+) -> Result<Option<WorkflowRun>, ReconcileError> {
     if !worth_writing(run, planned, stored) {
-        return Ok(false);
+        return Ok(None);
     }
     let runs: Api<WorkflowRun> = Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
     let patch = json!({"apiVersion": WorkflowRun::api_version(&()), "kind": WorkflowRun::kind(&()), "status": planned});
@@ -534,7 +539,7 @@ async fn write_status(
     if planned.phase == Some(WorkflowRunPhase::Retrying) {
         crash_point("during-backoff");
     }
-    Ok(true)
+    Ok(Some(written))
 }
 
 /// Whether the run holds the telemetry finalizer, and what to do about it.
@@ -574,17 +579,21 @@ fn finalizer_step(run: &WorkflowRun, stored: &WorkflowRunStatus, exports: bool) 
     }
 }
 
-/// Patches the finalizers of this copy of the run; returns false when the copy was stale (a conflict: the newer
-/// copy's watch event brings the run back) or the run is gone.
-async fn patch_finalizers(run: &WorkflowRun, ctx: &Context, finalizers: &[String]) -> Result<bool, ReconcileError> {
+/// Patches the finalizers of this copy of the run; returns the patched copy, or None when the copy was stale (a
+/// conflict: the newer copy's watch event brings the run back) or the run is gone.
+async fn patch_finalizers(
+    run: &WorkflowRun,
+    ctx: &Context,
+    finalizers: &[String],
+) -> Result<Option<WorkflowRun>, ReconcileError> {
     let runs: Api<WorkflowRun> = Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
     let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": run.resource_version()}});
     match runs.patch(&run.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
         Ok(patched) => {
             wrote(ctx, &patched);
-            Ok(true)
+            Ok(Some(patched))
         }
-        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(false),
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(None),
         Err(e) => Err(e.into()),
     }
 }
@@ -607,17 +616,20 @@ async fn reconcile_run(run: &WorkflowRun, ctx: &Context) -> Result<ControllerAct
     }
     let stored = run.status.clone().unwrap_or_default();
     let exports = ctx.telemetry.is_enabled();
+    // The copies this reconcile writes, latest last.
+    let mut written: Vec<WorkflowRun> = vec![];
     match finalizer_step(run, &stored, exports) {
         FinalizerStep::Continue => {}
         FinalizerStep::Stop => return Ok(ControllerAction::await_change()),
         FinalizerStep::Patch { finalizers, then_stop } => {
-            if !patch_finalizers(run, ctx, &finalizers).await? {
+            let Some(patched) = patch_finalizers(run, ctx, &finalizers).await? else {
                 // A stale copy: look again once the cache caught up.
                 return Ok(ControllerAction::requeue(STALE_RECHECK));
-            }
+            };
             if then_stop {
                 return Ok(ControllerAction::await_change());
             }
+            written.push(patched);
         }
     }
     if plan::is_settled(run) {
@@ -667,23 +679,80 @@ async fn reconcile_run(run: &WorkflowRun, ctx: &Context) -> Result<ControllerAct
     // create finds the attempt in status and never starts or counts it twice; the planner re-creates a Job that
     // is missing. Deletions go first: a crash after them is planned again, never leaves a Job running.
     let mut recorded = stored;
-    let mut wrote = false;
-    if matches!(plan.action, Action::CreateJob { .. }) && write_status(run, ctx, &plan.status, &recorded).await? {
+    let mut status_written = false;
+    if matches!(plan.action, Action::CreateJob { .. })
+        && let Some(copy) = write_status(run, ctx, &plan.status, &recorded).await?
+    {
         recorded = plan.status.clone();
-        wrote = true;
+        status_written = true;
+        written.push(copy);
     }
     if let ActOutcome::JobRefused { reason, message } = act(run, ctx, &plan.action, &target).await? {
         plan = plan::reject_attempt(plan, reason, &message, run.metadata.generation, obs.now);
     }
-    wrote |= write_status(run, ctx, &plan.status, &recorded).await?;
+    if let Some(copy) = write_status(run, ctx, &plan.status, &recorded).await? {
+        status_written = true;
+        written.push(copy);
+    }
     // Events describe the changes a status write records; a deferred change is announced when it is written.
-    if wrote {
+    if status_written {
         for note in plan.events.iter().filter(|n| n.warning || ctx.normal_events) {
             publish(ctx, run, note).await;
         }
     }
-    let requeue = [plan.requeue_after, reports.retry_after].into_iter().flatten().min();
+    let mut requeue = [plan.requeue_after, reports.retry_after].into_iter().flatten().min();
+    if let Some(latest) = written.last()
+        && let Some(after) = quiet_after(latest, ctx, &obs, target_degraded)
+    {
+        // The echoes of these writes would each cost a reconcile that does nothing; this one answers for them.
+        for copy in &written {
+            if let (Some(uid), Some(version)) = (copy.uid(), copy.resource_version().and_then(|v| v.parse().ok())) {
+                ctx.own_writes.expect(uid, version);
+            }
+        }
+        requeue = after;
+    }
     Ok(requeue.map_or_else(ControllerAction::await_change, ControllerAction::requeue))
+}
+
+/// Whether reconciling `written` (the copy this reconcile wrote last) would do nothing but look again later, and
+/// when: what its watch event's reconcile would return. Decided the way that reconcile would decide, with this
+/// reconcile's observation of the Jobs, pods and stack; None when it would act (a report to ask for, a Job to
+/// create or delete, a status to write, a finalizer to change, a TTL that is over), and its event must wake the
+/// run. Someone else's change that the write's copy carries (a deletion, a new generation) shows up here too.
+fn quiet_after(
+    written: &WorkflowRun,
+    ctx: &Context,
+    obs: &Observation<'_>,
+    target_degraded: Option<(String, String)>,
+) -> Option<Option<Duration>> {
+    let status = written.status.clone().unwrap_or_default();
+    if finalizer_step(written, &status, ctx.telemetry.is_enabled()) != FinalizerStep::Continue {
+        return None;
+    }
+    let now = jiff::Timestamp::now();
+    if plan::is_settled(written) {
+        let delete_at = plan::settled_ttl(written, &ctx.settings, now);
+        return (now < delete_at).then(|| Some(plan::until(now, delete_at)));
+    }
+    if asks_for_a_report(&status) {
+        return None;
+    }
+    let reports = report_telemetry(written, ctx, &status);
+    let obs = Observation { telemetry_degraded: reports.degraded.or(target_degraded), ..obs.clone() };
+    let mut replanned = plan::plan(written, &obs, &ctx.settings);
+    replanned.status.telemetry = Some(reports.report);
+    let idle = match &replanned.action {
+        Action::None => true,
+        // Created by this process, not yet in the cache: `act` would skip it.
+        Action::CreateJob { attempt, .. } => {
+            let name = job::job_name(&written.name_any(), *attempt);
+            ctx.created_jobs.get(&(written.namespace().unwrap_or_default(), name)).is_some()
+        }
+        Action::DeleteJob { .. } | Action::DeleteRun => false,
+    };
+    let quiet = idle && !worth_writing(written, &replanned.status, &status);
+    quiet.then(|| [replanned.requeue_after, reports.retry_after].into_iter().flatten().min())
 }
 
 /// How long a run that ends in this reconcile waits for its report to reach a healthy collector before its terminal
