@@ -65,26 +65,32 @@ impl<K: Resource> Changes<K> {
     }
 }
 
-/// The versions of objects this process wrote whose watch events need not wake them: the reconcile that wrote one
-/// already returned what reconciling it would (it planned the written copy and found nothing to do). Each such
-/// event would otherwise cost a reconcile: three or four per WorkflowRun. Any other event passes, a (re)list too;
-/// an echo that outruns its entry passes as well, which costs a reconcile and nothing else.
+/// The versions of objects this process wrote, whose watch events need not wake them: each would cost a reconcile
+/// that finds nothing to do (three or four per WorkflowRun). A write's version is held back from the moment it is
+/// written (its event often arrives before the reconcile that wrote it ends); that reconcile then decides, and
+/// withdraws the version of a copy that needs another look. Any other event passes, a (re)list too.
 pub struct OwnWrites {
     versions: ExpiringMap<(String, u64), ()>,
 }
 
 impl OwnWrites {
-    /// Entries that never meet their event (a watch restarted in between) leave after `ttl`.
+    /// Versions whose event never comes (a watch restarted in between: the relist passes) leave after `ttl`.
     pub fn new(ttl: Duration) -> Self {
         Self { versions: ExpiringMap::new(ttl) }
     }
 
     /// The event of this version of the object (by UID) will not wake it.
-    pub fn expect(&self, uid: String, resource_version: u64) {
+    pub fn hold(&self, uid: String, resource_version: u64) {
         self.versions.insert((uid, resource_version), ());
     }
 
-    /// Whether the event may wake its object: not when it is a write of ours that was expected.
+    /// The event of this version will wake the object after all; false when it came already and was held back
+    /// (then the object needs another look now, and the cache has that version).
+    pub fn release(&self, uid: String, resource_version: u64) -> bool {
+        self.versions.take(&(uid, resource_version)).is_some()
+    }
+
+    /// Whether the event may wake its object: not when it is a held write of ours.
     pub fn pass<K: Resource>(&self, event: &Result<watcher::Event<K>, watcher::Error>) -> bool {
         let Ok(watcher::Event::Apply(o)) = event else { return true };
         let (Some(uid), Some(version)) = (o.meta().uid.clone(), o.meta().resource_version.as_deref()) else {
@@ -141,17 +147,21 @@ mod tests {
     }
 
     #[test]
-    fn only_the_expected_versions_of_own_writes_are_held_back_once() {
+    fn only_held_versions_of_own_writes_are_held_back_once() {
         let own = OwnWrites::new(Duration::from_secs(60));
-        own.expect("u1".into(), 7);
+        own.hold("u1".into(), 7);
         let event = |uid: &str, version: &str| Ok(watcher::Event::Apply(pod(uid, "Running", version)));
-        assert!(own.pass(&event("u1", "6")), "an older version: someone's, or ours not expected");
+        assert!(own.pass(&event("u1", "6")), "an older version: someone's, or ours not held");
         assert!(own.pass(&event("u2", "7")), "another object");
-        assert!(!own.pass(&event("u1", "7")), "the expected echo");
+        assert!(!own.pass(&event("u1", "7")), "the held echo");
         assert!(own.pass(&event("u1", "7")), "held back once only");
-        own.expect("u1".into(), 8);
-        assert!(own.pass(&Ok(watcher::Event::InitApply(pod("u1", "Running", "8")))), "a relist passes");
-        assert!(own.pass(&Ok(watcher::Event::Delete(pod("u1", "Running", "8")))), "a deletion passes");
+        assert!(!own.release("u1".into(), 7), "released after it came: the caller looks again itself");
+        own.hold("u1".into(), 8);
+        assert!(own.release("u1".into(), 8), "released before it came");
+        assert!(own.pass(&event("u1", "8")), "so it passes");
+        own.hold("u1".into(), 9);
+        assert!(own.pass(&Ok(watcher::Event::InitApply(pod("u1", "Running", "9")))), "a relist passes");
+        assert!(own.pass(&Ok(watcher::Event::Delete(pod("u1", "Running", "9")))), "a deletion passes");
     }
 
     #[test]

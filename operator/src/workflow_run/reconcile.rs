@@ -93,7 +93,7 @@ pub struct Context {
     /// The resourceVersion of each run as this process last wrote it (by UID). A reconcile of an older copy (the
     /// export worker's notification can outrun the watch event of our own write) waits for the newer one.
     pub written: ExpiringMap<String, u64>,
-    /// The versions our writes produced whose watch events need not wake their run (`quiet_after`).
+    /// The versions our writes produced whose watch events need not wake their run (`after_writes`).
     pub own_writes: Arc<OwnWrites>,
     /// When a write of ours (or a read from etcd) last succeeded; None after a failure (unreachable, 5xx, 429).
     pub api_answered: std::sync::Mutex<Option<Instant>>,
@@ -142,12 +142,35 @@ fn asks_for_a_report(stored: &WorkflowRunStatus) -> bool {
     plan::is_terminal(stored) && !report.finished
 }
 
-/// Remembers the version a write of ours produced.
+/// Remembers the version a write of ours produced, and holds its watch event back (`after_writes` decides).
 fn wrote(ctx: &Context, run: &WorkflowRun) {
     ctx.note_answer();
-    if let (Some(uid), Some(version)) = (run.uid(), run.resource_version().and_then(|v| v.parse().ok())) {
-        ctx.written.insert(uid, version);
+    if let Some((uid, version)) = uid_and_version(run) {
+        ctx.written.insert(uid.clone(), version);
+        ctx.own_writes.hold(uid, version);
     }
+}
+
+fn uid_and_version(run: &WorkflowRun) -> Option<(String, u64)> {
+    Some((run.uid()?, run.resource_version()?.parse().ok()?))
+}
+
+/// After this reconcile's writes (`written`, latest last), what it returns. When reconciling the latest copy would do
+/// nothing (`quiet_after`), its echo and those before it stay held back and this reconcile returns what that
+/// one would. Otherwise the latest echo wakes the run after all, or, when it came already, the run is looked at
+/// again now. The echoes before it are superseded by it.
+fn after_writes(
+    ctx: &Context,
+    written: &[WorkflowRun],
+    quiet: Option<Option<Duration>>,
+    requeue: Option<Duration>,
+) -> Option<Duration> {
+    let Some(latest) = written.last() else { return requeue };
+    if let Some(after) = quiet {
+        return after;
+    }
+    let came_already = uid_and_version(latest).is_some_and(|(uid, version)| !ctx.own_writes.release(uid, version));
+    if came_already { Some(Duration::ZERO) } else { requeue }
 }
 
 /// Whether the cached copy is older than what this process last wrote.
@@ -612,6 +635,12 @@ pub async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Context>) -> Result<Contr
 
 async fn reconcile_run(run: &WorkflowRun, ctx: &Context) -> Result<ControllerAction, ReconcileError> {
     if is_stale(ctx, run) {
+        // The newer copy's event wakes the run (were it an echo held back); the recheck is a backstop.
+        if let Some(uid) = run.uid()
+            && let Some(version) = ctx.written.get(&uid)
+        {
+            ctx.own_writes.release(uid, version);
+        }
         return Ok(ControllerAction::requeue(STALE_RECHECK));
     }
     let stored = run.status.clone().unwrap_or_default();
@@ -627,7 +656,8 @@ async fn reconcile_run(run: &WorkflowRun, ctx: &Context) -> Result<ControllerAct
                 return Ok(ControllerAction::requeue(STALE_RECHECK));
             };
             if then_stop {
-                return Ok(ControllerAction::await_change());
+                let next = after_writes(ctx, &[patched], None, None);
+                return Ok(next.map_or_else(ControllerAction::await_change, ControllerAction::requeue));
             }
             written.push(patched);
         }
@@ -700,19 +730,10 @@ async fn reconcile_run(run: &WorkflowRun, ctx: &Context) -> Result<ControllerAct
             publish(ctx, run, note).await;
         }
     }
-    let mut requeue = [plan.requeue_after, reports.retry_after].into_iter().flatten().min();
-    if let Some(latest) = written.last()
-        && let Some(after) = quiet_after(latest, ctx, &obs, target_degraded)
-    {
-        // The echoes of these writes would each cost a reconcile that does nothing; this one answers for them.
-        for copy in &written {
-            if let (Some(uid), Some(version)) = (copy.uid(), copy.resource_version().and_then(|v| v.parse().ok())) {
-                ctx.own_writes.expect(uid, version);
-            }
-        }
-        requeue = after;
-    }
-    Ok(requeue.map_or_else(ControllerAction::await_change, ControllerAction::requeue))
+    let requeue = [plan.requeue_after, reports.retry_after].into_iter().flatten().min();
+    let quiet = written.last().and_then(|latest| quiet_after(latest, ctx, &obs, target_degraded));
+    let next = after_writes(ctx, &written, quiet, requeue);
+    Ok(next.map_or_else(ControllerAction::await_change, ControllerAction::requeue))
 }
 
 /// Whether reconciling `written` (the copy this reconcile wrote last) would do nothing but look again later, and
