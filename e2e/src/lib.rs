@@ -438,7 +438,9 @@ impl Operator {
         let child = Command::new(&bin)
             .args(&self.args)
             .env("KUBECONFIG", cluster_kubeconfig())
-            .env("RUST_LOG", "info,kube_runtime=debug")
+            // FLOWTEL_OPERATOR_LOG overrides the filter (e.g. `flowtel::workflow_run::reconcile=debug` logs each
+            // reconcile with what triggered it).
+            .env("RUST_LOG", std::env::var("FLOWTEL_OPERATOR_LOG").unwrap_or_else(|_| "info,kube_runtime=debug".into()))
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(log.try_clone().map_err(|source| HarnessError::Spawn { command: "log".into(), source })?)
             .stderr(log)

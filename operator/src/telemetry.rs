@@ -188,12 +188,68 @@ struct Shared<N> {
     stopped: watch::Receiver<bool>,
     /// Bumped whenever a batch settled, for callers that wait for one report.
     settled: watch::Sender<u64>,
+    /// Reports someone waits for (`settled`), by key: that caller reads the outcome, so no notification is sent.
+    waited: Mutex<HashMap<String, usize>>,
     export_timeout: Duration,
 }
 
 impl<N> Shared<N> {
     fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
         self.ledger.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn waited(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+        self.waited.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a batch's outcome in the ledger, wakes the callers waiting for one of its reports, and returns the
+    /// notifications due: one per report no caller waits for.
+    fn settle_batch(&self, requests: Vec<Request<N>>, failure: Option<&str>) -> Vec<N> {
+        {
+            let mut ledger = self.ledger();
+            for r in &requests {
+                // A dropped report stays dropped: status may already say so.
+                if let Some(entry) = ledger.entries.get_mut(&r.key).filter(|e| e.state == EntryState::Queued) {
+                    match failure {
+                        None => entry.state = EntryState::Exported,
+                        Some(reason) => {
+                            entry.state = EntryState::Failed;
+                            entry.last_failure = Some(reason.into());
+                        }
+                    }
+                }
+            }
+        }
+        // Waiters look at the ledger when woken, so only now. One still registered reads the ledger after it
+        // stops waiting, woken or not, so it sees this outcome.
+        self.settled.send_modify(|generation| *generation += 1);
+        let waited = self.waited();
+        requests.into_iter().filter(|r| !waited.contains_key(&r.key)).map(|r| r.notify).collect()
+    }
+}
+
+/// A caller waiting for a report (`Telemetry::settled`), registered while it waits.
+struct Waiting<'a, N> {
+    shared: &'a Shared<N>,
+    key: &'a str,
+}
+
+impl<'a, N> Waiting<'a, N> {
+    fn register(shared: &'a Shared<N>, key: &'a str) -> Self {
+        *shared.waited().entry(key.to_string()).or_default() += 1;
+        Self { shared, key }
+    }
+}
+
+impl<N> Drop for Waiting<'_, N> {
+    fn drop(&mut self) {
+        let mut waited = self.shared.waited();
+        if let Some(count) = waited.get_mut(self.key) {
+            *count -= 1;
+            if *count == 0 {
+                waited.remove(self.key);
+            }
+        }
     }
 }
 
@@ -259,6 +315,7 @@ impl<N: Send + Sync + 'static> Telemetry<N> {
             ledger: Mutex::default(),
             drop_after: config.drop_after,
             settled: watch::Sender::new(0),
+            waited: Mutex::default(),
             export_timeout: config.export_timeout,
             metrics,
             last_batch_failed: AtomicBool::new(false),
@@ -350,9 +407,12 @@ impl<N: Send + Sync + 'static> Telemetry<N> {
 
     /// Waits until the report `key` is no longer on its way (exported, failed, dropped), at most one export
     /// timeout. A caller that records the outcome right after keeps the window between an export and its
-    /// record to that of one status write, instead of a trip through a busy work queue.
+    /// record to that of one status write, instead of a trip through a busy work queue. The caller must look at
+    /// the report after (`report` or `peek`), even when this wait was cut short: a report that settles while it
+    /// is waited for sends no notification.
     pub async fn settled(&self, key: &str) {
         let Some(shared) = &self.shared else { return };
+        let _waiting = Waiting::register(shared, key);
         // Subscribed before looking, so a batch that settles in between still wakes us.
         let mut generations = shared.settled.subscribe();
         let wait = async {
@@ -464,25 +524,8 @@ impl<N: Send + Sync + 'static> Worker<N> {
             Some(_) => self.shared.metrics.failures.inc_by(count),
         };
         self.shared.last_batch_failed.store(failure.is_some(), Ordering::Relaxed);
-        {
-            let mut ledger = self.shared.ledger();
-            for r in &requests {
-                // A dropped report stays dropped: status may already say so.
-                if let Some(entry) = ledger.entries.get_mut(&r.key).filter(|e| e.state == EntryState::Queued) {
-                    match failure {
-                        None => entry.state = EntryState::Exported,
-                        Some(reason) => {
-                            entry.state = EntryState::Failed;
-                            entry.last_failure = Some(reason.into());
-                        }
-                    }
-                }
-            }
-        }
-        // Waiters look at the ledger when woken, so only now.
-        self.shared.settled.send_modify(|generation| *generation += 1);
-        for r in requests {
-            let _ = self.notify.send(r.notify);
+        for notify in self.shared.settle_batch(requests, failure) {
+            let _ = self.notify.send(notify);
         }
     }
 
@@ -566,6 +609,7 @@ mod tests {
             shutdown: Notify::new(),
             stopped,
             settled: watch::Sender::new(0),
+            waited: Mutex::default(),
             export_timeout: Duration::from_secs(5),
         });
         (Telemetry { shared: Some(shared) }, rx)
@@ -694,6 +738,30 @@ mod tests {
         }
         tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("woken").expect("joined");
         assert_eq!(t.peek("a"), Some(ReportState::Exported));
+    }
+
+    #[tokio::test]
+    async fn a_report_settled_while_waited_for_is_not_notified_and_the_waiter_sees_it() {
+        let (t, mut rx) = idle(Duration::from_secs(30), 8);
+        t.report("a", 1, Report::default);
+        t.report("b", 2, Report::default);
+        let (a, b) = (rx.try_recv().expect("a"), rx.try_recv().expect("b"));
+        let shared = t.shared.clone().expect("enabled");
+        let waiter = {
+            let t = t.clone();
+            tokio::spawn(async move {
+                t.settled("a").await;
+                t.peek("a")
+            })
+        };
+        tokio::task::yield_now().await;
+        assert_eq!(shared.settle_batch(vec![a, b], None), vec![2], "only the report nobody waits for");
+        let seen = tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("woken").expect("joined");
+        assert_eq!(seen, Some(ReportState::Exported));
+        assert!(shared.waited().is_empty(), "the waiter left");
+        t.report("c", 3, Report::default);
+        let c = rx.try_recv().expect("c");
+        assert_eq!(shared.settle_batch(vec![c], None), vec![3], "no waiter: notified");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::{Arc, Mutex};
 
 use std::time::Duration;
 
@@ -65,38 +66,104 @@ impl<K: Resource> Changes<K> {
     }
 }
 
-/// The versions of objects this process wrote, whose watch events need not wake them: each would cost a reconcile
-/// that finds nothing to do (three or four per WorkflowRun). A write's version is held back from the moment it is
-/// written (its event often arrives before the reconcile that wrote it ends); that reconcile then decides, and
-/// withdraws the version of a copy that needs another look. Any other event passes, a (re)list too.
-pub struct OwnWrites {
-    versions: ExpiringMap<(String, u64), ()>,
+/// An object's own writes, as its watch events and its cached copy meet them. Each write's event would cost a
+/// reconcile that finds nothing to do (three or four per WorkflowRun), so:
+/// - while an object's reconcile runs (`busy`), its events are held: the echo of a write often arrives before the
+///   write's response. When the reconcile finishes it says which versions it wrote and whether the last one needs
+///   another look; a held event of someone else's write, or of a last write that needs a look, makes it look
+///   again at once, and the echoes still to come of writes that need none are held back when they come;
+/// - until the cache has caught up with a write, a reconcile gets the written copy instead of the cached one
+///   (`newest`): the export worker's notification or a child's event can outrun the echo.
+///
+/// Any other event passes, a (re)list too.
+pub struct OwnWrites<K> {
+    /// Events held while the object's reconcile runs: object UID → the versions they carried.
+    busy: Mutex<HashMap<String, Vec<u64>>>,
+    /// Versions of our writes whose events, still to come, will not wake the object.
+    echoes: ExpiringMap<(String, u64), ()>,
+    /// The last copy this process wrote of each object, until the watch delivers that version.
+    latest: ExpiringMap<String, Arc<K>>,
 }
 
-impl OwnWrites {
-    /// Versions whose event never comes (a watch restarted in between: the relist passes) leave after `ttl`.
+/// An object's reconcile in progress (`OwnWrites::busy`). Dropped unfinished (an error, a cancelled reconcile), what
+/// it held is left to the retry.
+pub struct Busy<'a, K> {
+    own: &'a OwnWrites<K>,
+    uid: String,
+}
+
+/// An object's UID and its resourceVersion as a number (the apiserver's are; a version that is not never matches).
+fn version_of<K: Resource>(o: &K) -> Option<(&str, u64)> {
+    Some((o.meta().uid.as_deref()?, o.meta().resource_version.as_deref()?.parse().ok()?))
+}
+
+impl<K: Resource> OwnWrites<K> {
+    /// What never meets its event (a watch restarted in between: the relist passes) is forgotten after `ttl`.
     pub fn new(ttl: Duration) -> Self {
-        Self { versions: ExpiringMap::new(ttl) }
+        Self { busy: Mutex::new(HashMap::new()), echoes: ExpiringMap::new(ttl), latest: ExpiringMap::new(ttl) }
     }
 
-    /// The event of this version of the object (by UID) will not wake it.
-    pub fn hold(&self, uid: String, resource_version: u64) {
-        self.versions.insert((uid, resource_version), ());
+    /// The object's events are held until the returned reconcile finishes.
+    pub fn busy(&self, uid: String) -> Busy<'_, K> {
+        self.busy.lock().unwrap_or_else(|e| e.into_inner()).insert(uid.clone(), Vec::new());
+        Busy { own: self, uid }
     }
 
-    /// The event of this version will wake the object after all; false when it came already and was held back
-    /// (then the object needs another look now, and the cache has that version).
-    pub fn release(&self, uid: String, resource_version: u64) -> bool {
-        self.versions.take(&(uid, resource_version)).is_some()
+    /// A copy of ours, as the apiserver answered the write.
+    pub fn wrote(&self, copy: Arc<K>) {
+        if let Some((uid, _)) = version_of(copy.as_ref()) {
+            self.latest.insert(uid.to_string(), copy.clone());
+        }
     }
 
-    /// Whether the event may wake its object: not when it is a held write of ours.
-    pub fn pass<K: Resource>(&self, event: &Result<watcher::Event<K>, watcher::Error>) -> bool {
-        let Ok(watcher::Event::Apply(o)) = event else { return true };
-        let (Some(uid), Some(version)) = (o.meta().uid.clone(), o.meta().resource_version.as_deref()) else {
+    /// The cached copy, or the one we wrote since when the cache has not caught up with it yet.
+    pub fn newest(&self, cached: Arc<K>) -> Arc<K> {
+        let Some((uid, version)) = version_of(cached.as_ref()) else { return cached };
+        match self.latest.get(&uid.to_string()) {
+            Some(ours) if version_of(ours.as_ref()).is_some_and(|(_, v)| v > version) => ours,
+            _ => cached,
+        }
+    }
+
+    /// Whether the event may wake its object: not while its reconcile runs, nor when it is an echo held back.
+    pub fn pass(&self, event: &Result<watcher::Event<K>, watcher::Error>) -> bool {
+        let Ok(event) = event else { return true };
+        let (watcher::Event::Apply(o) | watcher::Event::InitApply(o) | watcher::Event::Delete(o)) = event else {
             return true;
         };
-        version.parse().map_or(true, |version| self.versions.take(&(uid, version)).is_none())
+        let Some((uid, version)) = version_of(o) else { return true };
+        let uid = uid.to_string();
+        let caught_up = self.latest.get(&uid).and_then(|ours| version_of(ours.as_ref()).map(|(_, v)| v <= version));
+        if caught_up == Some(true) || matches!(event, watcher::Event::Delete(_)) {
+            self.latest.take(&uid);
+        }
+        let watcher::Event::Apply(_) = event else { return true };
+        if let Some(held) = self.busy.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&uid) {
+            held.push(version);
+            return false;
+        }
+        self.echoes.take(&(uid, version)).is_none()
+    }
+}
+
+impl<K> Busy<'_, K> {
+    /// The reconcile wrote `ours` (in order); `look_at_last` when the last of them needs another look. Returns
+    /// whether the object must be looked at again now: an event it held was someone else's, or was the last write's
+    /// while that needs a look.
+    pub fn finish(self, ours: &[u64], look_at_last: bool) -> bool {
+        let held = self.own.busy.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.uid).unwrap_or_default();
+        let last = ours.last().copied().filter(|_| look_at_last);
+        let look_again = held.iter().any(|v| !ours.contains(v) || Some(*v) == last);
+        for version in ours.iter().copied().filter(|v| !held.contains(v) && Some(*v) != last) {
+            self.own.echoes.insert((self.uid.clone(), version), ());
+        }
+        look_again
+    }
+}
+
+impl<K> Drop for Busy<'_, K> {
+    fn drop(&mut self) {
+        self.own.busy.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.uid);
     }
 }
 
@@ -147,21 +214,53 @@ mod tests {
     }
 
     #[test]
-    fn only_held_versions_of_own_writes_are_held_back_once() {
+    fn the_echoes_of_own_writes_wake_nothing_unless_the_last_needs_a_look() {
         let own = OwnWrites::new(Duration::from_secs(60));
-        own.hold("u1".into(), 7);
         let event = |uid: &str, version: &str| Ok(watcher::Event::Apply(pod(uid, "Running", version)));
-        assert!(own.pass(&event("u1", "6")), "an older version: someone's, or ours not held");
+        // Two writes (7, 8); the echo of 7 comes while the reconcile runs, 8's after; 8 needs no look.
+        let busy = own.busy("u1".into());
+        assert!(!own.pass(&event("u1", "7")), "held while its reconcile runs");
         assert!(own.pass(&event("u2", "7")), "another object");
-        assert!(!own.pass(&event("u1", "7")), "the held echo");
-        assert!(own.pass(&event("u1", "7")), "held back once only");
-        assert!(!own.release("u1".into(), 7), "released after it came: the caller looks again itself");
-        own.hold("u1".into(), 8);
-        assert!(own.release("u1".into(), 8), "released before it came");
-        assert!(own.pass(&event("u1", "8")), "so it passes");
-        own.hold("u1".into(), 9);
-        assert!(own.pass(&Ok(watcher::Event::InitApply(pod("u1", "Running", "9")))), "a relist passes");
-        assert!(own.pass(&Ok(watcher::Event::Delete(pod("u1", "Running", "9")))), "a deletion passes");
+        assert!(!busy.finish(&[7, 8], false), "only our own echo was held");
+        assert!(!own.pass(&event("u1", "8")), "the echo still to come is held back");
+        assert!(own.pass(&event("u1", "8")), "once");
+        // Someone else's write (9) lands during the reconcile, which writes 10.
+        let busy = own.busy("u1".into());
+        assert!(!own.pass(&event("u1", "9")));
+        assert!(busy.finish(&[10], false), "someone else's change: look again now");
+        assert!(!own.pass(&event("u1", "10")));
+        // The last write needs a look: its echo, held already, makes the object look again; still to come, it passes.
+        let busy = own.busy("u1".into());
+        assert!(!own.pass(&event("u1", "11")));
+        assert!(busy.finish(&[11], true));
+        let busy = own.busy("u1".into());
+        assert!(!busy.finish(&[12, 13], true), "nothing held yet");
+        assert!(!own.pass(&event("u1", "12")), "superseded by 13");
+        assert!(own.pass(&event("u1", "13")), "wakes the object");
+        // A reconcile dropped unfinished holds nothing afterwards.
+        drop(own.busy("u1".into()));
+        assert!(own.pass(&event("u1", "14")));
+        let busy = own.busy("u1".into());
+        assert!(!busy.finish(&[15], false));
+        assert!(own.pass(&Ok(watcher::Event::InitApply(pod("u1", "Running", "15")))), "a relist passes");
+        assert!(own.pass(&Ok(watcher::Event::Delete(pod("u1", "Running", "15")))), "a deletion passes");
+    }
+
+    #[test]
+    fn a_reconcile_gets_the_copy_written_last_until_the_cache_has_it() {
+        let own = OwnWrites::new(Duration::from_secs(60));
+        let cached = |version: &str| std::sync::Arc::new(pod("u1", "Running", version));
+        assert_eq!(own.newest(cached("3")).metadata.resource_version.as_deref(), Some("3"), "nothing written");
+        own.wrote(cached("5"));
+        assert_eq!(own.newest(cached("3")).metadata.resource_version.as_deref(), Some("5"), "ours is newer");
+        assert_eq!(own.newest(cached("6")).metadata.resource_version.as_deref(), Some("6"), "someone's is newer");
+        assert!(own.pass(&Ok(watcher::Event::Apply(pod("u1", "Running", "4")))));
+        assert_eq!(own.newest(cached("4")).metadata.resource_version.as_deref(), Some("5"), "not caught up yet");
+        assert!(own.pass(&Ok(watcher::Event::Apply(pod("u1", "Running", "5")))));
+        assert!(own.latest.get(&"u1".to_string()).is_none(), "forgotten once the watch delivered it");
+        own.wrote(cached("7"));
+        assert!(own.pass(&Ok(watcher::Event::Delete(pod("u1", "Running", "6")))));
+        assert!(own.latest.get(&"u1".to_string()).is_none(), "and once the object is gone");
     }
 
     #[test]

@@ -148,7 +148,6 @@ pub async fn run(
         recorder: Recorder::new(client.clone(), Reporter { controller: "flowtel".into(), instance: None }),
         metrics,
         created_jobs: ExpiringMap::new(std::time::Duration::from_secs(60)),
-        written: ExpiringMap::new(std::time::Duration::from_secs(60)),
         own_writes,
         api_answered: std::sync::Mutex::new(None),
         rates,

@@ -225,10 +225,14 @@ pub fn pod_signature(pod: &Pod, h: &mut DefaultHasher) {
     }
 }
 
-/// What the planner reads of a Job beyond its identity (`job_outcome`): its conditions that hold, with their
-/// reasons. Its counters and readiness change while it runs and never change a plan.
+/// The Job conditions the planner reads (`job_outcome`); others (SuccessCriteriaMet, Suspended) never change a plan.
+const JOB_ENDS: [&str; 3] = ["Complete", "Failed", "FailureTarget"];
+
+/// What the planner reads of a Job beyond its identity (`job_outcome`): the conditions of its end that hold, with
+/// their reasons. Its counters, readiness and other conditions change while it runs and never change a plan.
 pub fn job_signature(job: &Job, h: &mut DefaultHasher) {
-    for c in job.status.iter().flat_map(|s| s.conditions.iter().flatten()).filter(|c| c.status == "True") {
+    let conditions = job.status.iter().flat_map(|s| s.conditions.iter().flatten());
+    for c in conditions.filter(|c| c.status == "True" && JOB_ENDS.contains(&c.type_.as_str())) {
         (&c.type_, &c.reason).hash(h);
     }
 }
@@ -1145,6 +1149,7 @@ mod tests {
             json!([{"type": "FailureTarget", "status": "True", "reason": "BackoffLimitExceeded"}]),
             json!([{"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}]),
             json!([{"type": "Failed", "status": "True", "reason": DISRUPTED_JOB_REASON}]),
+            json!([{"type": "SuccessCriteriaMet", "status": "True"}]),
         ] {
             jobs.extend([job(conditions.clone(), 0), job(conditions, 1)]);
         }
@@ -1157,6 +1162,7 @@ mod tests {
         }
         assert_eq!(signature(&jobs[0], job_signature), signature(&jobs[1], job_signature), "counters wake nothing");
         assert_ne!(signature(&jobs[0], job_signature), signature(&jobs[2], job_signature));
+        assert_eq!(signature(&jobs[0], job_signature), signature(&jobs[12], job_signature), "nor a condition unread");
     }
 
     #[test]

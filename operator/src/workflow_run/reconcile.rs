@@ -33,9 +33,10 @@ pub const FIELD_MANAGER: &str = crate::runtime::FIELD_MANAGER;
 pub const FINALIZER: &str = "flowtel.dev/telemetry";
 /// A backstop for a report that stays pending: the worker's notification normally comes first.
 const PENDING_RECHECK: Duration = Duration::from_secs(10);
-/// When to look again at a run whose cached copy is older than our own last write. Not `await_change`: during a
-/// relist the controller runs on the old copies, and the fresh one arrives without an event of its own.
-const STALE_RECHECK: Duration = Duration::from_secs(1);
+/// When to look again at a run whose finalizer patch met a newer copy (a conflict): once the cache has caught up.
+/// Not `await_change`: during a relist the controller runs on old copies, and the fresh one arrives without an
+/// event of its own.
+const CONFLICT_RECHECK: Duration = Duration::from_secs(1);
 
 /// Test hook: `FLOWTEL_CRASH_AT=<point>` aborts the process at that point, as a crash would, so the end-to-end
 /// tests can show that a restart never double-counts. Points: `after-job-create`, `after-terminal-status`,
@@ -90,11 +91,9 @@ pub struct Context {
     /// Jobs this process created lately (namespace, name): until the Job cache shows one, a reconcile that finds
     /// it missing waits for the watch event instead of creating it again.
     pub created_jobs: ExpiringMap<(String, String), ()>,
-    /// The resourceVersion of each run as this process last wrote it (by UID). A reconcile of an older copy (the
-    /// export worker's notification can outrun the watch event of our own write) waits for the newer one.
-    pub written: ExpiringMap<String, u64>,
-    /// The versions our writes produced whose watch events need not wake their run (`after_writes`).
-    pub own_writes: Arc<OwnWrites>,
+    /// The runs as this process last wrote them, and the watch events of those writes, held back when they need not
+    /// wake their run.
+    pub own_writes: Arc<OwnWrites<WorkflowRun>>,
     /// When a write of ours (or a read from etcd) last succeeded; None after a failure (unreachable, 5xx, 429).
     pub api_answered: std::sync::Mutex<Option<Instant>>,
 }
@@ -142,42 +141,10 @@ fn asks_for_a_report(stored: &WorkflowRunStatus) -> bool {
     plan::is_terminal(stored) && !report.finished
 }
 
-/// Remembers the version a write of ours produced, and holds its watch event back (`after_writes` decides).
-fn wrote(ctx: &Context, run: &WorkflowRun) {
+/// Remembers a copy this process wrote.
+fn wrote(ctx: &Context, copy: &Arc<WorkflowRun>) {
     ctx.note_answer();
-    if let Some((uid, version)) = uid_and_version(run) {
-        ctx.written.insert(uid.clone(), version);
-        ctx.own_writes.hold(uid, version);
-    }
-}
-
-fn uid_and_version(run: &WorkflowRun) -> Option<(String, u64)> {
-    Some((run.uid()?, run.resource_version()?.parse().ok()?))
-}
-
-/// After this reconcile's writes (`written`, latest last), what it returns. When reconciling the latest copy would do
-/// nothing (`quiet_after`), its echo and those before it stay held back and this reconcile returns what that
-/// one would. Otherwise the latest echo wakes the run after all, or, when it came already, the run is looked at
-/// again now. The echoes before it are superseded by it.
-fn after_writes(
-    ctx: &Context,
-    written: &[WorkflowRun],
-    quiet: Option<Option<Duration>>,
-    requeue: Option<Duration>,
-) -> Option<Duration> {
-    let Some(latest) = written.last() else { return requeue };
-    if let Some(after) = quiet {
-        return after;
-    }
-    let came_already = uid_and_version(latest).is_some_and(|(uid, version)| !ctx.own_writes.release(uid, version));
-    if came_already { Some(Duration::ZERO) } else { requeue }
-}
-
-/// Whether the cached copy is older than what this process last wrote.
-fn is_stale(ctx: &Context, run: &WorkflowRun) -> bool {
-    let cached = run.resource_version().and_then(|v| v.parse::<u64>().ok());
-    let written = run.uid().and_then(|uid| ctx.written.get(&uid));
-    matches!((cached, written), (Some(c), Some(w)) if c < w)
+    ctx.own_writes.wrote(copy.clone());
 }
 
 /// The reason a run waits for its TelemetryStack (and its telemetry is degraded meanwhile).
@@ -539,14 +506,15 @@ async fn write_status(
     ctx: &Context,
     planned: &WorkflowRunStatus,
     stored: &WorkflowRunStatus,
-) -> Result<Option<WorkflowRun>, ReconcileError> {
+) -> Result<Option<Arc<WorkflowRun>>, ReconcileError> {
     if !worth_writing(run, planned, stored) {
         return Ok(None);
     }
     let runs: Api<WorkflowRun> = Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
     let patch = json!({"apiVersion": WorkflowRun::api_version(&()), "kind": WorkflowRun::kind(&()), "status": planned});
-    let written =
-        runs.patch_status(&run.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+    let written = Arc::new(
+        runs.patch_status(&run.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?,
+    );
     wrote(ctx, &written);
     ctx.metrics.status_writes.inc();
     tracing::debug!(
@@ -608,11 +576,12 @@ async fn patch_finalizers(
     run: &WorkflowRun,
     ctx: &Context,
     finalizers: &[String],
-) -> Result<Option<WorkflowRun>, ReconcileError> {
+) -> Result<Option<Arc<WorkflowRun>>, ReconcileError> {
     let runs: Api<WorkflowRun> = Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
     let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": run.resource_version()}});
     match runs.patch(&run.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
         Ok(patched) => {
+            let patched = Arc::new(patched);
             wrote(ctx, &patched);
             Ok(Some(patched))
         }
@@ -625,6 +594,8 @@ pub async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Context>) -> Result<Contr
     let span =
         tracing::info_span!("reconcile", namespace = %run.namespace().unwrap_or_default(), run = %run.name_any());
     let started = Instant::now();
+    // A copy we wrote since the cache's (its event still to come) is the run as it is.
+    let run = ctx.own_writes.newest(run);
     let result = reconcile_run(&run, &ctx).instrument(span).await;
     if let Err(e) = &result {
         ctx.note_outage(e);
@@ -634,32 +605,51 @@ pub async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Context>) -> Result<Contr
 }
 
 async fn reconcile_run(run: &WorkflowRun, ctx: &Context) -> Result<ControllerAction, ReconcileError> {
-    if is_stale(ctx, run) {
-        // The newer copy's event wakes the run (were it an echo held back); the recheck is a backstop.
-        if let Some(uid) = run.uid()
-            && let Some(version) = ctx.written.get(&uid)
-        {
-            ctx.own_writes.release(uid, version);
-        }
-        return Ok(ControllerAction::requeue(STALE_RECHECK));
+    // Logged inside kube-runtime's span, which names what triggered the reconcile.
+    tracing::debug!(version = run.resource_version().unwrap_or_default(), "reconciling");
+    // The run's own watch events wait until this reconcile says whether what it wrote needs another look.
+    let busy = run.uid().map(|uid| ctx.own_writes.busy(uid));
+    let mut written = vec![];
+    // An error drops `busy`: what it held is left to the error policy's retry.
+    let next = reconcile_body(run, ctx, &mut written).await?;
+    let ours: Vec<u64> = written.iter().filter_map(|copy| copy.resource_version()?.parse().ok()).collect();
+    let look_again = busy.is_some_and(|busy| busy.finish(&ours, next.look_at_last));
+    let requeue = if look_again { Some(Duration::ZERO) } else { next.requeue };
+    Ok(requeue.map_or_else(ControllerAction::await_change, ControllerAction::requeue))
+}
+
+/// What a reconcile's body decided: when to look again, and whether the last copy it wrote needs a look of its own
+/// (then that copy's watch event wakes the run; else it is held back, `OwnWrites`).
+struct Next {
+    requeue: Option<Duration>,
+    look_at_last: bool,
+}
+
+impl Next {
+    fn after(requeue: Option<Duration>) -> Self {
+        Self { requeue, look_at_last: false }
     }
+}
+
+/// The reconcile's steps; `written` collects the copies its writes produced, latest last.
+async fn reconcile_body(
+    run: &WorkflowRun,
+    ctx: &Context,
+    written: &mut Vec<Arc<WorkflowRun>>,
+) -> Result<Next, ReconcileError> {
     let stored = run.status.clone().unwrap_or_default();
     let exports = ctx.telemetry.is_enabled();
-    // The copies this reconcile writes, latest last.
-    let mut written: Vec<WorkflowRun> = vec![];
     match finalizer_step(run, &stored, exports) {
         FinalizerStep::Continue => {}
-        FinalizerStep::Stop => return Ok(ControllerAction::await_change()),
+        FinalizerStep::Stop => return Ok(Next::after(None)),
         FinalizerStep::Patch { finalizers, then_stop } => {
             let Some(patched) = patch_finalizers(run, ctx, &finalizers).await? else {
-                // A stale copy: look again once the cache caught up.
-                return Ok(ControllerAction::requeue(STALE_RECHECK));
+                return Ok(Next::after(Some(CONFLICT_RECHECK)));
             };
-            if then_stop {
-                let next = after_writes(ctx, &[patched], None, None);
-                return Ok(next.map_or_else(ControllerAction::await_change, ControllerAction::requeue));
-            }
             written.push(patched);
+            if then_stop {
+                return Ok(Next { requeue: None, look_at_last: true });
+            }
         }
     }
     if plan::is_settled(run) {
@@ -667,10 +657,10 @@ async fn reconcile_run(run: &WorkflowRun, ctx: &Context) -> Result<ControllerAct
         let now = jiff::Timestamp::now();
         let delete_at = plan::settled_ttl(run, &ctx.settings, now);
         if now < delete_at {
-            return Ok(ControllerAction::requeue(plan::until(now, delete_at)));
+            return Ok(Next::after(Some(plan::until(now, delete_at))));
         }
         delete_run(run, ctx).await?;
-        return Ok(ControllerAction::await_change());
+        return Ok(Next::after(None));
     }
     let (jobs, pods) = read_children(run, ctx);
     let (target, target_degraded) = telemetry_target(run, ctx);
@@ -731,9 +721,12 @@ async fn reconcile_run(run: &WorkflowRun, ctx: &Context) -> Result<ControllerAct
         }
     }
     let requeue = [plan.requeue_after, reports.retry_after].into_iter().flatten().min();
-    let quiet = written.last().and_then(|latest| quiet_after(latest, ctx, &obs, target_degraded));
-    let next = after_writes(ctx, &written, quiet, requeue);
-    Ok(next.map_or_else(ControllerAction::await_change, ControllerAction::requeue))
+    let Some(latest) = written.last() else { return Ok(Next::after(requeue)) };
+    // The echo of the last write would cost a reconcile; this one answers for it when it can.
+    Ok(match quiet_after(latest, ctx, &obs, target_degraded) {
+        Some(after) => Next::after(after),
+        None => Next { requeue, look_at_last: true },
+    })
 }
 
 /// Whether reconciling `written` (the copy this reconcile wrote last) would do nothing but look again later, and
