@@ -24,6 +24,7 @@ use super::metrics::ControllerMetrics;
 use super::plan::{self, Action, Observation, Settings};
 use super::report::{self, ReportKind};
 use crate::runtime::expiring::ExpiringMap;
+use crate::runtime::slim::Slim;
 use crate::runtime::triggers::OwnWrites;
 use crate::telemetry::{RETRY_EVERY, ReportState, Telemetry};
 
@@ -510,11 +511,11 @@ async fn write_status(
     if !worth_writing(run, planned, stored) {
         return Ok(None);
     }
-    let runs: Api<WorkflowRun> = Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
+    // The answer is decoded as the watch's events are, without managedFields (`runtime::slim`).
+    let runs: Api<Slim<WorkflowRun>> = Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
     let patch = json!({"apiVersion": WorkflowRun::api_version(&()), "kind": WorkflowRun::kind(&()), "status": planned});
-    let written = Arc::new(
-        runs.patch_status(&run.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?,
-    );
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let written = Arc::new(runs.patch_status(&run.name_any(), &params, &Patch::Apply(&patch)).await?.into_inner());
     wrote(ctx, &written);
     ctx.metrics.status_writes.inc();
     tracing::debug!(
@@ -577,11 +578,11 @@ async fn patch_finalizers(
     ctx: &Context,
     finalizers: &[String],
 ) -> Result<Option<Arc<WorkflowRun>>, ReconcileError> {
-    let runs: Api<WorkflowRun> = Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
+    let runs: Api<Slim<WorkflowRun>> = Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
     let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": run.resource_version()}});
     match runs.patch(&run.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
         Ok(patched) => {
-            let patched = Arc::new(patched);
+            let patched = Arc::new(patched.into_inner());
             wrote(ctx, &patched);
             Ok(Some(patched))
         }
