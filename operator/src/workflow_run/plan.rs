@@ -762,31 +762,27 @@ mod tests {
         .expect("pod")
     }
 
-    fn step(run: &mut WorkflowRun, pods: &[Pod], now: Timestamp) -> Plan {
-        let obs = Observation {
+    /// What the caches show, with healthy telemetry and nothing else to wait for.
+    fn observation<'a>(now: Timestamp, jobs: Vec<&'a Job>, pods: Vec<&'a Pod>) -> Observation<'a> {
+        Observation {
             now,
-            jobs: vec![],
-            pods: pods.iter().collect(),
+            jobs,
+            pods,
             telemetry_degraded: None,
             exports_telemetry: true,
             waiting_for: None,
             pod_creation_failure: None,
-        };
-        let p = plan(run, &obs, &settings());
+        }
+    }
+
+    fn step(run: &mut WorkflowRun, pods: &[Pod], now: Timestamp) -> Plan {
+        let p = plan(run, &observation(now, vec![], pods.iter().collect()), &settings());
         run.status = Some(p.status.clone());
         p
     }
 
     fn with_failure(run: &WorkflowRun, job: &Job, failure: Option<PodCreationFailure>, now: Timestamp) -> Plan {
-        let obs = Observation {
-            now,
-            jobs: vec![job],
-            pods: vec![],
-            telemetry_degraded: None,
-            exports_telemetry: true,
-            waiting_for: None,
-            pod_creation_failure: failure,
-        };
+        let obs = Observation { pod_creation_failure: failure, ..observation(now, vec![job], vec![]) };
         plan(run, &obs, &settings())
     }
 
@@ -1038,15 +1034,7 @@ mod tests {
             "status": {"conditions": [{"type": "Failed", "status": "True", "reason": DISRUPTED_JOB_REASON}]}
         }))
         .expect("job");
-        let obs = Observation {
-            now: t(5),
-            jobs: vec![&job],
-            pods: vec![],
-            telemetry_degraded: None,
-            exports_telemetry: true,
-            waiting_for: None,
-            pod_creation_failure: None,
-        };
+        let obs = observation(t(5), vec![&job], vec![]);
         let p = plan(&r, &obs, &settings());
         assert_eq!(p.status.attempts[0].classification, Some(AttemptClassification::Disruption));
         assert_eq!(p.status.disruptions, Some(1));
@@ -1063,18 +1051,7 @@ mod tests {
                 "lastTransitionTime": t(10).to_string()}]}
         }))
         .expect("job");
-        let at = |now: Timestamp, pods: Vec<&Pod>| {
-            let obs = Observation {
-                now,
-                jobs: vec![&job],
-                pods,
-                telemetry_degraded: None,
-                exports_telemetry: true,
-                waiting_for: None,
-                pod_creation_failure: None,
-            };
-            plan(&r, &obs, &settings())
-        };
+        let at = |now: Timestamp, pods: Vec<&Pod>| plan(&r, &observation(now, vec![&job], pods), &settings());
         let waiting = at(t(11), vec![]);
         assert_eq!(waiting.status.attempts[0].classification, None, "the pod's end is on its way");
         assert_eq!(waiting.requeue_after, Some(std::time::Duration::from_secs(5)));
@@ -1089,15 +1066,7 @@ mod tests {
         if let Some(c) = undated.status.as_mut().and_then(|s| s.conditions.as_mut()) {
             c[0].last_transition_time = None;
         }
-        let obs = Observation {
-            now: t(11),
-            jobs: vec![&undated],
-            pods: vec![],
-            telemetry_degraded: None,
-            exports_telemetry: true,
-            waiting_for: None,
-            pod_creation_failure: None,
-        };
+        let obs = observation(t(11), vec![&undated], vec![]);
         let p = plan(&r, &obs, &settings());
         assert_eq!(p.status.attempts[0].classification, Some(AttemptClassification::Transient), "no time: no wait");
     }
