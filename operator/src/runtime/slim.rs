@@ -21,6 +21,17 @@ pub trait Skips {
     const SKIPPED: &'static [&'static str] = &[];
 }
 
+/// A kind that a controller watches slim and keeps in a reflector store (what `watcher` and `reflector` ask of it).
+pub trait Watched:
+    Resource<DynamicType = ()> + Skips + Clone + DeserializeOwned + fmt::Debug + Send + Sync + 'static
+{
+}
+
+impl<K> Watched for K where
+    K: Resource<DynamicType = ()> + Skips + Clone + DeserializeOwned + fmt::Debug + Send + Sync + 'static
+{
+}
+
 /// A `K` decoded without `K::SKIPPED` and `metadata.managedFields`.
 #[derive(Clone, Debug)]
 pub struct Slim<K>(K);

@@ -26,7 +26,7 @@ use kube::{Client, Resource, ResourceExt};
 use crate::runtime::FIELD_MANAGER;
 use crate::runtime::rates::RunRates;
 use crate::runtime::readiness::{Gate, SyncTracker};
-use crate::runtime::slim::{self, Skips, Slim};
+use crate::runtime::slim::{self, Skips, Slim, Watched};
 use build::{MANAGED_BY, MANAGED_BY_LABEL};
 pub use reconcile::Context;
 
@@ -72,14 +72,7 @@ fn managed<K>(
     what: &'static str,
 ) -> (Store<K>, impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static)
 where
-    K: Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
-        + Skips
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Watched + Resource<Scope = kube::core::NamespaceResourceScope>,
 {
     let config = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY},{}", build::STACK_LABEL));
     let (store, writer) = reflector::store();

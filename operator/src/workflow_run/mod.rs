@@ -29,7 +29,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use crate::runtime::expiring::ExpiringMap;
 use crate::runtime::rates::RunRates;
 use crate::runtime::readiness::{Gate, SyncTracker};
-use crate::runtime::slim::{self, Skips, Slim};
+use crate::runtime::slim::{self, Skips, Slim, Watched};
 use crate::runtime::triggers::{Changes, OwnWrites, Signature};
 use crate::telemetry::Telemetry;
 use job::{MANAGED_BY, MANAGED_BY_LABEL, RUN_NAME_ANNOTATION};
@@ -228,14 +228,7 @@ fn managed_children<K>(
     signature: Signature<K>,
 ) -> (Store<K>, impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static)
 where
-    K: Resource<DynamicType = ()>
-        + Skips
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Watched,
 {
     let mut managed = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
     if let Some(fields) = fields {
