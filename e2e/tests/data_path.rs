@@ -335,13 +335,17 @@ async fn a_workflow_run_lands_in_prometheus_jaeger_and_victorialogs_joined_to_it
             &format!("{}/select/logsql/query", backends.victorialogs),
             &[("query", &format!("trace_id:{trace_id}"))],
         );
-        let lines = eventually(&format!("logs of trace {trace_id} in VictoriaLogs"), WAIT, async || {
-            let (code, body) = http_get(&url).await?;
-            let lines: Vec<Value> = body.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
-            (code == 200 && !lines.is_empty()).then_some(lines)
-        })
-        .await;
-        assert!(lines.iter().any(|l| l["_msg"].as_str().is_some_and(|m| m.contains("workflow started"))), "{lines:?}");
+        // VictoriaLogs makes records searchable batch by batch, so wait for the one looked for, not for any.
+        let started =
+            eventually(&format!("\"workflow started\" of trace {trace_id} in VictoriaLogs"), WAIT, async || {
+                let (code, body) = http_get(&url).await?;
+                let lines: Vec<Value> = body.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+                let started =
+                    lines.into_iter().find(|l| l["_msg"].as_str().is_some_and(|m| m.contains("workflow started")));
+                if code == 200 { started } else { None }
+            })
+            .await;
+        assert_eq!(started["trace_id"].as_str(), Some(trace_id.as_str()), "{started:?}");
     }
 
     // Every query of the built-in dashboard returns data from this Prometheus.
