@@ -9,6 +9,7 @@ use flowtel::runtime::leader::{self, ElectionConfig, Elector};
 use flowtel::runtime::rates::RunRates;
 use flowtel::runtime::readiness::Readiness;
 use flowtel::runtime::readiness::SyncTracker;
+use flowtel::runtime::shards::Shard;
 use flowtel::telemetry::{ExportConfig, ExportMetrics, Telemetry};
 use flowtel::telemetry_stack;
 use flowtel::workflow_run::report::{self, DEFAULT_DURATION_BOUNDARIES};
@@ -53,6 +54,11 @@ struct RunArgs {
     /// Watch only this namespace (default: all).
     #[arg(long, env = "FLOWTEL_NAMESPACE")]
     namespace: Option<String>,
+    /// This process's shard, `<index>/<count>`: it owns the WorkflowRuns labelled flowtel.dev/shard=<index> (shard 0
+    /// also those without the label or with another value) and their Jobs and pods; shard 0 alone runs the
+    /// TelemetryStack controller. With a count above 1 the Lease is `<lease name>-shard-<index>`.
+    #[arg(long, env = "FLOWTEL_SHARD", default_value = "0/1")]
+    shard: Shard,
     /// Deadline of a run whose spec sets none, in seconds.
     #[arg(long, env = "FLOWTEL_DEFAULT_DEADLINE_SECONDS", default_value_t = 86_400)]
     default_deadline_seconds: i64,
@@ -174,7 +180,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             tracing::error!(error = %e, "admin server stopped");
         }
     });
-    tracing::info!(admin = %args.admin_addr, namespace = ?args.namespace, "flowtel operator starting");
+    tracing::info!(admin = %args.admin_addr, namespace = ?args.namespace, shard = %args.shard, "flowtel operator starting");
     let mut elector = match args.election.leader_elect {
         false => None,
         true => {
@@ -186,7 +192,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     .or_else(|| std::env::var("POD_NAMESPACE").ok().filter(|n| !n.is_empty()))
                     .or_else(|| args.namespace.clone())
                     .unwrap_or_else(|| "default".into()),
-                lease_name: e.leader_elect_lease_name.clone(),
+                lease_name: args.shard.lease_name(&e.leader_elect_lease_name),
                 identity: leader::identity(std::env::var("POD_NAME").ok().as_deref()),
                 lease_duration: e.leader_elect_lease_duration,
                 renew_deadline: e.leader_elect_renew_deadline,
@@ -207,21 +213,22 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     leading.set(1);
     let runs_synced = readiness.gate("workflowrun-watches-synced", false);
-    let stacks_synced = readiness.gate("telemetrystack-watches-synced", false);
     let rates = RunRates::default();
-    let stacks = telemetry_stack::run(
-        client.clone(),
-        args.namespace.clone(),
-        rates.clone(),
-        SyncTracker::new(telemetry_stack::WATCHES, stacks_synced),
-        args.concurrency,
-    );
+    let stacks = args.shard.runs_cluster_wide_work().then(|| {
+        let sync = SyncTracker::new(telemetry_stack::WATCHES, readiness.gate("telemetrystack-watches-synced", false));
+        telemetry_stack::run(client.clone(), args.namespace.clone(), rates.clone(), sync, args.concurrency)
+    });
+    let stacks = async {
+        if let Some(stacks) = stacks {
+            stacks.await
+        }
+    };
     let runs = workflow_run::run(
         client,
         telemetry.clone(),
         notify_rx,
         ControllerSettings {
-            scope: Scope { namespace: args.namespace },
+            scope: Scope { namespace: args.namespace.clone(), shard: args.shard },
             settings: Settings {
                 default_deadline_seconds: args.default_deadline_seconds,
                 default_ttl_seconds: args.default_ttl_seconds,

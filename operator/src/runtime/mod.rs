@@ -1,5 +1,5 @@
 //! What the controllers share and none of them owns: readiness, the admin port, operator metrics, leader election,
-//! trace ids.
+//! trace ids, shards.
 //! Nothing here knows a controller.
 
 pub mod admin;
@@ -10,6 +10,7 @@ pub mod leader;
 pub mod names;
 pub mod rates;
 pub mod readiness;
+pub mod shards;
 pub mod slim;
 pub mod triggers;
 

@@ -10,6 +10,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
 
 use super::env::{Injection, inject};
+use crate::runtime::shards::SHARD_LABEL;
 use crate::runtime::{ids, names};
 
 pub use crate::runtime::{MANAGED_BY, MANAGED_BY_LABEL};
@@ -46,14 +47,19 @@ pub fn job_name(run_name: &str, attempt: i32) -> String {
     shorten(&format!("{run_name}-{attempt}"))
 }
 
-/// Labels on an attempt's Job and its pods.
+/// Labels on an attempt's Job and its pods; the run's shard label, as it is, so the shard that owns the run
+/// watches them too.
 pub fn labels(run: &WorkflowRun, attempt: i32) -> BTreeMap<String, String> {
-    BTreeMap::from([
+    let mut labels = BTreeMap::from([
         (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
         (WORKFLOW_LABEL.to_string(), run.spec.workflow_name.clone()),
         (RUN_LABEL.to_string(), shorten(&run.name_any())),
         (ATTEMPT_LABEL.to_string(), attempt.to_string()),
-    ])
+    ]);
+    if let Some(shard) = run.labels().get(SHARD_LABEL) {
+        labels.insert(SHARD_LABEL.to_string(), shard.clone());
+    }
+    labels
 }
 
 /// `service.version`: the template's `app.kubernetes.io/version` label, else the first container's image tag.
@@ -199,6 +205,20 @@ mod tests {
         }
         let golden = std::fs::read_to_string(&path).expect("golden file exists");
         assert_eq!(yaml, golden, "Job drifted from {}", path.display());
+    }
+
+    #[test]
+    fn the_runs_shard_label_goes_on_its_job_and_pods_as_it_is() {
+        let target = OtlpTarget { endpoint: None, protocol: "grpc".into() };
+        let unsharded = build_job(&sample_run(), 1, &target, None).expect("job builds");
+        assert!(!unsharded.labels().contains_key(SHARD_LABEL));
+        let mut run = sample_run();
+        run.labels_mut().insert(SHARD_LABEL.into(), "3".into());
+        let job = build_job(&run, 1, &target, None).expect("job builds");
+        let pod_labels =
+            job.spec.as_ref().and_then(|s| s.template.metadata.as_ref()?.labels.clone()).unwrap_or_default();
+        assert_eq!(job.labels().get(SHARD_LABEL).map(String::as_str), Some("3"));
+        assert_eq!(pod_labels.get(SHARD_LABEL).map(String::as_str), Some("3"));
     }
 
     #[test]

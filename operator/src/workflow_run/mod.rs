@@ -29,6 +29,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use crate::runtime::expiring::ExpiringMap;
 use crate::runtime::rates::RunRates;
 use crate::runtime::readiness::{Gate, SyncTracker};
+use crate::runtime::shards::Shard;
 use crate::runtime::slim::{self, Skips, Slim, Watched};
 use crate::runtime::triggers::{Changes, OwnWrites, Signature};
 use crate::telemetry::Telemetry;
@@ -38,10 +39,12 @@ use plan::Settings;
 pub use reconcile::{Context, FIELD_MANAGER, FINALIZER};
 
 /// Where the controller watches.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Scope {
     /// One namespace, or all when None.
     pub namespace: Option<String>,
+    /// The runs this process owns, with their Jobs and pods (`runtime::shards`).
+    pub shard: Shard,
 }
 
 fn api<K>(client: &Client, scope: &Scope) -> Api<K>
@@ -84,9 +87,10 @@ pub async fn run(
     let pod_index = index::RunIndex::default();
     // Job status carries no exit codes or disruption conditions, the pods do: both are watched, trimmed, indexed;
     // only ended pods, as the planner reads no others.
+    let shard = config.scope.shard.selector();
     let (jobs, job_stream) = managed_children(
         api::<Slim<Job>>(&client, &config.scope),
-        None,
+        managed(shard.as_deref()),
         [&sync, &children],
         "jobs",
         &job_index,
@@ -98,7 +102,7 @@ pub async fn run(
     );
     let (pods, pod_stream) = managed_children(
         api::<Slim<Pod>>(&client, &config.scope),
-        Some(plan::TERMINAL_PODS),
+        managed(shard.as_deref()).fields(plan::TERMINAL_PODS),
         [&sync, &children],
         "pods",
         &pod_index,
@@ -118,11 +122,15 @@ pub async fn run(
     let (runs_store, runs_writer) = reflector::store();
     let runs_api = api::<Slim<WorkflowRun>>(&client, &config.scope);
     let runs_synced = sync.watch("workflowruns");
+    let mut owned_runs = watcher::Config::default();
+    if let Some(shard) = &shard {
+        owned_runs = owned_runs.labels(shard);
+    }
     let own_writes = Arc::new(OwnWrites::new(std::time::Duration::from_secs(60)));
     let echoes = own_writes.clone();
     let run_stream = futures::stream::once(async move {
         children_synced.opened().await;
-        watcher(runs_api, watcher::Config::default())
+        watcher(runs_api, owned_runs)
             .default_backoff()
             .map_ok(slim::unwrap_event)
             .modify(trim_for_cache)
@@ -216,11 +224,19 @@ fn trim_for_cache(run: &mut WorkflowRun) {
     }
 }
 
-/// A cached, trimmed and run-indexed watch of the objects flowtel manages (label managed-by=flowtel), narrowed by
-/// `fields` when given; only changes to what `signature` covers wake their run.
+/// The objects flowtel manages (label managed-by=flowtel) in this shard (`shard`: its selector, if any).
+fn managed(shard: Option<&str>) -> watcher::Config {
+    let labels = match shard {
+        None => format!("{MANAGED_BY_LABEL}={MANAGED_BY}"),
+        Some(shard) => format!("{MANAGED_BY_LABEL}={MANAGED_BY},{shard}"),
+    };
+    watcher::Config::default().labels(&labels)
+}
+
+/// A cached, trimmed and run-indexed watch of `selection`; only changes to what `signature` covers wake their run.
 fn managed_children<K>(
     api: Api<Slim<K>>,
-    fields: Option<&str>,
+    selection: watcher::Config,
     trackers: [&SyncTracker; 2],
     what: &'static str,
     index: &index::RunIndex,
@@ -230,12 +246,8 @@ fn managed_children<K>(
 where
     K: Watched,
 {
-    let mut managed = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
-    if let Some(fields) = fields {
-        managed = managed.fields(fields);
-    }
     let (store, writer) = reflector::store();
-    let stream = watcher(api, managed)
+    let stream = watcher(api, selection)
         .default_backoff()
         .map_ok(slim::unwrap_event)
         .reflect(writer)
