@@ -202,6 +202,17 @@ pub fn cached_binary(name: &str, version_key: &str) -> PathBuf {
     cache_bin().join(format!("{name}-{}", versions_env(version_key).unwrap_or_default()))
 }
 
+/// Helm, built from its Go module on first use, talking to the local control plane, its state under the temp dir.
+pub fn helm() -> Command {
+    run(Command::new(repo_root().join("e2e/build-binaries")).arg("helm")).expect("helm built");
+    let mut cmd = Command::new(cached_binary("helm", "HELM_VERSION"));
+    cmd.env("KUBECONFIG", cluster_kubeconfig())
+        .env("HELM_CACHE_HOME", std::env::temp_dir().join("flowtel-helm/cache"))
+        .env("HELM_CONFIG_HOME", std::env::temp_dir().join("flowtel-helm/config"))
+        .env("HELM_DATA_HOME", std::env::temp_dir().join("flowtel-helm/data"));
+    cmd
+}
+
 /// The collector e2e/build-binaries builds: named by release and component-list revision.
 pub fn collector_bin() -> PathBuf {
     let version = versions_env("OTELCOL_VERSION").unwrap_or_default();

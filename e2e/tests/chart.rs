@@ -1,19 +1,7 @@
 //! The Helm chart (`charts/flowtel`) with real Helm built from its Go module: lint, template, the rendered objects
 //! accepted by the real apiserver, install and upgrade; its CRDs, versions and image held to the rest of the repo.
 
-use std::process::Command;
-
-use flowtel_e2e::{TestNamespace, cached_binary, client, cluster_kubeconfig, install_crds, kubectl, repo_root, run};
-
-fn helm() -> Command {
-    run(Command::new(repo_root().join("e2e/build-binaries")).arg("helm")).expect("helm built");
-    let mut cmd = Command::new(cached_binary("helm", "HELM_VERSION"));
-    cmd.env("KUBECONFIG", cluster_kubeconfig())
-        .env("HELM_CACHE_HOME", std::env::temp_dir().join("flowtel-helm/cache"))
-        .env("HELM_CONFIG_HOME", std::env::temp_dir().join("flowtel-helm/config"))
-        .env("HELM_DATA_HOME", std::env::temp_dir().join("flowtel-helm/data"));
-    cmd
-}
+use flowtel_e2e::{TestNamespace, client, cluster_kubeconfig, helm, install_crds, kubectl, repo_root, run};
 
 fn chart() -> String {
     repo_root().join("charts/flowtel").display().to_string()
@@ -76,6 +64,8 @@ fn the_chart_lints_strictly_and_a_wrong_value_fails_naming_it() {
     assert!(out.status.success(), "helm lint --strict: {}", String::from_utf8_lossy(&out.stdout));
     for (set, named) in [
         ("replicas=11", "replicas"),
+        ("shards=0", "shards"),
+        ("shards=257", "shards"),
         ("leaderElection.enabled=false,replicas=2", "leaderElection"),
         ("leaderElection.leaseDuration=1m", "leaseDuration"),
         ("operator.concurrency=0", "concurrency"),
@@ -98,6 +88,7 @@ async fn the_rendered_chart_is_accepted_and_installs_and_upgrades() {
     for (what, args) in [
         ("default values", vec!["--namespace", ns.name.as_str()]),
         ("production values", vec!["--namespace", ns.name.as_str(), "-f", production.as_str()]),
+        ("two shards", vec!["--namespace", ns.name.as_str(), "-f", production.as_str(), "--set", "shards=2"]),
     ] {
         let rendered = template(&args).unwrap_or_else(|e| panic!("{what}: {e}"));
         let file = std::env::temp_dir().join(format!("flowtel-chart-{}.yaml", std::process::id()));
@@ -112,8 +103,19 @@ async fn the_rendered_chart_is_accepted_and_installs_and_upgrades() {
             assert!(out.contains(kind), "{what}: {kind} applied: {out}");
         }
         // Two replicas: a standby, kept through a drain.
-        let production = what == "production values";
+        let production = what != "default values";
         assert_eq!(out.contains("poddisruptionbudget.policy/flowtel"), production, "{what}: {out}");
+        // Shards: a Deployment each, told its shard, and the policy that keeps a run's shard label fixed.
+        let sharded = what == "two shards";
+        for object in [
+            "deployment.apps/flowtel-shard-0",
+            "deployment.apps/flowtel-shard-1",
+            "poddisruptionbudget.policy/flowtel-shard-1",
+            "validatingadmissionpolicy.admissionregistration.k8s.io/flowtel-shard-label",
+        ] {
+            assert_eq!(out.contains(object), sharded, "{what}: {object}: {out}");
+        }
+        assert_eq!(rendered.contains("--shard=1/2"), sharded, "{what}");
     }
     // Install, then upgrade with a changed value: revision 2, the Deployment follows.
     let release = format!("flowtel-{}", &ns.name[ns.name.len().saturating_sub(5)..]);

@@ -8,7 +8,8 @@ use std::time::Duration;
 use flowtel_crds::WorkflowRun;
 use flowtel_crds::workflow_run::WorkflowRunPhase;
 use flowtel_e2e::{
-    Operator, TEST_MANAGER, TestNamespace, client, eventually, install_crds, operator_writes, simple_run,
+    Operator, TEST_MANAGER, TestNamespace, client, eventually, helm, install_crds, kubectl, operator_writes, repo_root,
+    run, simple_run,
 };
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -113,4 +114,53 @@ async fn each_run_is_reconciled_by_the_one_shard_its_label_names() {
     }
     let creates: u64 = operator_writes(&ns.name).iter().filter(|(k, _)| k == "create jobs").map(|(_, n)| n).sum();
     assert_eq!(creates, 6, "each Job created once: {:?}", operator_writes(&ns.name));
+}
+
+/// A merge patch of the run's labels: Err(the apiserver's message) when refused.
+async fn relabel(runs: &Api<WorkflowRun>, name: &str, labels: serde_json::Value, dry_run: bool) -> Result<(), String> {
+    let params = PatchParams { dry_run, ..PatchParams::default() };
+    let patch = serde_json::json!({"metadata": {"labels": labels}});
+    runs.patch(name, &params, &Patch::Merge(&patch)).await.map(|_| ()).map_err(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn the_charts_policy_keeps_a_runs_shard_label_from_changing() {
+    let client = client().await.expect("client");
+    install_crds(&client).await.expect("CRDs");
+    let ns = TestNamespace::new(&client, "shard-label").await.expect("namespace");
+    let runs: Api<WorkflowRun> = Api::namespaced(client.clone(), &ns.name);
+    let chart = repo_root().join("charts/flowtel");
+    let policy = helm()
+        .args(["template", "flowtel", &chart.display().to_string(), "--kube-version", "1.37.2", "--set", "shards=2"])
+        .args(["--show-only", "templates/shard-label-policy.yaml"])
+        .output()
+        .expect("helm template");
+    assert!(policy.status.success(), "{}", String::from_utf8_lossy(&policy.stderr));
+    let file = std::env::temp_dir().join(format!("flowtel-shard-policy-{}.yaml", ns.name));
+    std::fs::write(&file, &policy.stdout).expect("write");
+    run(kubectl().args(["apply", "--server-side", "-f"]).arg(&file)).expect("the policy");
+
+    submit(&runs, "labelled", Some("1")).await;
+    submit(&runs, "unlabelled", None).await;
+    // In force once a known change is refused (policies reach admission asynchronously).
+    eventually("the policy in force", WAIT, async || {
+        relabel(&runs, "labelled", serde_json::json!({SHARD_LABEL: "0"}), true).await.is_err().then_some(())
+    })
+    .await;
+    for (name, labels) in [
+        ("labelled", serde_json::json!({SHARD_LABEL: "0"})),
+        ("labelled", serde_json::json!({SHARD_LABEL: null})),
+        ("unlabelled", serde_json::json!({SHARD_LABEL: "1"})),
+    ] {
+        let refused = relabel(&runs, name, labels.clone(), false).await.expect_err(&format!("{name}: {labels}"));
+        assert!(refused.contains("metadata.labels[flowtel.dev/shard] cannot change"), "{name}: {refused}");
+    }
+    // Other labels, and the same value again, still change freely.
+    relabel(&runs, "labelled", serde_json::json!({"team": "data", SHARD_LABEL: "1"}), false)
+        .await
+        .expect("other labels");
+    relabel(&runs, "unlabelled", serde_json::json!({"team": "data"}), false).await.expect("other labels");
+    let labelled = runs.get("labelled").await.expect("run");
+    assert_eq!(labelled.labels().get(SHARD_LABEL).map(String::as_str), Some("1"));
+    run(kubectl().args(["delete", "--ignore-not-found", "-f"]).arg(&file)).expect("policy removed");
 }

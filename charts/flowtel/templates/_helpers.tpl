@@ -29,3 +29,20 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- define "flowtel.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
+
+{{- /* (list $ shard): the release's name, with -shard-<k> when there are several shards. */}}
+{{- define "flowtel.shardName" -}}
+{{- $root := index . 0 -}}
+{{- if gt (int $root.Values.shards) 1 -}}
+{{- printf "%s-shard-%d" (include "flowtel.fullname" $root | trunc 55 | trimSuffix "-") (index . 1) -}}
+{{- else -}}
+{{- include "flowtel.fullname" $root -}}
+{{- end -}}
+{{- end -}}
+
+{{- /* (list $ shard): the label telling shards' pods apart; none with one shard, so its selector never changes. */}}
+{{- define "flowtel.shardLabel" -}}
+{{- if gt (int (index . 0).Values.shards) 1 -}}
+flowtel.dev/operator-shard: {{ index . 1 | quote }}
+{{- end -}}
+{{- end -}}
