@@ -10,9 +10,14 @@
 //! 4. API cost from the audit log: the operator's requests per run by verb and resource (Events and GETs
 //!    included: a GET is an uncached read), and every client's writes per run, flowtel vs bare Jobs;
 //! 5. the operator's CPU per 1,000 runs and its RSS, then RSS with 10k and 50k finished runs retained, fitted;
-//! 6. telemetry: spans and metric points per run at the collector, reports dropped.
+//! 6. telemetry: spans and metric points per run at the collector, reports dropped;
+//! 7. shards, 1 vs 2: one step at flowtel's highest sustained rate (or `--shard-rate`) with two operators
+//!    (`--shard 0/2`, `--shard 1/2`), runs labelled flowtel.dev/shard alternately, beside stage 2's step at that rate.
 //!
-//!     e2e/bench [--rates 10,20,30,40,50,60,80] [--step-seconds 40] [--retained 10000,50000] [--out target/bench.json]
+//! ```text
+//! e2e/bench [--rates 10,20,30,40,50,60,80] [--step-seconds 40] [--retained 10000,50000] [--shard-rate R]
+//!           [--out target/bench.json]
+//! ```
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -36,6 +41,7 @@ struct Args {
     step: Duration,
     max_lag: Duration,
     retained: Vec<usize>,
+    shard_rate: Option<f64>,
     out: std::path::PathBuf,
 }
 
@@ -45,6 +51,7 @@ fn args() -> Args {
         step: Duration::from_secs(40),
         max_lag: Duration::from_secs(5),
         retained: vec![10_000, 50_000],
+        shard_rate: None,
         out: std::path::PathBuf::from("target/bench.json"),
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -56,6 +63,7 @@ fn args() -> Args {
             "--step-seconds" => a.step = Duration::from_secs(value.parse().unwrap_or(40)),
             "--max-lag-seconds" => a.max_lag = Duration::from_secs(value.parse().unwrap_or(5)),
             "--retained" => a.retained = value.split(',').filter_map(|v| v.trim().parse().ok()).collect(),
+            "--shard-rate" => a.shard_rate = value.parse().ok(),
             "--out" => a.out = value.into(),
             other => {
                 eprintln!("unknown flag {other}; see the header of e2e/src/bin/bench.rs");
@@ -106,6 +114,15 @@ fn workflow_run(name: &str) -> WorkflowRun {
         "spec": {"workflowName": "bench", "template": template("flowtel")}
     }))
     .expect("a valid WorkflowRun")
+}
+
+const SHARD_LABEL: &str = "flowtel.dev/shard";
+
+/// What a step offers: bare Jobs, or WorkflowRuns spread over `shards` (labelled round robin when more than one).
+#[derive(Clone, Copy, PartialEq)]
+enum Load {
+    Jobs,
+    Runs { shards: u32 },
 }
 
 /// Calls `seen` with every object of kind K in `ns` as the watch delivers it. A watch error (an apiserver hiccup) is
@@ -176,7 +193,7 @@ async fn offer(
     rate: f64,
     step: Duration,
     t: &Shared,
-    flowtel: bool,
+    load: Load,
 ) -> Vec<String> {
     let count = (rate * step.as_secs_f64()).round() as usize;
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
@@ -190,10 +207,15 @@ async fn offer(
         let (client, ns, t) = (client.clone(), ns.to_string(), t.clone());
         tokio::spawn(async move {
             let pp = PostParams { field_manager: Some(TEST_MANAGER.into()), ..PostParams::default() };
-            let ok = if flowtel {
-                Api::<WorkflowRun>::namespaced(client, &ns).create(&pp, &workflow_run(&name)).await.is_ok()
-            } else {
-                Api::<Job>::namespaced(client, &ns).create(&pp, &bare_job(&name)).await.is_ok()
+            let ok = match load {
+                Load::Runs { shards } => {
+                    let mut run = workflow_run(&name);
+                    if shards > 1 {
+                        run.metadata.labels = Some([(SHARD_LABEL.into(), (i as u32 % shards).to_string())].into());
+                    }
+                    Api::<WorkflowRun>::namespaced(client, &ns).create(&pp, &run).await.is_ok()
+                }
+                Load::Jobs => Api::<Job>::namespaced(client, &ns).create(&pp, &bare_job(&name)).await.is_ok(),
             };
             if !ok {
                 lock(&t).failed_creates += 1;
@@ -231,9 +253,9 @@ async fn step(
     rate: f64,
     a: &Args,
     t: &Shared,
-    flowtel: bool,
+    load: Load,
 ) -> StepResult {
-    let names = offer(client, ns, prefix, rate, a.step, t, flowtel).await;
+    let names = offer(client, ns, prefix, rate, a.step, t, load).await;
     let drain_until = Instant::now() + a.max_lag + Duration::from_secs_f64(POD_SECONDS);
     loop {
         let finished = {
@@ -417,6 +439,38 @@ async fn rss_with(ns: &str, endpoint: &str, count: usize) -> Result<(f64, f64), 
     Ok((memory_mib(pid).0, cpu_seconds(pid)))
 }
 
+/// Stage 7's second half: two operators, each owning every other run, kept until the bench cleans up.
+struct TwoShards {
+    ns: TestNamespace,
+    operators: Vec<Operator>,
+    step: StepResult,
+    /// Per shard: CPU seconds over the step, RSS at its end (MiB).
+    usage: Vec<(f64, f64)>,
+}
+
+async fn two_shards(
+    client: &kube::Client,
+    endpoint: &str,
+    rate: f64,
+    a: &Args,
+) -> Result<TwoShards, Box<dyn std::error::Error>> {
+    let ns = TestNamespace::new(client, "bench-shards").await?;
+    let t: Shared = Arc::default();
+    watch_all(client, &ns.name, &t, true);
+    let mut operators = Vec::new();
+    for index in 0..2 {
+        let shard = format!("{index}/2");
+        let extra = ["--concurrency", "32", "--shard", shard.as_str()];
+        operators
+            .push(Operator::start_tagged(&ns.name, &format!("-shard-{index}"), Some(endpoint), &extra, &[]).await?);
+    }
+    let pids: Vec<u32> = operators.iter().map(|o| o.pid().unwrap_or_default()).collect();
+    let before: Vec<f64> = pids.iter().map(|p| cpu_seconds(*p)).collect();
+    let step = step(client, &ns.name, "s", rate, a, &t, Load::Runs { shards: 2 }).await;
+    let usage = pids.iter().zip(&before).map(|(p, b)| (cpu_seconds(*p) - b, memory_mib(*p).0)).collect();
+    Ok(TwoShards { ns, operators, step, usage })
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let a = args();
@@ -441,7 +495,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let bare_cpu_before = control_plane_cpu();
     println!("bare Jobs:");
     for (i, rate) in a.rates.iter().enumerate() {
-        let s = step(&client, &bare_ns.name, &format!("j{i}"), *rate, &a, &bare_t, false).await;
+        let s = step(&client, &bare_ns.name, &format!("j{i}"), *rate, &a, &bare_t, Load::Jobs).await;
         print_step("Jobs", &s);
         let stop = !s.sustained;
         bare_steps.push(s);
@@ -462,9 +516,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cpu_before = cpu_seconds(pid);
     let flowtel_cpu_before = control_plane_cpu();
     let mut steps = Vec::new();
+    // The operator's CPU over each step (its runs' tails included): stage 7's one-shard figure.
+    let mut step_cpu = Vec::new();
     println!("WorkflowRuns:");
     for (i, rate) in a.rates.iter().enumerate() {
-        let s = step(&client, &ns.name, &format!("r{i}"), *rate, &a, &t, true).await;
+        let cpu_at_start = cpu_seconds(pid);
+        let s = step(&client, &ns.name, &format!("r{i}"), *rate, &a, &t, Load::Runs { shards: 1 }).await;
+        step_cpu.push(cpu_seconds(pid) - cpu_at_start);
         print_step("flowtel", &s);
         let stop = !s.sustained || *rate > bare_ceiling;
         steps.push(s);
@@ -602,6 +660,46 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .into_iter()
         .find_map(|r| r.status.filter(|s| s.telemetry.as_ref().is_some_and(|t| t.finished)));
 
+    // 7. Shards, 1 vs 2: stage 2's step at the rate, beside the same step shared by two operators.
+    let shard_rate = a.shard_rate.unwrap_or(if flowtel_ceiling > 0.0 { flowtel_ceiling } else { a.rates[0] });
+    let one_shard = steps.iter().zip(&step_cpu).find(|(s, _)| s.rate == shard_rate);
+    let mut shards_report = Value::Null;
+    let mut sharded = None;
+    if Instant::now() + a.step * 2 < deadline {
+        let two = two_shards(&client, &collector.endpoint, shard_rate, &a).await?;
+        let per_1000 = |cpu: f64, runs: usize| cpu * 1000.0 / runs.max(1) as f64;
+        println!("shards, 1 vs 2, at {shard_rate}/s:");
+        let one_json = one_shard.map(|(s, cpu)| {
+            print_step("1 shard", s);
+            println!("           operator CPU {:.2} s per 1,000 runs; RSS {rss:.1} MiB", per_1000(*cpu, s.completed));
+            json!({"step": step_json(s), "cpu_s_per_1000_runs": per_1000(*cpu, s.completed), "rss_mib": rss})
+        });
+        print_step("2 shards", &two.step);
+        // Runs are labelled round robin: shard k owns the runs with an index of k modulo 2.
+        let owned = |k: usize| two.step.names.len() / 2 + usize::from(k < two.step.names.len() % 2);
+        let together: f64 = two.usage.iter().map(|(cpu, _)| cpu).sum();
+        let per_shard: Vec<Value> = two
+            .usage
+            .iter()
+            .enumerate()
+            .map(|(k, (cpu, rss))| {
+                println!(
+                    "           shard {k}: {} runs, CPU {:.2} s per 1,000 of them; RSS {rss:.1} MiB",
+                    owned(k),
+                    per_1000(*cpu, owned(k))
+                );
+                json!({"runs": owned(k), "cpu_s_per_1000_own_runs": per_1000(*cpu, owned(k)), "rss_mib": rss})
+            })
+            .collect();
+        println!("           both: CPU {:.2} s per 1,000 runs", per_1000(together, two.step.completed));
+        shards_report = json!({"rate": shard_rate, "one": one_json,
+            "two": {"step": step_json(&two.step), "per_shard": per_shard,
+                "cpu_s_per_1000_runs_together": per_1000(together, two.step.completed)}});
+        sharded = Some(two);
+    } else {
+        println!("shards: skipped, the budget is spent");
+    }
+
     // 5b. RSS with finished runs retained (no operator while they are created, so none is started).
     let mut retained = Vec::new();
     if let Some(status) = status_template.map(|s| serde_json::to_value(s).unwrap_or_default()) {
@@ -652,6 +750,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "reconciles_per_run": reconciles_per_run, "reconcile_ms_per_run": reconcile_ms_per_run,
         "retained": retained.iter().map(|(n, r)| json!({"runs": n, "rss_mib": r})).collect::<Vec<_>>(), "fit": fit}),
     );
+    report.insert("shards".into(), shards_report);
     report.insert(
         "telemetry_per_run".into(),
         json!({"spans": per(spans as u64, finished), "metric_points": per(points as u64, finished),
@@ -665,11 +764,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The runs hold flowtel's finalizer until their telemetry is out: their operator lets them go as the namespace
     // is deleted, then stops.
     drop(ns);
+    let sharded_runs = sharded.as_ref().map(|two| Api::<WorkflowRun>::namespaced(client.clone(), &two.ns.name));
+    let sharded = sharded.map(|two| {
+        drop(two.ns);
+        two.operators
+    });
     let gone_until = Instant::now() + Duration::from_secs(180);
-    while Instant::now() < gone_until && runs_api.list(&Default::default()).await.is_ok_and(|l| !l.items.is_empty()) {
-        tokio::time::sleep(Duration::from_secs(1)).await;
+    for api in std::iter::once(&runs_api).chain(sharded_runs.as_ref()) {
+        while Instant::now() < gone_until && api.list(&Default::default()).await.is_ok_and(|l| !l.items.is_empty()) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
     }
-    drop(operator);
+    drop((operator, sharded));
     Ok(())
 }
 
