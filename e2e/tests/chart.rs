@@ -9,9 +9,11 @@ fn chart() -> String {
 
 /// `helm template` with extra arguments: Ok(rendered) or Err(stderr).
 fn template(args: &[&str]) -> Result<String, String> {
-    // Offline, Helm assumes Kubernetes v1.20; the local control plane runs v1.37.
+    // Offline, Helm assumes Kubernetes v1.20 and only the API versions it was built with; the local control plane
+    // runs v1.37, which serves MutatingAdmissionPolicy (a `helm install` asks the cluster).
     let out = helm()
         .args(["template", "flowtel", &chart(), "--kube-version", "1.37.2"])
+        .args(["--api-versions", "admissionregistration.k8s.io/v1/MutatingAdmissionPolicy"])
         .args(args)
         .output()
         .expect("helm template");
@@ -116,6 +118,9 @@ async fn the_rendered_chart_is_accepted_and_installs_and_upgrades() {
             assert_eq!(out.contains(object), sharded, "{what}: {object}: {out}");
         }
         assert_eq!(rendered.contains("--shard=1/2"), sharded, "{what}");
+        // An OTLP endpoint (the production values): the finalizer is added at admission, in the watched namespace.
+        let policy = "mutatingadmissionpolicy.admissionregistration.k8s.io/flowtel-telemetry-finalizer";
+        assert_eq!(out.contains(policy), production, "{what}: {out}");
     }
     // Install, then upgrade with a changed value: revision 2, the Deployment follows.
     let release = format!("flowtel-{}", &ns.name[ns.name.len().saturating_sub(5)..]);

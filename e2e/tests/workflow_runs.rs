@@ -226,6 +226,55 @@ async fn a_successful_run_injects_otel_and_reports_spans_and_metrics() {
     assert!(events.iter().all(|e| e.reporting_controller.as_deref() != Some("flowtel")), "no Event: {events:#?}");
 }
 
+/// The chart's MutatingAdmissionPolicy, rendered for one watched namespace: the telemetry finalizer is on each run as
+/// it is created there (and nowhere else), so the operator's writes per successful run drop to 3.
+#[tokio::test]
+async fn with_the_charts_finalizer_policy_a_run_is_created_with_its_finalizer_and_costs_3_writes() {
+    let env = Env::new("wfr-admitted-finalizer", &[]).await;
+    let chart = flowtel_e2e::repo_root().join("charts/flowtel");
+    let release = format!("fin-{}", &env.ns.name[env.ns.name.len().saturating_sub(5)..]);
+    let rendered = flowtel_e2e::helm()
+        .args(["template", &release, &chart.display().to_string(), "--kube-version", "1.37.2"])
+        .args(["--api-versions", "admissionregistration.k8s.io/v1/MutatingAdmissionPolicy"])
+        .args(["--set", &format!("operator.otlpEndpoint={},watchNamespace={}", env.collector.endpoint, env.ns.name)])
+        .args(["--show-only", "templates/telemetry-finalizer-policy.yaml"])
+        .output()
+        .expect("helm template");
+    assert!(rendered.status.success(), "{}", String::from_utf8_lossy(&rendered.stderr));
+    let file = std::env::temp_dir().join(format!("flowtel-finalizer-policy-{}.yaml", env.ns.name));
+    std::fs::write(&file, &rendered.stdout).expect("write");
+    flowtel_e2e::run(flowtel_e2e::kubectl().args(["apply", "--server-side", "-f"]).arg(&file)).expect("the policy");
+    let finalizers = |r: &WorkflowRun| r.metadata.finalizers.clone().unwrap_or_default();
+    // In force once a dry-run create comes back with the finalizer (policies reach admission asynchronously).
+    let probe = json!({"apiVersion": "flowtel.dev/v1alpha1", "kind": "WorkflowRun", "metadata": {"name": "probe"},
+        "spec": {"workflowName": "wf-probe", "template": {"spec": {"containers": [{"name": "main", "image": "app"}]}}}});
+    let probe: WorkflowRun = serde_json::from_value(probe).expect("probe");
+    let dry_run = kube::api::PostParams { dry_run: true, ..Default::default() };
+    eventually("the policy in force", WAIT, async || {
+        let created = env.runs().create(&dry_run, &probe).await.ok()?;
+        finalizers(&created).contains(&"flowtel.dev/telemetry".to_string()).then_some(())
+    })
+    .await;
+    // Another namespace is not this operator's: its runs are created as they are.
+    let elsewhere = TestNamespace::new(&env.client, "wfr-no-finalizer").await.expect("namespace");
+    let other: Api<WorkflowRun> = Api::namespaced(env.client.clone(), &elsewhere.name);
+    assert_eq!(finalizers(&other.create(&dry_run, &probe).await.expect("dry run")), Vec::<String>::new());
+
+    let run = run_json("admitted", "wf-admitted", json!({}), json!({"sim.flowtel.dev/duration": "1s"}), json!({}));
+    let submitted = env.submit(run).await;
+    assert_eq!(finalizers(&submitted), ["flowtel.dev/telemetry"], "added at creation");
+    let done = env.wait_exported("admitted").await;
+    assert_eq!(phase(&done), Some(WorkflowRunPhase::Succeeded));
+    let writes = settled_operator_writes(&env.ns.name).await;
+    let expected: Vec<(String, u64)> =
+        [("create jobs", 1), ("patch workflowruns/status", 2)].iter().map(|(w, n)| (w.to_string(), *n)).collect();
+    assert_eq!(writes, expected, "3 writes: no finalizer patch");
+    // Deleted, the run goes: its report is out, so the operator lets go of the finalizer it did not add.
+    env.runs().delete("admitted", &Default::default()).await.expect("delete");
+    eventually("the run gone", WAIT, async || env.runs().get_opt("admitted").await.ok()?.is_none().then_some(())).await;
+    flowtel_e2e::run(flowtel_e2e::kubectl().args(["delete", "--ignore-not-found", "-f"]).arg(&file)).expect("removed");
+}
+
 #[tokio::test]
 async fn a_transient_failure_is_retried_after_backoff_and_counted() {
     let env = Env::new("wfr-transient", &[]).await;
