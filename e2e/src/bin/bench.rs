@@ -4,7 +4,8 @@
 //! 1. bare Jobs (the pod template flowtel's Jobs get, a 1 s simulated pod) offered open loop at rising rates; a rate
 //!    is sustained when every Job completes and none waits more than `--max-lag` beyond its pod → the ceiling;
 //! 2. WorkflowRuns at the same rates (to one step past the Jobs' ceiling), the operator (release build) exporting to
-//!    the real collector → sustained runs/s and the ratio;
+//!    the real collector, installed as the chart installs it with an endpoint (the telemetry finalizer added at
+//!    admission) → sustained runs/s and the ratio;
 //! 3. latency at flowtel's highest sustained rate, from the bench's own watches: run created → Job seen, pod
 //!    terminal → run terminal;
 //! 4. API cost from the audit log: the operator's requests per run by verb and resource (Events and GETs
@@ -439,6 +440,40 @@ async fn rss_with(ns: &str, endpoint: &str, count: usize) -> Result<(f64, f64), 
     Ok((memory_mib(pid).0, cpu_seconds(pid)))
 }
 
+/// Applies the chart's finalizer policy (`operator.finalizerAtAdmission`, on whenever the operator exports) for
+/// `ns`, as an install that watches it would; returns the rendered file, to delete it afterwards.
+fn admit_with_finalizer(ns: &str, endpoint: &str) -> Result<std::path::PathBuf, Box<dyn std::error::Error>> {
+    let chart = flowtel_e2e::repo_root().join("charts/flowtel");
+    let out = flowtel_e2e::helm()
+        .args(["template", ns, &chart.display().to_string(), "--kube-version", "1.37.2"])
+        .args(["--api-versions", "admissionregistration.k8s.io/v1/MutatingAdmissionPolicy"])
+        .args(["--set", &format!("operator.otlpEndpoint={endpoint},watchNamespace={ns}")])
+        .args(["--show-only", "templates/telemetry-finalizer-policy.yaml"])
+        .output()?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned().into());
+    }
+    let file = std::env::temp_dir().join(format!("flowtel-bench-policy-{ns}.yaml"));
+    std::fs::write(&file, &out.stdout)?;
+    flowtel_e2e::run(flowtel_e2e::kubectl().args(["apply", "--server-side", "-f"]).arg(&file))?;
+    Ok(file)
+}
+
+/// Waits (bounded) until a dry-run create in `ns` comes back with the finalizer: the policy is in force.
+async fn finalizer_policy_in_force(client: &kube::Client, ns: &str) -> bool {
+    let runs: Api<WorkflowRun> = Api::namespaced(client.clone(), ns);
+    let dry_run = PostParams { dry_run: true, ..PostParams::default() };
+    for _ in 0..100 {
+        if let Ok(run) = runs.create(&dry_run, &workflow_run("probe")).await
+            && run.metadata.finalizers.unwrap_or_default().iter().any(|f| f == "flowtel.dev/telemetry")
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
 /// Stage 7's second half: two operators, each owning every other run, kept until the bench cleans up.
 struct TwoShards {
     ns: TestNamespace,
@@ -446,6 +481,7 @@ struct TwoShards {
     step: StepResult,
     /// Per shard: CPU seconds over the step, RSS at its end (MiB).
     usage: Vec<(f64, f64)>,
+    policy: std::path::PathBuf,
 }
 
 async fn two_shards(
@@ -455,6 +491,8 @@ async fn two_shards(
     a: &Args,
 ) -> Result<TwoShards, Box<dyn std::error::Error>> {
     let ns = TestNamespace::new(client, "bench-shards").await?;
+    let policy = admit_with_finalizer(&ns.name, endpoint)?;
+    finalizer_policy_in_force(client, &ns.name).await;
     let t: Shared = Arc::default();
     watch_all(client, &ns.name, &t, true);
     let mut operators = Vec::new();
@@ -468,7 +506,7 @@ async fn two_shards(
     let before: Vec<f64> = pids.iter().map(|p| cpu_seconds(*p)).collect();
     let step = step(client, &ns.name, "s", rate, a, &t, Load::Runs { shards: 2 }).await;
     let usage = pids.iter().zip(&before).map(|(p, b)| (cpu_seconds(*p) - b, memory_mib(*p).0)).collect();
-    Ok(TwoShards { ns, operators, step, usage })
+    Ok(TwoShards { ns, operators, step, usage, policy })
 }
 
 #[tokio::main]
@@ -509,6 +547,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // 2. WorkflowRuns, the operator exporting to the collector.
     let ns = TestNamespace::new(&client, "bench-flowtel").await?;
+    // As the chart installs flowtel with an endpoint: the finalizer comes with the create.
+    let policy = admit_with_finalizer(&ns.name, &collector.endpoint)?;
+    let admitted = finalizer_policy_in_force(&client, &ns.name).await;
+    println!("finalizer added at admission: {admitted}");
     let t: Shared = Arc::default();
     watch_all(&client, &ns.name, &t, true);
     let operator = Operator::start(&ns.name, &collector.endpoint, &["--concurrency", "32"]).await?;
@@ -765,8 +807,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // is deleted, then stops.
     drop(ns);
     let sharded_runs = sharded.as_ref().map(|two| Api::<WorkflowRun>::namespaced(client.clone(), &two.ns.name));
+    let mut policies = vec![policy];
     let sharded = sharded.map(|two| {
         drop(two.ns);
+        policies.push(two.policy);
         two.operators
     });
     let gone_until = Instant::now() + Duration::from_secs(180);
@@ -776,6 +820,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     drop((operator, sharded));
+    for policy in policies {
+        let _ = flowtel_e2e::run(flowtel_e2e::kubectl().args(["delete", "--ignore-not-found", "-f"]).arg(&policy));
+    }
     Ok(())
 }
 
