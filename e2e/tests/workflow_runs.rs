@@ -567,13 +567,19 @@ async fn hold_equal<T: PartialEq + std::fmt::Debug>(what: &str, expected: T, val
 
 #[tokio::test]
 async fn a_crash_at_any_named_point_never_double_counts() {
-    for point in ["after-job-create", "after-terminal-status", "during-backoff"] {
+    // `after-export`: the report went out and the process died before the status recorded it; the export journal
+    // (as the chart configures it, on an emptyDir that outlives the process) keeps the restarted one from sending it
+    // again.
+    for point in ["after-job-create", "after-export", "after-terminal-status", "during-backoff"] {
         let client = client().await.expect("client");
         install_crds(&client).await.expect("CRDs");
         let ns = TestNamespace::new(&client, &format!("wfr-crash-{point}")).await.expect("namespace");
         let collector = Collector::start(&format!("crash-{point}")).await.expect("collector");
+        let journal = std::env::temp_dir().join(format!("flowtel-journal-{}", ns.name));
+        let journal = journal.display().to_string();
+        let extra = ["--export-journal", journal.as_str()];
         let mut operator =
-            Operator::start_with_env(&ns.name, Some(&collector.endpoint), &[], &[("FLOWTEL_CRASH_AT", point)])
+            Operator::start_with_env(&ns.name, Some(&collector.endpoint), &extra, &[("FLOWTEL_CRASH_AT", point)])
                 .await
                 .expect("operator");
         let workflow = format!("wf-crash-{point}");

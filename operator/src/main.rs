@@ -80,6 +80,11 @@ struct RunArgs {
     /// Timeout of one OTLP export, in seconds; also how long a stopping operator drains its export queue.
     #[arg(long, env = "FLOWTEL_EXPORT_TIMEOUT_SECONDS", default_value_t = 5)]
     export_timeout_seconds: u64,
+    /// A file where the operator notes each report it exported, so that a restarted process does not export again
+    /// the reports whose status it had no time to record (a container restart keeps an emptyDir; the chart mounts
+    /// one). Without it, a kill re-counts the runs exported in the milliseconds before it.
+    #[arg(long, env = "FLOWTEL_EXPORT_JOURNAL")]
+    export_journal: Option<std::path::PathBuf>,
     /// Publish Normal Events too (attempt started or finished, run succeeded): each is an apiserver write, three
     /// per successful run. Warnings (failures, retries, cancels, telemetry trouble) are always published.
     #[arg(long, env = "FLOWTEL_NORMAL_EVENTS")]
@@ -160,6 +165,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 drop_after: Duration::from_secs(args.export_drop_seconds),
                 histogram_boundaries: HashMap::from([(report::RUN_DURATION, args.duration_buckets.clone())]),
                 queue_capacity: 10_000,
+                journal: args.export_journal.clone(),
             },
             notify_tx,
             ExportMetrics::register(&mut registry),

@@ -33,11 +33,17 @@ use tokio::sync::{Notify, mpsc, watch};
 
 use crate::runtime::readiness::Gate;
 
+pub mod journal;
+
+use journal::{Fact, Journal, JournalError, Recalled};
+
 /// Errors setting up the exporters.
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
     #[error("cannot build the OTLP {signal} exporter for {endpoint}: {message}")]
     Exporter { signal: &'static str, endpoint: String, message: String },
+    #[error(transparent)]
+    Journal(#[from] JournalError),
 }
 
 /// `value` added to the counter `name`.
@@ -133,6 +139,39 @@ impl Ledger {
         self.inserted.push_back((entry.first_try, key.clone()));
         self.entries.insert(key, entry);
     }
+
+    /// Takes in what the journal recalled (oldest first): an exported report answers `Exported` at once; one whose
+    /// metrics alone went out is retried at once, its spans only.
+    fn recall(&mut self, recalled: Vec<Recalled>) {
+        let now = Instant::now();
+        for r in recalled {
+            let at = now.checked_sub(r.age).unwrap_or(now);
+            let (state, last_failure) = match r.fact {
+                Fact::Exported => (EntryState::Exported, None),
+                Fact::MetricsExported => (EntryState::Failed, Some("ExportInterrupted".to_string())),
+            };
+            let entry = Entry { state, first_try: at, last_try: at, last_failure, metrics_exported: true };
+            self.insert(r.key, entry);
+        }
+    }
+
+    /// What the journal must keep remembering: reports exported, wholly or their metrics.
+    fn facts(&self) -> Vec<Recalled> {
+        let mut facts: Vec<Recalled> = self
+            .entries
+            .iter()
+            .filter_map(|(key, e)| {
+                let fact = match (e.state, e.metrics_exported) {
+                    (EntryState::Exported, _) => Fact::Exported,
+                    (_, true) => Fact::MetricsExported,
+                    _ => return None,
+                };
+                Some(Recalled { key: key.clone(), fact, age: e.first_try.elapsed() })
+            })
+            .collect();
+        facts.sort_by_key(|f| std::cmp::Reverse(f.age));
+        facts
+    }
 }
 
 /// The exporter's own counters, on the admin port's `/metrics`.
@@ -170,6 +209,8 @@ pub struct ExportConfig {
     /// Explicit bucket boundaries by histogram name.
     pub histogram_boundaries: HashMap<&'static str, Vec<f64>>,
     pub queue_capacity: usize,
+    /// Where the export journal lives (`journal`), if anywhere.
+    pub journal: Option<std::path::PathBuf>,
 }
 
 struct Request<N> {
@@ -310,9 +351,20 @@ impl<N: Send + Sync + 'static> Telemetry<N> {
 
         let (queue, rx) = mpsc::channel(config.queue_capacity);
         let (stopped_tx, stopped) = watch::channel(false);
+        // What an earlier process in this pod exported and its objects may not record yet: not exported again.
+        let mut ledger = Ledger::default();
+        let journal = match &config.journal {
+            None => None,
+            Some(path) => {
+                let (journal, recalled) = Journal::open(path, config.drop_after + REMEMBER)?;
+                tracing::info!(path = %path.display(), reports = recalled.len(), "export journal read");
+                ledger.recall(recalled);
+                Some(journal)
+            }
+        };
         let shared = Arc::new(Shared {
             queue,
-            ledger: Mutex::default(),
+            ledger: Mutex::new(ledger),
             drop_after: config.drop_after,
             settled: watch::Sender::new(0),
             waited: Mutex::default(),
@@ -332,6 +384,7 @@ impl<N: Send + Sync + 'static> Telemetry<N> {
             boundaries: config.histogram_boundaries.clone(),
             shared: shared.clone(),
             notify,
+            journal,
         };
         // Supervised: whatever ends the worker closes the readiness gate, and reports stop waiting for it (the
         // closed queue fails every later request at once; queued ones are dropped after `drop_after`).
@@ -470,9 +523,28 @@ struct Worker<N> {
     boundaries: HashMap<&'static str, Vec<f64>>,
     shared: Arc<Shared<N>>,
     notify: mpsc::UnboundedSender<N>,
+    journal: Option<Journal>,
 }
 
 impl<N: Send + Sync + 'static> Worker<N> {
+    /// Writes `fact` for `keys` to the journal, if there is one. A failed write is logged: the report went out, and
+    /// only a kill before its status records it would export it again.
+    fn journal(&mut self, fact: Fact, keys: &[&str]) {
+        let Some(journal) = self.journal.as_mut() else { return };
+        if keys.is_empty() {
+            return;
+        }
+        if let Err(e) = journal.append(fact, keys.iter().copied()) {
+            tracing::warn!(error = %e, "cannot write the export journal");
+        }
+        if journal.wants_compaction() {
+            let facts = self.shared.ledger().facts();
+            if let Err(e) = journal.compact(&facts) {
+                tracing::warn!(error = %e, "cannot compact the export journal");
+            }
+        }
+    }
+
     async fn run(mut self) {
         loop {
             let mut batch = Vec::with_capacity(BATCH);
@@ -514,6 +586,16 @@ impl<N: Send + Sync + 'static> Worker<N> {
                 Some("ExportWorkerPanicked")
             }
         };
+        if failure.is_none() {
+            // Journalled before anyone is told, so that a status can only record what the journal knows.
+            let exported: Vec<String> = {
+                let ledger = self.shared.ledger();
+                let queued =
+                    |r: &&Request<N>| ledger.entries.get(&r.key).is_some_and(|e| e.state == EntryState::Queued);
+                requests.iter().filter(queued).map(|r| r.key.clone()).collect()
+            };
+            self.journal(Fact::Exported, &exported.iter().map(String::as_str).collect::<Vec<_>>());
+        }
         let count = requests.len() as u64;
         if tracing::enabled!(tracing::Level::DEBUG) {
             let keys: Vec<&str> = requests.iter().map(|r| r.key.as_str()).collect();
@@ -554,11 +636,18 @@ impl<N: Send + Sync + 'static> Worker<N> {
             tokio::task::spawn_blocking(move || provider.force_flush())
                 .await
                 .unwrap_or_else(|e| Err(opentelemetry_sdk::error::OTelSdkError::InternalFailure(e.to_string())))?;
-            let mut ledger = self.shared.ledger();
-            for r in &recorded {
-                if let Some(entry) = ledger.entries.get_mut(&r.key) {
-                    entry.metrics_exported = true;
+            {
+                let mut ledger = self.shared.ledger();
+                for r in &recorded {
+                    if let Some(entry) = ledger.entries.get_mut(&r.key) {
+                        entry.metrics_exported = true;
+                    }
                 }
+            }
+            // Should the spans fail and the process die before their retry, the metrics must not go out again.
+            if !spans.is_empty() {
+                let keys: Vec<&str> = recorded.iter().map(|r| r.key.as_str()).collect();
+                self.journal(Fact::MetricsExported, &keys);
             }
         }
         if !spans.is_empty() {
@@ -634,6 +723,27 @@ mod tests {
         let entry = ledger.entries.get_mut(key).expect("entry");
         entry.first_try -= by;
         entry.last_try -= by;
+    }
+
+    #[test]
+    fn reports_the_journal_recalls_are_not_exported_again_and_metrics_alone_retry_their_spans_only() {
+        let (t, mut rx) = idle(Duration::from_secs(30), 8);
+        let shared = t.shared.as_ref().expect("enabled");
+        shared.ledger().recall(vec![
+            Recalled { key: "metrics-only".into(), fact: Fact::MetricsExported, age: Duration::from_secs(10) },
+            Recalled { key: "exported".into(), fact: Fact::Exported, age: Duration::from_secs(5) },
+        ]);
+        assert_eq!(t.report("exported", 1, Report::default), ReportState::Exported);
+        assert!(rx.try_recv().is_err(), "nothing queued for a recalled export");
+        // Its spans are sent again, its metrics not (they went out before the restart).
+        assert_eq!(
+            t.report("metrics-only", 2, Report::default),
+            ReportState::Failing { reason: "ExportInterrupted".into() }
+        );
+        assert_eq!(rx.try_recv().map(|r| r.key).ok().as_deref(), Some("metrics-only"));
+        assert!(shared.ledger().entries["metrics-only"].metrics_exported);
+        let facts: Vec<(String, Fact)> = shared.ledger().facts().into_iter().map(|f| (f.key, f.fact)).collect();
+        assert_eq!(facts, [("metrics-only".into(), Fact::MetricsExported), ("exported".into(), Fact::Exported)]);
     }
 
     #[test]

@@ -372,6 +372,10 @@ fn report_telemetry(run: &WorkflowRun, ctx: &Context, stored: &WorkflowRunStatus
         if state == ReportState::Pending {
             out.awaiting = Some(key);
         }
+        if state == ReportState::Exported {
+            // Exported, not yet recorded: the window the export journal closes.
+            crash_point("after-export");
+        }
         out.absorb(ReportKind::Finished, state);
         // `finished` in status always implies `started`: a finished run is never visited again.
         out.report.started |= out.report.finished;
