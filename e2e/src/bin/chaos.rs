@@ -291,6 +291,9 @@ impl OperatorCtl {
         let child = Command::new(&self.bin)
             .args(["run", "--namespace", &self.namespace, "--otlp-endpoint", &self.otlp])
             .args(["--admin-addr", &self.admin, "--concurrency", "32"])
+            // As the chart runs it: the journal on the pod's emptyDir outlives each killed process.
+            .arg("--export-journal")
+            .arg(self.log.with_file_name("exports.journal"))
             .env("KUBECONFIG", &self.kubeconfig)
             // The operator's log filter; FLOWTEL_CHAOS_RUST_LOG widens it (e.g. `info,kube_runtime=debug`).
             .env("RUST_LOG", std::env::var("FLOWTEL_CHAOS_RUST_LOG").unwrap_or_else(|_| "info".into()))
