@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// Errors opening or writing the journal.
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
-    #[error("export journal {path}: {source}")]
+    #[error("--export-journal {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
 }
 
@@ -108,7 +108,7 @@ impl Journal {
             text.push_str(&format!("{at} {kind} {}\n", f.key));
         }
         let temporary = path.with_extension("rewrite");
-        std::fs::write(&temporary, text).map_err(io(&temporary))?;
+        std::fs::write(&temporary, text).map_err(io(path))?;
         std::fs::rename(&temporary, path).map_err(io(path))?;
         let file = std::fs::OpenOptions::new().append(true).open(path).map_err(io(path))?;
         Ok(Self { path: path.to_path_buf(), file, appended: 0 })
