@@ -213,6 +213,22 @@ pub fn helm() -> Command {
     cmd
 }
 
+/// Renders one template of the chart (`charts/flowtel`, release `release`, `--set set`) as Helm would for the local
+/// control plane (v1.37, which serves MutatingAdmissionPolicy) and applies it server-side; returns the rendered file,
+/// to delete what it made afterwards.
+pub fn apply_chart_template(release: &str, set: &str, template: &str) -> Result<PathBuf, HarnessError> {
+    let chart = repo_root().join("charts/flowtel").display().to_string();
+    let mut helm = helm();
+    helm.args(["template", release, &chart, "--kube-version", "1.37.2", "--set", set, "--show-only", template])
+        .args(["--api-versions", "admissionregistration.k8s.io/v1/MutatingAdmissionPolicy"]);
+    let rendered = run(&mut helm)?;
+    let name = template.rsplit('/').next().unwrap_or(template);
+    let file = std::env::temp_dir().join(format!("flowtel-chart-{release}-{name}"));
+    std::fs::write(&file, rendered).map_err(|source| HarnessError::Spawn { command: "write".into(), source })?;
+    run(kubectl().args(["apply", "--server-side", "-f"]).arg(&file))?;
+    Ok(file)
+}
+
 /// The collector e2e/build-binaries builds: named by release and component-list revision.
 pub fn collector_bin() -> PathBuf {
     let version = versions_env("OTELCOL_VERSION").unwrap_or_default();

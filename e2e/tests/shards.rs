@@ -8,8 +8,8 @@ use std::time::Duration;
 use flowtel_crds::WorkflowRun;
 use flowtel_crds::workflow_run::WorkflowRunPhase;
 use flowtel_e2e::{
-    Operator, TEST_MANAGER, TestNamespace, client, eventually, helm, install_crds, kubectl, operator_writes, repo_root,
-    run, simple_run,
+    Operator, TEST_MANAGER, TestNamespace, apply_chart_template, client, eventually, install_crds, kubectl,
+    operator_writes, run, simple_run,
 };
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -129,16 +129,7 @@ async fn the_charts_policy_keeps_a_runs_shard_label_from_changing() {
     install_crds(&client).await.expect("CRDs");
     let ns = TestNamespace::new(&client, "shard-label").await.expect("namespace");
     let runs: Api<WorkflowRun> = Api::namespaced(client.clone(), &ns.name);
-    let chart = repo_root().join("charts/flowtel");
-    let policy = helm()
-        .args(["template", "flowtel", &chart.display().to_string(), "--kube-version", "1.37.2", "--set", "shards=2"])
-        .args(["--show-only", "templates/shard-label-policy.yaml"])
-        .output()
-        .expect("helm template");
-    assert!(policy.status.success(), "{}", String::from_utf8_lossy(&policy.stderr));
-    let file = std::env::temp_dir().join(format!("flowtel-shard-policy-{}.yaml", ns.name));
-    std::fs::write(&file, &policy.stdout).expect("write");
-    run(kubectl().args(["apply", "--server-side", "-f"]).arg(&file)).expect("the policy");
+    let file = apply_chart_template("flowtel", "shards=2", "templates/shard-label-policy.yaml").expect("the policy");
 
     submit(&runs, "labelled", Some("1")).await;
     submit(&runs, "unlabelled", None).await;

@@ -231,19 +231,10 @@ async fn a_successful_run_injects_otel_and_reports_spans_and_metrics() {
 #[tokio::test]
 async fn with_the_charts_finalizer_policy_a_run_is_created_with_its_finalizer_and_costs_3_writes() {
     let env = Env::new("wfr-admitted-finalizer", &[]).await;
-    let chart = flowtel_e2e::repo_root().join("charts/flowtel");
     let release = format!("fin-{}", &env.ns.name[env.ns.name.len().saturating_sub(5)..]);
-    let rendered = flowtel_e2e::helm()
-        .args(["template", &release, &chart.display().to_string(), "--kube-version", "1.37.2"])
-        .args(["--api-versions", "admissionregistration.k8s.io/v1/MutatingAdmissionPolicy"])
-        .args(["--set", &format!("operator.otlpEndpoint={},watchNamespace={}", env.collector.endpoint, env.ns.name)])
-        .args(["--show-only", "templates/telemetry-finalizer-policy.yaml"])
-        .output()
-        .expect("helm template");
-    assert!(rendered.status.success(), "{}", String::from_utf8_lossy(&rendered.stderr));
-    let file = std::env::temp_dir().join(format!("flowtel-finalizer-policy-{}.yaml", env.ns.name));
-    std::fs::write(&file, &rendered.stdout).expect("write");
-    flowtel_e2e::run(flowtel_e2e::kubectl().args(["apply", "--server-side", "-f"]).arg(&file)).expect("the policy");
+    let set = format!("operator.otlpEndpoint={},watchNamespace={}", env.collector.endpoint, env.ns.name);
+    let file = flowtel_e2e::apply_chart_template(&release, &set, "templates/telemetry-finalizer-policy.yaml")
+        .expect("the policy");
     let finalizers = |r: &WorkflowRun| r.metadata.finalizers.clone().unwrap_or_default();
     // In force once a dry-run create comes back with the finalizer (policies reach admission asynchronously).
     let probe = json!({"apiVersion": "flowtel.dev/v1alpha1", "kind": "WorkflowRun", "metadata": {"name": "probe"},

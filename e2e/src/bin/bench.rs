@@ -443,20 +443,8 @@ async fn rss_with(ns: &str, endpoint: &str, count: usize) -> Result<(f64, f64), 
 /// Applies the chart's finalizer policy (`operator.finalizerAtAdmission`, on whenever the operator exports) for
 /// `ns`, as an install that watches it would; returns the rendered file, to delete it afterwards.
 fn admit_with_finalizer(ns: &str, endpoint: &str) -> Result<std::path::PathBuf, Box<dyn std::error::Error>> {
-    let chart = flowtel_e2e::repo_root().join("charts/flowtel");
-    let out = flowtel_e2e::helm()
-        .args(["template", ns, &chart.display().to_string(), "--kube-version", "1.37.2"])
-        .args(["--api-versions", "admissionregistration.k8s.io/v1/MutatingAdmissionPolicy"])
-        .args(["--set", &format!("operator.otlpEndpoint={endpoint},watchNamespace={ns}")])
-        .args(["--show-only", "templates/telemetry-finalizer-policy.yaml"])
-        .output()?;
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).into_owned().into());
-    }
-    let file = std::env::temp_dir().join(format!("flowtel-bench-policy-{ns}.yaml"));
-    std::fs::write(&file, &out.stdout)?;
-    flowtel_e2e::run(flowtel_e2e::kubectl().args(["apply", "--server-side", "-f"]).arg(&file))?;
-    Ok(file)
+    let set = format!("operator.otlpEndpoint={endpoint},watchNamespace={ns}");
+    Ok(flowtel_e2e::apply_chart_template(ns, &set, "templates/telemetry-finalizer-policy.yaml")?)
 }
 
 /// Waits (bounded) until a dry-run create in `ns` comes back with the finalizer: the policy is in force.
