@@ -247,7 +247,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         runs_synced,
         rates,
     );
-    let controllers = async { tokio::join!(stacks, runs) };
+    // Each controller is its own task: a wake-up (a watch event, a reconcile's response) polls only its task's
+    // streams, not the other controller's too, as one task joining both would.
+    let (stacks, runs) = (tokio::spawn(stacks), tokio::spawn(runs));
+    let controllers = async {
+        let (stacks, runs) = tokio::join!(stacks, runs);
+        for (controller, ended) in [("telemetrystack", stacks), ("workflowrun", runs)] {
+            if let Err(e) = ended {
+                tracing::error!(controller, error = %e, "controller task failed");
+            }
+        }
+    };
     match elector.as_mut() {
         None => {
             controllers.await;

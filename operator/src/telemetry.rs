@@ -98,6 +98,11 @@ const REMEMBER: Duration = Duration::from_secs(600);
 /// Reports exported in one OTLP request at most.
 const BATCH: usize = 512;
 
+/// How long the worker, once a report is queued, waits for more to join its batch. Each batch costs two OTLP
+/// requests (metrics, then spans) whatever its size, and runs end one by one: without the wait, nearly every run's
+/// report went out alone. A run's terminal status waits for its export, so this is added to its end's latency.
+const LINGER: Duration = Duration::from_millis(50);
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum EntryState {
     Queued,
@@ -513,6 +518,19 @@ impl<N> Shared<N> {
     }
 }
 
+/// Adds to `batch` what `rx` receives within `linger`, up to `max` in all; true when `rx` closed meanwhile.
+async fn gather<T>(rx: &mut mpsc::Receiver<T>, batch: &mut Vec<T>, max: usize, linger: Duration) -> bool {
+    let until = tokio::time::Instant::now() + linger;
+    while batch.len() < max {
+        match tokio::time::timeout_at(until, rx.recv_many(batch, max - batch.len())).await {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    false
+}
+
 struct Worker<N> {
     rx: mpsc::Receiver<Request<N>>,
     meter_provider: SdkMeterProvider,
@@ -556,7 +574,7 @@ impl<N: Send + Sync + 'static> Worker<N> {
                     }
                     true
                 }
-                n = self.rx.recv_many(&mut batch, BATCH) => n == 0,
+                n = self.rx.recv_many(&mut batch, BATCH) => n == 0 || gather(&mut self.rx, &mut batch, BATCH, LINGER).await,
             };
             // Drained in batches: one OTLP request per BATCH reports.
             while !batch.is_empty() {
@@ -830,6 +848,32 @@ mod tests {
         t.report("b", 2, Report::default);
         backdate(&t, "b", Duration::from_secs(31));
         assert_eq!(t.peek("b"), Some(ReportState::Dropped { reason: "ExportTimedOut".into() }));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_takes_what_arrives_within_the_linger_and_no_more() {
+        let (tx, mut rx) = mpsc::channel(16);
+        for (after_ms, report) in [(30, 2), (49, 3), (51, 4)] {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(after_ms)).await;
+                tx.send(report).await.unwrap();
+            });
+        }
+        let mut batch = vec![1];
+        assert!(!gather(&mut rx, &mut batch, 512, Duration::from_millis(50)).await);
+        assert_eq!(batch, [1, 2, 3]);
+        // A full batch goes at once; a closed queue says so.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let mut batch = vec![];
+        tx.send(5).await.unwrap();
+        tx.send(6).await.unwrap();
+        assert!(!gather(&mut rx, &mut batch, 2, Duration::from_secs(3600)).await);
+        assert_eq!(batch, [4, 5]);
+        drop(tx);
+        let mut batch = vec![];
+        assert!(gather(&mut rx, &mut batch, 512, Duration::from_secs(3600)).await);
+        assert_eq!(batch, [6]);
     }
 
     #[tokio::test]
