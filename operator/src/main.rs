@@ -248,22 +248,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         rates,
     );
     // Each controller is its own task: a wake-up (a watch event, a reconcile's response) polls only its task's
-    // streams, not the other controller's too, as one task joining both would.
+    // streams, not the other controller's too, as one task joining both would. Both stop on SIGTERM; a panic in
+    // either ends the process with an error at once (the pod restarts), never leaves it half working.
     let (stacks, runs) = (tokio::spawn(stacks), tokio::spawn(runs));
-    let controllers = async {
-        let (stacks, runs) = tokio::join!(stacks, runs);
-        for (controller, ended) in [("telemetrystack", stacks), ("workflowrun", runs)] {
-            if let Err(e) = ended {
-                tracing::error!(controller, error = %e, "controller task failed");
-            }
-        }
-    };
+    let controllers = async { tokio::try_join!(stacks, runs).map(|_| ()).context("a controller task failed") };
     match elector.as_mut() {
-        None => {
-            controllers.await;
-        }
+        None => controllers.await?,
         Some(elector) => tokio::select! {
-            _ = controllers => {}
+            ended = controllers => ended?,
             lost = elector.hold() => {
                 // Exiting is the one way to be sure no reconcile still in flight writes after another leader starts
                 // (the renew deadline is shorter than the lease duration); the pod restarts as a standby.
