@@ -143,7 +143,8 @@ fn counter_value(point: &Value) -> i64 {
 
 #[tokio::test]
 async fn a_successful_run_injects_otel_and_reports_spans_and_metrics() {
-    let env = Env::new("wfr-success", &[]).await;
+    // Its start recorded before its Job (`--running-status-delay 0`): the write per run the default saves is here.
+    let env = Env::new("wfr-success", &["--running-status-delay", "0s"]).await;
     let mut run = run_json("ok", "wf-success", json!({}), json!({"sim.flowtel.dev/duration": "1s"}), json!({}));
     // The user's own variables: one wins over flowtel's, one is merged key by key.
     run["spec"]["template"]["spec"]["containers"][0]["env"] = json!([
@@ -227,10 +228,11 @@ async fn a_successful_run_injects_otel_and_reports_spans_and_metrics() {
 }
 
 /// The chart's MutatingAdmissionPolicy, rendered for one watched namespace: the telemetry finalizer is on each run as
-/// it is created there (and nowhere else), so the operator's writes per successful run drop to 3.
+/// it is created there (and nowhere else); and a run that ends within `--running-status-delay` has its start and
+/// end recorded in one status write: 2 writes per successful run.
 #[tokio::test]
-async fn with_the_charts_finalizer_policy_a_run_is_created_with_its_finalizer_and_costs_3_writes() {
-    let env = Env::new("wfr-admitted-finalizer", &[]).await;
+async fn with_the_charts_finalizer_policy_and_a_short_run_a_run_costs_2_writes() {
+    let env = Env::new("wfr-admitted-finalizer", &["--running-status-delay", "1m"]).await;
     let release = format!("fin-{}", &env.ns.name[env.ns.name.len().saturating_sub(5)..]);
     let set = format!("operator.otlpEndpoint={},watchNamespace={}", env.collector.endpoint, env.ns.name);
     let file = flowtel_e2e::apply_chart_template(&release, &set, "templates/telemetry-finalizer-policy.yaml")
@@ -258,8 +260,16 @@ async fn with_the_charts_finalizer_policy_a_run_is_created_with_its_finalizer_an
     assert_eq!(phase(&done), Some(WorkflowRunPhase::Succeeded));
     let writes = settled_operator_writes(&env.ns.name).await;
     let expected: Vec<(String, u64)> =
-        [("create jobs", 1), ("patch workflowruns/status", 2)].iter().map(|(w, n)| (w.to_string(), *n)).collect();
-    assert_eq!(writes, expected, "3 writes: no finalizer patch");
+        [("create jobs", 1), ("patch workflowruns/status", 1)].iter().map(|(w, n)| (w.to_string(), *n)).collect();
+    assert_eq!(writes, expected, "2 writes: no finalizer patch, start and end in one status write");
+    // The attempt, recorded after its Job, starts when the Job says it did, and so does the run.
+    let status = done.status.clone().unwrap_or_default();
+    let job = env.jobs().get("admitted-1").await.expect("the attempt's Job");
+    let started = job.metadata.annotations.unwrap_or_default().get("flowtel.dev/started-at").cloned();
+    let recorded = status.attempts.first().and_then(|a| a.start_time.as_ref()).map(|t| t.0.to_string());
+    assert_eq!(recorded, started);
+    assert_eq!(status.start_time.map(|t| t.0.to_string()), started);
+    assert_eq!(status.attempt_count, Some(1));
     // Deleted, the run goes: its report is out, so the operator lets go of the finalizer it did not add.
     env.runs().delete("admitted", &Default::default()).await.expect("delete");
     eventually("the run gone", WAIT, async || env.runs().get_opt("admitted").await.ok()?.is_none().then_some(())).await;
@@ -561,19 +571,29 @@ async fn a_crash_at_any_named_point_never_double_counts() {
     // `after-export`: the report went out and the process died before the status recorded it; the export journal
     // (as the chart configures it, on an emptyDir that outlives the process) keeps the restarted one from sending it
     // again.
-    for point in ["after-job-create", "after-export", "after-terminal-status", "during-backoff"] {
+    // `after-job-create` twice: with the attempt recorded before its Job (delay 0), and with the Job alone (the
+    // restarted process takes the attempt from it).
+    let points = [
+        ("after-job-create", "0s"),
+        ("after-job-create", "1m"),
+        ("after-export", "3s"),
+        ("after-terminal-status", "3s"),
+        ("during-backoff", "3s"),
+    ];
+    for (point, delay) in points {
         let client = client().await.expect("client");
         install_crds(&client).await.expect("CRDs");
-        let ns = TestNamespace::new(&client, &format!("wfr-crash-{point}")).await.expect("namespace");
-        let collector = Collector::start(&format!("crash-{point}")).await.expect("collector");
+        let ns = TestNamespace::new(&client, &format!("wfr-crash-{point}-{delay}")).await.expect("namespace");
+        let collector = Collector::start(&format!("crash-{point}-{delay}")).await.expect("collector");
         let journal = std::env::temp_dir().join(format!("flowtel-journal-{}", ns.name));
         let journal = journal.display().to_string();
-        let extra = ["--export-journal", journal.as_str()];
+        let extra = ["--export-journal", journal.as_str(), "--running-status-delay", delay];
+        let what = format!("{point}, running status delay {delay}");
         let mut operator =
             Operator::start_with_env(&ns.name, Some(&collector.endpoint), &extra, &[("FLOWTEL_CRASH_AT", point)])
                 .await
                 .expect("operator");
-        let workflow = format!("wf-crash-{point}");
+        let workflow = format!("wf-crash-{point}-{delay}");
         let labels =
             if point == "during-backoff" { json!({"sim.flowtel.dev/outcome": "fail-once"}) } else { json!({}) };
         let run = run_json(
@@ -585,18 +605,18 @@ async fn a_crash_at_any_named_point_never_double_counts() {
         );
         let runs: Api<WorkflowRun> = Api::namespaced(client.clone(), &ns.name);
         runs.patch("crashy", &PatchParams::apply(TEST_MANAGER), &Patch::Apply(&run)).await.expect("submit");
-        assert!(operator.wait_exit(WAIT).await, "{point}: the operator did not reach its crash point");
+        assert!(operator.wait_exit(WAIT).await, "{what}: the operator did not reach its crash point");
         operator.restart().await.expect("restart");
         let finished = await_condition(runs.clone(), "crashy", |r: Option<&WorkflowRun>| {
             r.and_then(|r| r.status.as_ref()?.telemetry.as_ref()).is_some_and(|t| t.finished)
         });
         let done = tokio::time::timeout(WAIT, finished).await.expect("finished").expect("watch").expect("run");
-        assert_eq!(phase(&done), Some(WorkflowRunPhase::Succeeded), "{point}");
+        assert_eq!(phase(&done), Some(WorkflowRunPhase::Succeeded), "{what}");
         let status = done.status.clone().unwrap_or_default();
         let attempts = status.attempt_count.unwrap_or_default();
         let jobs: Api<Job> = Api::namespaced(client.clone(), &ns.name);
         let job_count = jobs.list(&ListParams::default()).await.expect("jobs").items.len();
-        assert_eq!(job_count, usize::try_from(attempts).unwrap_or_default(), "{point}: one Job per attempt");
+        assert_eq!(job_count, usize::try_from(attempts).unwrap_or_default(), "{what}: one Job per attempt");
         let trace_id = status.trace_id.clone().unwrap_or_default();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         let run_spans = loop {
@@ -607,17 +627,17 @@ async fn a_crash_at_any_named_point_never_double_counts() {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
-        assert_eq!(run_spans, 1, "{point}: one workflow.run span");
+        assert_eq!(run_spans, 1, "{what}: one workflow.run span");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         while collector.total_across_processes("workflow.run.status", &workflow) < 1 {
-            assert!(tokio::time::Instant::now() < deadline, "{point}: workflow.run.status never arrived");
+            assert!(tokio::time::Instant::now() < deadline, "{what}: workflow.run.status never arrived");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        hold_equal(&format!("{point}: counted once"), 1, || {
+        hold_equal(&format!("{what}: counted once"), 1, || {
             collector.total_across_processes("workflow.run.status", &workflow)
         })
         .await;
-        assert_eq!(collector.total_across_processes("workflow.run.total", &workflow), 1, "{point}: started once");
+        assert_eq!(collector.total_across_processes("workflow.run.total", &workflow), 1, "{what}: started once");
     }
 }
 

@@ -68,6 +68,11 @@ struct RunArgs {
     /// Boundaries of workflow.run.duration_ms, comma-separated.
     #[arg(long, env = "FLOWTEL_DURATION_BUCKETS", value_delimiter = ',', default_values_t = DEFAULT_DURATION_BOUNDARIES)]
     duration_buckets: Vec<f64>,
+    /// How long a started attempt waits for its end before status records it as Running: an attempt that ends
+    /// sooner costs one status write instead of two (the run shows no phase meanwhile). 0 records it before its Job
+    /// is created.
+    #[arg(long, env = "FLOWTEL_RUNNING_STATUS_DELAY", default_value = "3s", value_parser = parse_duration)]
+    running_status_delay: Duration,
     /// Reconciles running at once.
     #[arg(long, env = "FLOWTEL_CONCURRENCY", default_value_t = 16)]
     concurrency: u16,
@@ -238,6 +243,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             settings: Settings {
                 default_deadline_seconds: args.default_deadline_seconds,
                 default_ttl_seconds: args.default_ttl_seconds,
+                running_status_delay: jiff::SignedDuration::try_from(args.running_status_delay)?,
             },
             default_otlp_endpoint: args.otlp_endpoint,
             concurrency: args.concurrency,

@@ -19,6 +19,9 @@ pub const RUN_LABEL: &str = "flowtel.dev/run";
 pub const ATTEMPT_LABEL: &str = "flowtel.dev/attempt";
 /// Annotation on attempt pods naming their run (the run label may be shortened), to map pod events to the run.
 pub const RUN_NAME_ANNOTATION: &str = "flowtel.dev/run-name";
+/// Annotation on an attempt's Job: when the attempt started (RFC 3339, milliseconds). Status may record the attempt
+/// only after its Job exists (`plan::unrecorded_start`); the attempt is then taken from the Job with this time.
+pub const STARTED_AT_ANNOTATION: &str = "flowtel.dev/started-at";
 /// The Job condition reason the pod failure policy below gives a disrupted attempt.
 pub const DISRUPTED_JOB_REASON: &str = "PodFailurePolicy";
 
@@ -77,11 +80,12 @@ fn service_version(run: &WorkflowRun) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-/// The Job of attempt `attempt` (from 1). `deadline_seconds` is what remains of the run's deadline, so the Job
-/// controller stops the pod even when the operator is down.
+/// The Job of attempt `attempt` (from 1), started at `started_at`. `deadline_seconds` is what remains of the run's
+/// deadline, so the Job controller stops the pod even when the operator is down.
 pub fn build_job(
     run: &WorkflowRun,
     attempt: i32,
+    started_at: jiff::Timestamp,
     target: &OtlpTarget,
     deadline_seconds: Option<i64>,
 ) -> Result<Job, BuildError> {
@@ -119,6 +123,7 @@ pub fn build_job(
             name: Some(name),
             namespace: Some(namespace),
             labels: Some(labels),
+            annotations: Some(BTreeMap::from([(STARTED_AT_ANNOTATION.to_string(), started_at.to_string())])),
             owner_references: Some(vec![owner]),
             ..Default::default()
         },
@@ -147,6 +152,12 @@ pub fn build_job(
 /// The attempt a Job or pod belongs to, from its label.
 pub fn attempt_of(meta: &ObjectMeta) -> Option<i32> {
     meta.labels.as_ref()?.get(ATTEMPT_LABEL)?.parse().ok()
+}
+
+/// When the Job's attempt started: its annotation, else (a Job from before it) its creation.
+pub fn started_at(job: &Job) -> Option<jiff::Timestamp> {
+    let annotated = job.annotations().get(STARTED_AT_ANNOTATION).and_then(|t| t.parse().ok());
+    annotated.or_else(|| job.metadata.creation_timestamp.as_ref().map(|t| t.0))
 }
 
 /// Whether `job` is controlled by the run with `run_uid` (the only Jobs flowtel adopts).
@@ -181,6 +192,22 @@ mod tests {
         run
     }
 
+    fn started() -> jiff::Timestamp {
+        "2026-11-30T16:00:00.125Z".parse().expect("timestamp")
+    }
+
+    #[test]
+    fn the_attempts_start_is_read_back_from_its_job() {
+        let target = OtlpTarget { endpoint: None, protocol: "grpc".into() };
+        let mut job = build_job(&sample_run(), 1, started(), &target, None).expect("job builds");
+        assert_eq!(started_at(&job), Some(started()));
+        job.annotations_mut().clear();
+        assert_eq!(started_at(&job), None);
+        let created = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time("2026-11-30T16:00:01Z".parse().expect("t"));
+        job.metadata.creation_timestamp = Some(created.clone());
+        assert_eq!(started_at(&job), Some(created.0), "a Job without the annotation: its creation");
+    }
+
     #[test]
     fn long_names_are_shortened_with_a_hash() {
         assert_eq!(job_name("run", 2), "run-2");
@@ -196,7 +223,7 @@ mod tests {
     fn job_of_attempt_two_matches_golden() {
         let target =
             OtlpTarget { endpoint: Some("http://otel-collector.telemetry:4317".into()), protocol: "grpc".into() };
-        let job = build_job(&sample_run(), 2, &target, Some(540)).expect("job builds");
+        let job = build_job(&sample_run(), 2, started(), &target, Some(540)).expect("job builds");
         let yaml = serde_yaml::to_string(&job).expect("yaml");
         let path =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/workflow_run/testdata/job-attempt-2.yaml");
@@ -210,11 +237,11 @@ mod tests {
     #[test]
     fn the_runs_shard_label_goes_on_its_job_and_pods_as_it_is() {
         let target = OtlpTarget { endpoint: None, protocol: "grpc".into() };
-        let unsharded = build_job(&sample_run(), 1, &target, None).expect("job builds");
+        let unsharded = build_job(&sample_run(), 1, started(), &target, None).expect("job builds");
         assert!(!unsharded.labels().contains_key(SHARD_LABEL));
         let mut run = sample_run();
         run.labels_mut().insert(SHARD_LABEL.into(), "3".into());
-        let job = build_job(&run, 1, &target, None).expect("job builds");
+        let job = build_job(&run, 1, started(), &target, None).expect("job builds");
         let pod_labels =
             job.spec.as_ref().and_then(|s| s.template.metadata.as_ref()?.labels.clone()).unwrap_or_default();
         assert_eq!(job.labels().get(SHARD_LABEL).map(String::as_str), Some("3"));

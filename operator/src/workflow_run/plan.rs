@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::ResourceExt;
 
-use super::job::{DISRUPTED_JOB_REASON, attempt_of, job_name};
+use super::job::{DISRUPTED_JOB_REASON, attempt_of, job_name, started_at};
 use crate::runtime::ids;
 
 /// Condition types.
@@ -31,6 +31,9 @@ pub const MAX_ATTEMPTS_KEPT: usize = 32;
 pub struct Settings {
     pub default_deadline_seconds: i64,
     pub default_ttl_seconds: i64,
+    /// How long the status write that records a started attempt (phase Running) waits for the attempt's end, so
+    /// that a short attempt costs one status write instead of two. Zero writes it before the Job is created.
+    pub running_status_delay: SignedDuration,
 }
 
 /// What the caches show, and what the telemetry exporter reports.
@@ -98,9 +101,10 @@ const POD_CREATE_RECHECK: SignedDuration = SignedDuration::from_secs(10);
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {
     None,
-    /// Apply the Job of this attempt, with what remains of the run's deadline.
+    /// Create the Job of this attempt, started at `started_at`, with what remains of the run's deadline.
     CreateJob {
         attempt: i32,
+        started_at: Timestamp,
         deadline_seconds: i64,
     },
     /// Delete the active Job (cancel, deadline).
@@ -347,10 +351,17 @@ impl Planner<'_> {
 
     fn start_attempt(&mut self, number: i32, deadline_at: Timestamp) {
         let now = self.obs.now;
+        self.record_attempt(number, now);
+        self.phase(WorkflowRunPhase::Running, "Running", &format!("attempt {number} is running"));
+        let deadline_seconds = job_deadline_seconds(now, deadline_at);
+        self.action = Action::CreateJob { attempt: number, started_at: now, deadline_seconds };
+    }
+
+    fn record_attempt(&mut self, number: i32, started: Timestamp) {
         self.status.attempts.push(AttemptStatus {
             number,
             job_name: job_name(&self.run.name_any(), number),
-            start_time: Some(micro(now)),
+            start_time: Some(micro(started)),
             ..Default::default()
         });
         if self.status.attempts.len() > MAX_ATTEMPTS_KEPT {
@@ -358,9 +369,25 @@ impl Planner<'_> {
         }
         self.status.attempt_count = Some(number);
         self.status.next_attempt_time = None;
-        self.phase(WorkflowRunPhase::Running, "Running", &format!("attempt {number} is running"));
-        self.action = Action::CreateJob { attempt: number, deadline_seconds: job_deadline_seconds(now, deadline_at) };
         self.event(false, "AttemptStarted", format!("attempt {number} started"));
+    }
+
+    /// Records the attempts whose Jobs exist while status does not name them yet: the write of their start waited
+    /// (`Settings::running_status_delay`), or a crash came between the create and the write. An attempt's Job name
+    /// is fixed by its number, so a Job is never created twice for one attempt, and the Job says when it started.
+    fn adopt_unrecorded_attempts(&mut self) {
+        loop {
+            let next = match self.status.attempts.last() {
+                None => 1,
+                Some(a) if a.classification.is_some() => a.number.saturating_add(1),
+                Some(_) => return,
+            };
+            let name = job_name(&self.run.name_any(), next);
+            let Some(job) = self.obs.jobs.iter().find(|j| j.name_any() == name) else { return };
+            let started = started_at(job).unwrap_or(self.obs.now);
+            self.record_attempt(next, started);
+            self.observe_current_attempt();
+        }
     }
 
     /// Reads the current attempt's end from its pod or Job, if it ended.
@@ -487,18 +514,21 @@ impl Planner<'_> {
         if self.status.telemetry.is_none() {
             self.status.telemetry = Some(TelemetryReport::default());
         }
-        let start = match &self.status.start_time {
-            Some(t) => t.0,
-            None => {
-                self.status.start_time = Some(micro(now));
-                self.phase(WorkflowRunPhase::Pending, "Pending", "the run was accepted");
-                now
-            }
-        };
-
         if is_terminal(&self.status) {
             return self.after_finish(settings);
         }
+        self.adopt_unrecorded_attempts();
+        let start = match &self.status.start_time {
+            Some(t) => t.0,
+            None => {
+                // The run started with its first attempt when that started before status said so.
+                let first = self.status.attempts.first().and_then(|a| a.start_time.as_ref()).map(|t| t.0);
+                let start = first.map_or(now, |t| t.min(now));
+                self.status.start_time = Some(micro(start));
+                self.phase(WorkflowRunPhase::Pending, "Pending", "the run was accepted");
+                start
+            }
+        };
 
         let deadline = spec.active_deadline_seconds.unwrap_or(settings.default_deadline_seconds);
         let deadline_at = start.saturating_add(SignedDuration::from_secs(deadline)).unwrap_or(start);
@@ -521,6 +551,12 @@ impl Planner<'_> {
         }
         if !is_terminal(&self.status) {
             self.requeue_at(deadline_at);
+            let stored = self.run.status.as_ref().map_or(&[][..], |s| s.attempts.as_slice());
+            if settings.running_status_delay.is_positive()
+                && let Some(started) = unrecorded_start(stored, &self.status)
+            {
+                self.requeue_at(started.saturating_add(settings.running_status_delay).unwrap_or(now));
+            }
         }
         self.into_plan()
     }
@@ -563,6 +599,7 @@ impl Planner<'_> {
             if !self.obs.jobs.iter().any(|j| j.name_any() == last.job_name) {
                 self.action = Action::CreateJob {
                     attempt: last.number,
+                    started_at: last.start_time.as_ref().map_or(now, |t| t.0),
                     deadline_seconds: job_deadline_seconds(now, deadline_at),
                 };
             }
@@ -657,6 +694,18 @@ impl Planner<'_> {
     }
 }
 
+/// The start of the attempt that `planned` adds to the `stored` attempts, when that start is all it adds that a
+/// write would be for: the attempt is open and running, and the attempts before it are as stored. Recording it may
+/// wait (`Settings::running_status_delay`): its Job's name and start are fixed (`adopt_unrecorded_attempts`), so a
+/// short attempt's start and end go in one write.
+pub fn unrecorded_start(stored: &[AttemptStatus], planned: &WorkflowRunStatus) -> Option<Timestamp> {
+    let (last, before) = planned.attempts.split_last()?;
+    let only_the_start =
+        last.end_time.is_none() && planned.phase == Some(WorkflowRunPhase::Running) && stored == before;
+    only_the_start.then_some(())?;
+    last.start_time.as_ref().map(|t| t.0)
+}
+
 /// When a finished run is deleted: its completion plus its TTL (the spec's, or the default).
 fn ttl_expiry(run: &WorkflowRun, status: &WorkflowRunStatus, settings: &Settings, now: Timestamp) -> Timestamp {
     let ttl = run.spec.ttl_seconds_after_finished.map_or(settings.default_ttl_seconds, i64::from);
@@ -728,7 +777,11 @@ mod tests {
     use serde_json::{Value, json};
 
     fn settings() -> Settings {
-        Settings { default_deadline_seconds: 3600, default_ttl_seconds: 600 }
+        Settings {
+            default_deadline_seconds: 3600,
+            default_ttl_seconds: 600,
+            running_status_delay: SignedDuration::ZERO,
+        }
     }
 
     fn run(retry: serde_json::Value) -> WorkflowRun {
@@ -845,12 +898,73 @@ mod tests {
     fn first_visit_starts_attempt_one() {
         let mut r = run(json!({}));
         let p = step(&mut r, &[], t(0));
-        assert_eq!(p.action, Action::CreateJob { attempt: 1, deadline_seconds: 3601 });
+        assert_eq!(p.action, Action::CreateJob { attempt: 1, started_at: t(0), deadline_seconds: 3601 });
         assert_eq!(p.status.phase, Some(WorkflowRunPhase::Running));
         assert_eq!(p.status.attempts[0].job_name, "r-1");
         assert_eq!(p.status.trace_id.as_deref().map(str::len), Some(32));
         let succeeded = p.status.conditions.iter().find(|c| c.type_ == SUCCEEDED).expect("condition");
         assert_eq!(succeeded.status, "Unknown");
+    }
+
+    /// An attempt's Job as the operator creates it (`job::build_job`): named and annotated by the attempt.
+    fn attempt_job(attempt: i32, started: Timestamp) -> Job {
+        serde_json::from_value(json!({"metadata": {
+            "name": format!("r-{attempt}"),
+            "labels": {"flowtel.dev/attempt": attempt.to_string()},
+            "annotations": {"flowtel.dev/started-at": started.to_string()}
+        }}))
+        .expect("job")
+    }
+
+    fn delayed(seconds: i64) -> Settings {
+        Settings { running_status_delay: SignedDuration::from_secs(seconds), ..settings() }
+    }
+
+    #[test]
+    fn a_job_whose_start_status_has_not_recorded_is_adopted_never_created_again() {
+        let r = run(json!({}));
+        let p = plan(&r, &observation(t(0), vec![], vec![]), &delayed(3));
+        assert_eq!(p.action, Action::CreateJob { attempt: 1, started_at: t(0), deadline_seconds: 3601 });
+        assert_eq!(p.requeue_after, Some(std::time::Duration::from_secs(3)), "the write waits 3 s, then goes");
+        // The write waited (or a crash came first): status still says nothing, and the Job is there.
+        let job = attempt_job(1, t(0));
+        let p = plan(&r, &observation(t(1), vec![&job], vec![]), &delayed(3));
+        assert_eq!(p.action, Action::None, "adopted, not created again");
+        assert_eq!(p.status.phase, Some(WorkflowRunPhase::Running));
+        assert_eq!(p.status.start_time, Some(micro(t(0))), "the run started with its Job");
+        assert_eq!(p.status.attempts[0].start_time, Some(micro(t(0))));
+        assert_eq!(p.requeue_after, Some(std::time::Duration::from_secs(2)));
+        // Its end comes before any write: start and end are recorded together, as one attempt.
+        let done = pod(1, "Succeeded", Some(0), false);
+        let p = plan(&r, &observation(t(2), vec![&job], vec![&done]), &delayed(3));
+        assert_eq!(p.status.phase, Some(WorkflowRunPhase::Succeeded));
+        assert_eq!((p.status.attempt_count, p.status.attempts.len(), p.status.duration_ms), (Some(1), 1, Some(2000)));
+        let reasons: Vec<_> = p.events.iter().map(|e| e.reason).collect();
+        assert_eq!(reasons, ["AttemptStarted", "AttemptFinished", "Succeeded"]);
+        // Cancelled meanwhile: the adopted attempt's Job is deleted.
+        let mut cancelled = r.clone();
+        cancelled.spec.cancel = true;
+        let p = plan(&cancelled, &observation(t(1), vec![&job], vec![]), &delayed(3));
+        assert_eq!(p.action, Action::DeleteJob { name: "r-1".into() });
+        assert_eq!(p.status.phase, Some(WorkflowRunPhase::Failed));
+    }
+
+    #[test]
+    fn the_next_attempts_job_is_adopted_after_a_recorded_failure() {
+        let mut r = run(json!({"limit": 2, "backoff": {"baseSeconds": 5, "factor": 1, "maxSeconds": 5}}));
+        step(&mut r, &[], t(0));
+        let failed = pod(1, "Failed", Some(1), false);
+        step(&mut r, std::slice::from_ref(&failed), t(1));
+        let p = plan(&r, &observation(t(6), vec![], vec![&failed]), &delayed(3));
+        assert_eq!(p.action, Action::CreateJob { attempt: 2, started_at: t(6), deadline_seconds: 3595 });
+        let second = attempt_job(2, t(6));
+        let (first_job, ok) = (attempt_job(1, t(0)), pod(2, "Succeeded", Some(0), false));
+        let p = plan(&r, &observation(t(7), vec![&first_job, &second], vec![&failed, &ok]), &delayed(3));
+        assert_eq!(p.action, Action::None);
+        assert_eq!(p.status.phase, Some(WorkflowRunPhase::Succeeded));
+        let numbers: Vec<_> = p.status.attempts.iter().map(|a| (a.number, a.start_time.clone())).collect();
+        assert_eq!(numbers, [(1, Some(micro(t(0)))), (2, Some(micro(t(6))))]);
+        assert_eq!(p.status.transient_failures, Some(1), "the recorded failure is counted once");
     }
 
     #[test]
@@ -873,7 +987,7 @@ mod tests {
         assert_eq!(p.requeue_after, Some(std::time::Duration::from_secs(5)));
         assert_eq!(p.status.attempts[0].classification, Some(AttemptClassification::Transient));
         let p = step(&mut r, std::slice::from_ref(&failed), t(6));
-        assert_eq!(p.action, Action::CreateJob { attempt: 2, deadline_seconds: 3595 });
+        assert_eq!(p.action, Action::CreateJob { attempt: 2, started_at: t(6), deadline_seconds: 3595 });
         let p = step(&mut r, &[failed, pod(2, "Succeeded", Some(0), false)], t(8));
         assert_eq!(p.status.phase, Some(WorkflowRunPhase::Succeeded));
         assert_eq!(p.status.attempt_count, Some(2));
@@ -910,7 +1024,7 @@ mod tests {
         let mut r = run(json!({"limit": 0}));
         step(&mut r, &[], t(0));
         let p = step(&mut r, &[pod(1, "Failed", Some(137), true)], t(1));
-        assert_eq!(p.action, Action::CreateJob { attempt: 2, deadline_seconds: 3600 });
+        assert_eq!(p.action, Action::CreateJob { attempt: 2, started_at: t(1), deadline_seconds: 3600 });
         assert_eq!(p.status.attempts[0].classification, Some(AttemptClassification::Disruption));
     }
 
@@ -1022,7 +1136,7 @@ mod tests {
         }
         let p = step(&mut r, &[pod(1, "Failed", Some(1), false)], t(3));
         assert_eq!(p.status.transient_failures, Some(1));
-        assert_eq!(p.action, Action::CreateJob { attempt: 2, deadline_seconds: 3598 });
+        assert_eq!(p.action, Action::CreateJob { attempt: 2, started_at: t(3), deadline_seconds: 3598 });
     }
 
     #[test]
@@ -1038,7 +1152,7 @@ mod tests {
         let p = plan(&r, &obs, &settings());
         assert_eq!(p.status.attempts[0].classification, Some(AttemptClassification::Disruption));
         assert_eq!(p.status.disruptions, Some(1));
-        assert_eq!(p.action, Action::CreateJob { attempt: 2, deadline_seconds: 3596 });
+        assert_eq!(p.action, Action::CreateJob { attempt: 2, started_at: t(5), deadline_seconds: 3596 });
     }
 
     #[test]

@@ -414,13 +414,13 @@ async fn act(
     let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
     match action {
         Action::None => {}
-        Action::CreateJob { attempt, deadline_seconds } => {
+        Action::CreateJob { attempt, started_at, deadline_seconds } => {
             if *attempt == 1
                 && let Some(stack) = &run.spec.telemetry_stack_ref
             {
                 ctx.rates.record(&ns, &stack.name, Instant::now());
             }
-            let desired = job::build_job(run, *attempt, target, Some(*deadline_seconds))?;
+            let desired = job::build_job(run, *attempt, *started_at, target, Some(*deadline_seconds))?;
             let job_name = desired.name_any();
             let created = (ns.clone(), job_name.clone());
             if ctx.created_jobs.get(&created).is_some() {
@@ -478,12 +478,24 @@ async fn delete_run(run: &WorkflowRun, ctx: &Context) -> Result<(), ReconcileErr
     }
 }
 
-/// Whether the planned status is worth a write. Not when nothing changed; not for a deleted run that already
-/// finished and reported (deletion bumps the generation; nothing is left to record); and not for a change of the
-/// telemetry bookkeeping alone (`status.telemetry` and the `TelemetryDegraded` condition) unless it settles the
-/// finished report: the rest rides along with the run's next change, so a collector outage never adds writes.
-fn worth_writing(run: &WorkflowRun, planned: &WorkflowRunStatus, stored: &WorkflowRunStatus) -> bool {
+/// Whether the planned status is worth a write. Not when nothing changed; not for the start of an attempt within
+/// `running_status_delay` of it (its end, if it comes by then, is recorded with it); not for a deleted run that
+/// already finished and reported (deletion bumps the generation; nothing is left to record); and not for a change
+/// of the telemetry bookkeeping alone (`status.telemetry` and the `TelemetryDegraded` condition) unless it settles
+/// the finished report: the rest rides along with the run's next change, so a collector outage never adds writes.
+fn worth_writing(
+    run: &WorkflowRun,
+    planned: &WorkflowRunStatus,
+    stored: &WorkflowRunStatus,
+    settings: &Settings,
+    now: jiff::Timestamp,
+) -> bool {
     if planned == stored {
+        return false;
+    }
+    if let Some(started) = plan::unrecorded_start(&stored.attempts, planned)
+        && started.saturating_add(settings.running_status_delay).is_ok_and(|at| now < at)
+    {
         return false;
     }
     let reported = stored.telemetry.clone().unwrap_or_default();
@@ -512,7 +524,7 @@ async fn write_status(
     planned: &WorkflowRunStatus,
     stored: &WorkflowRunStatus,
 ) -> Result<Option<Arc<WorkflowRun>>, ReconcileError> {
-    if !worth_writing(run, planned, stored) {
+    if !worth_writing(run, planned, stored, &ctx.settings, jiff::Timestamp::now()) {
         return Ok(None);
     }
     // The answer is decoded as the watch's events are, without managedFields (`runtime::slim`).
@@ -700,9 +712,10 @@ async fn reconcile_body(
         plan = plan::plan(run, &obs, &ctx.settings);
         plan.status.telemetry = Some(ended.report);
     }
-    // A new attempt is recorded before its Job is created (and its start report with it), so a crash after the
-    // create finds the attempt in status and never starts or counts it twice; the planner re-creates a Job that
-    // is missing. Deletions go first: a crash after them is planned again, never leaves a Job running.
+    // A new attempt is recorded before its Job is created, unless that write waits (`running_status_delay`): then
+    // a crash after the create finds the Job, named by the attempt, and the planner takes the attempt from it; it
+    // never starts twice. The planner re-creates a Job that is missing. Deletions go first: a crash after them is
+    // planned again, never leaves a Job running.
     let mut recorded = stored;
     let mut status_written = false;
     if matches!(plan.action, Action::CreateJob { .. })
@@ -770,7 +783,7 @@ fn quiet_after(
         }
         Action::DeleteJob { .. } | Action::DeleteRun => false,
     };
-    let quiet = idle && !worth_writing(written, &replanned.status, &status);
+    let quiet = idle && !worth_writing(written, &replanned.status, &status, &ctx.settings, obs.now);
     quiet.then(|| [replanned.requeue_after, reports.retry_after].into_iter().flatten().min())
 }
 
@@ -861,31 +874,73 @@ mod tests {
         assert_eq!(finalizer_step(&run(&[], false), &done, true), FinalizerStep::Continue, "reported: none added");
     }
 
+    fn settings(running_status_delay: i64) -> Settings {
+        Settings {
+            default_deadline_seconds: 3600,
+            default_ttl_seconds: 600,
+            running_status_delay: jiff::SignedDuration::from_secs(running_status_delay),
+        }
+    }
+
+    fn writes(run: &WorkflowRun, planned: &WorkflowRunStatus, stored: &WorkflowRunStatus) -> bool {
+        worth_writing(run, planned, stored, &settings(0), jiff::Timestamp::UNIX_EPOCH)
+    }
+
+    #[test]
+    fn an_attempts_start_alone_waits_the_delay_and_goes_with_anything_else() {
+        let r = run(&[FINALIZER], false);
+        let at = |s: i64| jiff::Timestamp::from_second(s).expect("t");
+        let attempt = |number: i32, ended: bool| flowtel_crds::workflow_run::AttemptStatus {
+            number,
+            job_name: format!("r-{number}"),
+            start_time: Some(MicroTime(at(10 * i64::from(number)))),
+            end_time: ended.then(|| MicroTime(at(10 * i64::from(number) + 1))),
+            classification: ended.then_some(flowtel_crds::workflow_run::AttemptClassification::Transient),
+            ..Default::default()
+        };
+        let first = WorkflowRunStatus { attempts: vec![attempt(1, false)], ..status(WorkflowRunPhase::Running, false) };
+        let none = WorkflowRunStatus::default();
+        assert!(!worth_writing(&r, &first, &none, &settings(3), at(12)), "within the delay");
+        assert!(worth_writing(&r, &first, &none, &settings(3), at(13)), "the delay is over");
+        assert!(worth_writing(&r, &first, &none, &settings(0), at(10)), "no delay: before the Job");
+        // The next attempt after a recorded failure waits the same way; an end recorded with it does not.
+        let retrying =
+            WorkflowRunStatus { attempts: vec![attempt(1, true)], ..status(WorkflowRunPhase::Retrying, false) };
+        let second = WorkflowRunStatus {
+            attempts: vec![attempt(1, true), attempt(2, false)],
+            ..status(WorkflowRunPhase::Running, false)
+        };
+        assert!(!worth_writing(&r, &second, &retrying, &settings(3), at(21)));
+        assert!(worth_writing(&r, &second, &first, &settings(3), at(21)), "attempt 1's end goes at once");
+        let ended = WorkflowRunStatus { attempts: vec![attempt(1, true)], ..status(WorkflowRunPhase::Failed, false) };
+        assert!(worth_writing(&r, &ended, &none, &settings(3), at(11)), "an end goes at once");
+    }
+
     #[test]
     fn telemetry_bookkeeping_alone_waits_for_the_next_change_of_a_running_run() {
         let r = run(&[FINALIZER], false);
         let stored = status(WorkflowRunPhase::Running, false);
-        assert!(!worth_writing(&r, &stored, &stored));
+        assert!(!writes(&r, &stored, &stored));
         let mut planned = stored.clone();
         degraded(&mut planned, "ExportFailed");
-        assert!(!worth_writing(&r, &planned, &stored), "a degraded flip alone rides along");
+        assert!(!writes(&r, &planned, &stored), "a degraded flip alone rides along");
         planned.telemetry = Some(TelemetryReport { started: true, finished: false, dropped: true });
-        assert!(!worth_writing(&r, &planned, &stored), "a dropped start alone rides along");
+        assert!(!writes(&r, &planned, &stored), "a dropped start alone rides along");
         planned.phase = Some(WorkflowRunPhase::Retrying);
-        assert!(worth_writing(&r, &planned, &stored), "with a real change it is written");
+        assert!(writes(&r, &planned, &stored), "with a real change it is written");
 
         let done = status(WorkflowRunPhase::Succeeded, false);
         let mut exported = done.clone();
         exported.telemetry = Some(TelemetryReport { started: true, finished: true, dropped: false });
-        assert!(worth_writing(&r, &exported, &done), "the finished report of a finished run is written");
+        assert!(writes(&r, &exported, &done), "the finished report of a finished run is written");
         let mut start_dropped = done.clone();
         start_dropped.telemetry = Some(TelemetryReport { started: true, finished: false, dropped: true });
         degraded(&mut start_dropped, "TelemetryDropped");
-        assert!(!worth_writing(&r, &start_dropped, &done), "a dropped start waits for the finished report");
-        assert!(!worth_writing(&run(&[FINALIZER], true), &exported, &exported));
+        assert!(!writes(&r, &start_dropped, &done), "a dropped start waits for the finished report");
+        assert!(!writes(&run(&[FINALIZER], true), &exported, &exported));
         let mut first = status(WorkflowRunPhase::Running, false);
         degraded(&mut first, "NoOtlpEndpoint");
-        assert!(worth_writing(&r, &first, &WorkflowRunStatus::default()), "the first write always goes");
+        assert!(writes(&r, &first, &WorkflowRunStatus::default()), "the first write always goes");
     }
 
     #[test]
