@@ -130,6 +130,10 @@ pub struct Plan {
     /// When to look again even if nothing changes (backoff end, deadline, TTL).
     pub requeue_after: Option<std::time::Duration>,
     pub events: Vec<EventNote>,
+    /// A status to write before the action: the attempt whose Job the action deletes, open, when status has not
+    /// recorded it yet (its Job was adopted). A crash after the delete would otherwise lose the attempt, and the
+    /// run's start, with the Job.
+    pub record_first: Option<WorkflowRunStatus>,
 }
 
 /// How soon a run whose failed Job's pod has not shown its end yet is looked at again.
@@ -302,6 +306,30 @@ pub fn until(now: Timestamp, at: Timestamp) -> std::time::Duration {
     std::time::Duration::try_from(d.max(SignedDuration::ZERO)).unwrap_or_default()
 }
 
+/// Sets the phase and the conditions that follow from it.
+fn set_phase(
+    status: &mut WorkflowRunStatus,
+    phase: WorkflowRunPhase,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: Timestamp,
+) {
+    // Succeeded (as Knative and Tekton name it), and the kstatus conventions GitOps tools read: Reconciling while
+    // the run goes on (InProgress), Ready when it succeeded (Current), Stalled when it failed (Failed).
+    let (succeeded, ready, reconciling, stalled) = match phase {
+        WorkflowRunPhase::Succeeded => ("True", "True", "False", "False"),
+        WorkflowRunPhase::Failed => ("False", "False", "False", "True"),
+        _ => ("Unknown", "False", "True", "False"),
+    };
+    let conditions = &mut status.conditions;
+    set_condition(conditions, SUCCEEDED, succeeded, reason, message, generation, now);
+    set_condition(conditions, READY, ready, reason, message, generation, now);
+    set_condition(conditions, RECONCILING, reconciling, reason, message, generation, now);
+    set_condition(conditions, STALLED, stalled, reason, message, generation, now);
+    status.phase = Some(phase);
+}
+
 struct Planner<'a> {
     run: &'a WorkflowRun,
     obs: &'a Observation<'a>,
@@ -309,6 +337,9 @@ struct Planner<'a> {
     action: Action,
     requeue_at: Option<Timestamp>,
     events: Vec<EventNote>,
+    /// The status recording the adopted attempt as running, when this plan adopted one that is still open.
+    adopted: Option<WorkflowRunStatus>,
+    record_first: Option<WorkflowRunStatus>,
 }
 
 impl Planner<'_> {
@@ -321,21 +352,7 @@ impl Planner<'_> {
     }
 
     fn phase(&mut self, phase: WorkflowRunPhase, reason: &str, message: &str) {
-        let generation = self.run.metadata.generation;
-        let now = self.obs.now;
-        // Succeeded (as Knative and Tekton name it), and the kstatus conventions GitOps tools read: Reconciling while
-        // the run goes on (InProgress), Ready when it succeeded (Current), Stalled when it failed (Failed).
-        let (succeeded, ready, reconciling, stalled) = match phase {
-            WorkflowRunPhase::Succeeded => ("True", "True", "False", "False"),
-            WorkflowRunPhase::Failed => ("False", "False", "False", "True"),
-            _ => ("Unknown", "False", "True", "False"),
-        };
-        let conditions = &mut self.status.conditions;
-        set_condition(conditions, SUCCEEDED, succeeded, reason, message, generation, now);
-        set_condition(conditions, READY, ready, reason, message, generation, now);
-        set_condition(conditions, RECONCILING, reconciling, reason, message, generation, now);
-        set_condition(conditions, STALLED, stalled, reason, message, generation, now);
-        self.status.phase = Some(phase);
+        set_phase(&mut self.status, phase, reason, message, self.run.metadata.generation, self.obs.now);
     }
 
     fn finish(&mut self, phase: WorkflowRunPhase, reason: &'static str, message: String) {
@@ -375,17 +392,19 @@ impl Planner<'_> {
     /// Records the attempts whose Jobs exist while status does not name them yet: the write of their start waited
     /// (`Settings::running_status_delay`), or a crash came between the create and the write. An attempt's Job name
     /// is fixed by its number, so a Job is never created twice for one attempt, and the Job says when it started.
-    fn adopt_unrecorded_attempts(&mut self) {
+    fn adopt_unrecorded_attempts(&mut self) -> bool {
+        let mut adopted = false;
         loop {
             let next = match self.status.attempts.last() {
                 None => 1,
                 Some(a) if a.classification.is_some() => a.number.saturating_add(1),
-                Some(_) => return,
+                Some(_) => return adopted,
             };
             let name = job_name(&self.run.name_any(), next);
-            let Some(job) = self.obs.jobs.iter().find(|j| j.name_any() == name) else { return };
+            let Some(job) = self.obs.jobs.iter().find(|j| j.name_any() == name) else { return adopted };
             let started = started_at(job).unwrap_or(self.obs.now);
             self.record_attempt(next, started);
+            adopted = true;
             self.observe_current_attempt();
         }
     }
@@ -455,6 +474,7 @@ impl Planner<'_> {
             a.reason = Some(reason.into());
             a.classification = Some(AttemptClassification::Permanent);
             self.action = Action::DeleteJob { name: a.job_name.clone() };
+            self.record_first = self.adopted.take();
         }
     }
 
@@ -517,7 +537,7 @@ impl Planner<'_> {
         if is_terminal(&self.status) {
             return self.after_finish(settings);
         }
-        self.adopt_unrecorded_attempts();
+        let adopted = self.adopt_unrecorded_attempts();
         let start = match &self.status.start_time {
             Some(t) => t.0,
             None => {
@@ -529,6 +549,12 @@ impl Planner<'_> {
                 start
             }
         };
+        if let Some(open) = self.status.attempts.last().filter(|a| adopted && a.end_time.is_none()) {
+            let mut recording = self.status.clone();
+            let message = format!("attempt {} is running", open.number);
+            set_phase(&mut recording, WorkflowRunPhase::Running, "Running", &message, generation, now);
+            self.adopted = Some(recording);
+        }
 
         let deadline = spec.active_deadline_seconds.unwrap_or(settings.default_deadline_seconds);
         let deadline_at = start.saturating_add(SignedDuration::from_secs(deadline)).unwrap_or(start);
@@ -690,6 +716,7 @@ impl Planner<'_> {
             status: self.status,
             action: self.action,
             events: self.events,
+            record_first: self.record_first,
         }
     }
 }
@@ -739,6 +766,8 @@ pub fn plan(run: &WorkflowRun, obs: &Observation<'_>, settings: &Settings) -> Pl
         action: Action::None,
         requeue_at: None,
         events: Vec::new(),
+        adopted: None,
+        record_first: None,
     };
     planner.plan(settings)
 }
@@ -947,6 +976,21 @@ mod tests {
         let p = plan(&cancelled, &observation(t(1), vec![&job], vec![]), &delayed(3));
         assert_eq!(p.action, Action::DeleteJob { name: "r-1".into() });
         assert_eq!(p.status.phase, Some(WorkflowRunPhase::Failed));
+        // ...once status records the attempt, open: a crash after the delete must not lose it (and start it again).
+        let first = p.record_first.expect("the attempt is recorded before its Job goes");
+        assert_eq!(first.phase, Some(WorkflowRunPhase::Running));
+        assert_eq!((first.attempts.len(), first.attempts[0].end_time.clone()), (1, None));
+        assert_eq!(first.start_time, Some(micro(t(0))));
+        // A recorded attempt needs no such write.
+        cancelled.status = Some(first);
+        let p = plan(&cancelled, &observation(t(1), vec![&job], vec![]), &delayed(3));
+        assert_eq!((p.action, p.record_first), (Action::DeleteJob { name: "r-1".into() }, None));
+        // Past the deadline, the same: the run's deadline counts from its Job's start.
+        let mut short = r.clone();
+        short.spec.active_deadline_seconds = Some(1);
+        let p = plan(&short, &observation(t(2), vec![&job], vec![]), &delayed(3));
+        assert_eq!(p.action, Action::DeleteJob { name: "r-1".into() });
+        assert!(p.record_first.is_some());
     }
 
     #[test]

@@ -527,6 +527,16 @@ async fn write_status(
     if !worth_writing(run, planned, stored, &ctx.settings, jiff::Timestamp::now()) {
         return Ok(None);
     }
+    put_status(run, ctx, planned, stored).await.map(Some)
+}
+
+/// Writes `planned` as the run's status.
+async fn put_status(
+    run: &WorkflowRun,
+    ctx: &Context,
+    planned: &WorkflowRunStatus,
+    stored: &WorkflowRunStatus,
+) -> Result<Arc<WorkflowRun>, ReconcileError> {
     // The answer is decoded as the watch's events are, without managedFields (`runtime::slim`).
     let runs: Api<Slim<WorkflowRun>> = Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
     let patch = json!({"apiVersion": WorkflowRun::api_version(&()), "kind": WorkflowRun::kind(&()), "status": planned});
@@ -547,7 +557,7 @@ async fn write_status(
     if planned.phase == Some(WorkflowRunPhase::Retrying) {
         crash_point("during-backoff");
     }
-    Ok(Some(written))
+    Ok(written)
 }
 
 /// Whether the run holds the telemetry finalizer, and what to do about it.
@@ -718,6 +728,10 @@ async fn reconcile_body(
     // planned again, never leaves a Job running.
     let mut recorded = stored;
     let mut status_written = false;
+    if let Some(first) = plan.record_first.as_ref().filter(|_| matches!(plan.action, Action::DeleteJob { .. })) {
+        written.push(put_status(run, ctx, first, &recorded).await?);
+        recorded = first.clone();
+    }
     if matches!(plan.action, Action::CreateJob { .. })
         && let Some(copy) = write_status(run, ctx, &plan.status, &recorded).await?
     {
