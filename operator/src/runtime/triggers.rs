@@ -20,14 +20,21 @@ pub type Signature<K> = fn(&K, &mut DefaultHasher);
 
 /// Keeps the last signature of each object and passes an event on when the object is new, gone, or its
 /// signature moved. A (re)list passes everything: objects may have changed or gone while the watch was down.
+/// With `quiet_births`, a new object passes only when `births` says it must or it is being deleted: a child its
+/// owner's reconcile created is known to it, and its creation's event would wake the owner for nothing.
 pub struct Changes<K> {
     signature: Signature<K>,
+    births: fn(&K) -> bool,
     seen: HashMap<(Option<String>, String), u64>,
 }
 
 impl<K: Resource> Changes<K> {
     pub fn new(signature: Signature<K>) -> Self {
-        Self { signature, seen: HashMap::new() }
+        Self::quiet_births(signature, |_| true)
+    }
+
+    pub fn quiet_births(signature: Signature<K>, births: fn(&K) -> bool) -> Self {
+        Self { signature, births, seen: HashMap::new() }
     }
 
     /// Whether this event may change a plan (a watch error always passes, for the controller to see).
@@ -36,7 +43,10 @@ impl<K: Resource> Changes<K> {
         match event {
             watcher::Event::Apply(o) => {
                 let signature = self.sign(o);
-                self.seen.insert(key(o), signature) != Some(signature)
+                match self.seen.insert(key(o), signature) {
+                    Some(seen) => seen != signature,
+                    None => o.meta().deletion_timestamp.is_some() || (self.births)(o),
+                }
             }
             watcher::Event::InitApply(o) => {
                 let signature = self.sign(o);
@@ -211,6 +221,20 @@ mod tests {
         assert!(pass(watcher::Event::InitApply(pod("u2", "Running", "5"))), "a relist passes everything");
         assert!(pass(watcher::Event::InitDone));
         assert!(!pass(watcher::Event::Apply(pod("u2", "Running", "6"))), "and remembers what it listed");
+    }
+
+    #[test]
+    fn with_quiet_births_a_new_object_wakes_its_owner_only_when_it_must() {
+        let ended = |pod: &Pod| pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded");
+        let mut changes = Changes::quiet_births(phase_only, ended);
+        let mut pass = |e: watcher::Event<Pod>| changes.pass(&Ok(e));
+        assert!(!pass(watcher::Event::Apply(pod("u1", "Pending", "1"))), "created: its owner knows");
+        assert!(pass(watcher::Event::Apply(pod("u1", "Succeeded", "2"))), "ended");
+        assert!(pass(watcher::Event::Apply(pod("u2", "Succeeded", "3"))), "first seen ended");
+        let mut deleting = pod("u3", "Running", "4");
+        deleting.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::UNIX_EPOCH));
+        assert!(pass(watcher::Event::Apply(deleting)), "first seen being deleted");
+        assert!(pass(watcher::Event::InitApply(pod("u4", "Pending", "5"))), "a relist passes everything");
     }
 
     #[test]

@@ -31,7 +31,7 @@ use crate::runtime::rates::RunRates;
 use crate::runtime::readiness::{Gate, SyncTracker};
 use crate::runtime::shards::Shard;
 use crate::runtime::slim::{self, Skips, Slim, Watched};
-use crate::runtime::triggers::{Changes, OwnWrites, Signature};
+use crate::runtime::triggers::{Changes, OwnWrites};
 use crate::telemetry::Telemetry;
 use job::{MANAGED_BY, MANAGED_BY_LABEL, RUN_NAME_ANNOTATION};
 pub use metrics::ControllerMetrics;
@@ -98,7 +98,8 @@ pub async fn run(
             let run = j.owner_references().iter().find(|o| o.kind == "WorkflowRun" && o.controller == Some(true))?;
             Some(((j.namespace()?, run.name.clone()), j.name_any()))
         },
-        plan::job_signature,
+        // A new Job wakes nothing: its run's reconcile created it (and a restart lists it). Its end does.
+        Changes::quiet_births(plan::job_signature, plan::job_has_ended),
     );
     let (pods, pod_stream) = managed_children(
         api::<Slim<Pod>>(&client, &config.scope),
@@ -107,7 +108,8 @@ pub async fn run(
         "pods",
         &pod_index,
         |p: &Pod| Some(((p.namespace()?, p.annotations().get(RUN_NAME_ANNOTATION)?.clone()), p.name_any())),
-        plan::pod_signature,
+        // Pods are seen only once they ended (`TERMINAL_PODS`): the first sighting is the end.
+        Changes::new(plan::pod_signature),
     );
     let (stacks, stacks_writer) = reflector::store();
     let stack_stream = watcher(api::<Slim<TelemetryStack>>(&client, &config.scope), watcher::Config::default())
@@ -233,7 +235,7 @@ fn managed(shard: Option<&str>) -> watcher::Config {
     watcher::Config::default().labels(&labels)
 }
 
-/// A cached, trimmed and run-indexed watch of `selection`; only changes to what `signature` covers wake their run.
+/// A cached, trimmed and run-indexed watch of `selection`; only the events `changes` passes wake their run.
 fn managed_children<K>(
     api: Api<Slim<K>>,
     selection: watcher::Config,
@@ -241,7 +243,7 @@ fn managed_children<K>(
     what: &'static str,
     index: &index::RunIndex,
     key: impl Fn(&K) -> Option<((String, String), String)> + Send + 'static,
-    signature: Signature<K>,
+    mut changes: Changes<K>,
 ) -> (Store<K>, impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static)
 where
     K: Watched,
@@ -254,10 +256,7 @@ where
         .inspect(trackers[0].watch(what))
         .inspect(trackers[1].watch(what))
         .inspect(index.observe(key))
-        .filter({
-            let mut changes = Changes::new(signature);
-            move |event| futures::future::ready(changes.pass(event))
-        })
+        .filter(move |event| futures::future::ready(changes.pass(event)))
         .touched_objects();
     (store, stream)
 }

@@ -245,6 +245,12 @@ pub fn job_signature(job: &Job, h: &mut DefaultHasher) {
     }
 }
 
+/// Whether the Job shows an end the planner reads (`JOB_ENDS`).
+pub fn job_has_ended(job: &Job) -> bool {
+    let conditions = job.status.iter().flat_map(|s| s.conditions.iter().flatten());
+    conditions.into_iter().any(|c| c.status == "True" && JOB_ENDS.contains(&c.type_.as_str()))
+}
+
 /// When the Job's failure was first recorded (FailureTarget precedes Failed).
 fn job_failed_at(job: &Job) -> Option<Timestamp> {
     let conditions = job.status.as_ref()?.conditions.as_ref()?;
