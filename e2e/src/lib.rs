@@ -318,11 +318,9 @@ impl Collector {
     pub fn documents(&self, signal: &str) -> Vec<serde_json::Value> {
         (0..=self.incarnation)
             .flat_map(|n| {
-                std::fs::read_to_string(self.dir.join(format!("{signal}-{n}.json")))
-                    .unwrap_or_default()
-                    .lines()
-                    .filter_map(|l| serde_json::from_str(l).ok())
-                    .collect::<Vec<_>>()
+                otlp_documents(
+                    &std::fs::read_to_string(self.dir.join(format!("{signal}-{n}.json"))).unwrap_or_default(),
+                )
             })
             .collect()
     }
@@ -654,6 +652,32 @@ pub fn operator_writes(namespace: &str) -> Vec<(String, u64)> {
     counts.into_iter().collect()
 }
 
+/// The OTLP JSON documents of a collector's file output, one a line. A SIGKILL can cut a document short, or leave
+/// it without its newline; a collector started again and appending to the same file then continues that line. A cut
+/// document is skipped; every whole one is read.
+pub fn otlp_documents(text: &str) -> Vec<serde_json::Value> {
+    const STARTS: [&str; 3] = ["{\"resourceSpans\":", "{\"resourceMetrics\":", "{\"resourceLogs\":"];
+    let next_start = |s: &str| STARTS.iter().filter_map(|p| s.get(1..)?.find(p)).min().map(|i| i + 1);
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let mut rest = line.trim_start();
+        while !rest.is_empty() {
+            let mut stream = serde_json::Deserializer::from_str(rest).into_iter::<serde_json::Value>();
+            match stream.next() {
+                Some(Ok(document)) => {
+                    out.push(document);
+                    rest = rest[stream.byte_offset()..].trim_start();
+                }
+                _ => match next_start(rest) {
+                    Some(i) => rest = &rest[i..],
+                    None => break,
+                },
+            }
+        }
+    }
+    out
+}
+
 /// Polls `check` (bounded by `timeout`) until it returns Some; panics naming `what` otherwise.
 pub async fn eventually<T>(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
     let deadline = tokio::time::Instant::now() + timeout;
@@ -854,4 +878,21 @@ pub fn argocd_health(object: &serde_json::Value) -> Result<(String, String), Str
     let status: String = hs.get("status").map_err(|e| format!("status: {e}"))?;
     let message: String = hs.get("message").map_err(|e| format!("message: {e}"))?;
     Ok((status, message))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::otlp_documents;
+
+    #[test]
+    fn collector_output_is_read_across_a_kill_that_cut_a_line() {
+        let whole = r#"{"resourceSpans":[{"resource":{"attributes":[]},"scopeSpans":[{"spans":[{"name":"a"}]}]}]}"#;
+        let next = r#"{"resourceMetrics":[{"resource":{},"scopeMetrics":[]}]}"#;
+        let cut = &whole[..40];
+        // A whole document left without its newline, the next collector's on the same line; a cut one, likewise.
+        let text = format!("{whole}\n{whole}{next}\n{cut}{next}\n{cut}");
+        let docs = otlp_documents(&text);
+        let kinds: Vec<bool> = docs.iter().map(|d| d.get("resourceSpans").is_some()).collect();
+        assert_eq!(kinds, [true, true, false, false], "{docs:#?}");
+    }
 }

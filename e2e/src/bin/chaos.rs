@@ -693,10 +693,9 @@ async fn settle(ctx: &Ctx, submitted: usize, bound: Duration) -> Vec<RunView> {
     }
 }
 
-/// Each JSON line of a collector output file, skipping a last line cut short by a SIGKILL.
+/// The OTLP documents of a collector output file that every collector process appended to.
 fn json_lines(path: &Path) -> Vec<Value> {
-    let Ok(file) = std::fs::File::open(path) else { return Vec::new() };
-    BufReader::new(file).lines().map_while(|l| l.ok()).filter_map(|l| serde_json::from_str(&l).ok()).collect()
+    flowtel_e2e::otlp_documents(&std::fs::read_to_string(path).unwrap_or_default())
 }
 
 fn attr(item: &Value, key: &str) -> Option<String> {
