@@ -144,6 +144,12 @@ pub async fn run(
     .flatten();
     let controller = Controller::for_stream(run_stream, runs_store.clone());
     let runs_for_stacks = runs_store.clone();
+    // A settled run (over, its report out) reads nothing of its Job or pod: the later of their two ends wakes nothing.
+    let unsettled = {
+        let runs = runs_store.clone();
+        move |run: ObjectRef<WorkflowRun>| (!runs.get(&run).is_some_and(|r| plan::is_settled(&r))).then_some(run)
+    };
+    let unsettled_for_pods = unsettled.clone();
     let context = Arc::new(Context {
         client: client.clone(),
         jobs: jobs.clone(),
@@ -163,10 +169,14 @@ pub async fn run(
         rates,
     });
     controller
-        .owns_stream(job_stream)
-        .watches_stream(pod_stream, |pod: Pod| {
+        .watches_stream(job_stream, move |job: Job| {
+            let owner =
+                job.owner_references().iter().find(|o| o.kind == "WorkflowRun" && o.controller == Some(true))?;
+            unsettled(ObjectRef::new(&owner.name).within(&job.namespace()?))
+        })
+        .watches_stream(pod_stream, move |pod: Pod| {
             let name = pod.annotations().get(RUN_NAME_ANNOTATION)?.clone();
-            Some(ObjectRef::new(&name).within(&pod.namespace()?))
+            unsettled_for_pods(ObjectRef::new(&name).within(&pod.namespace()?))
         })
         // A stack that changes (becomes Ready, moves its endpoint) concerns the unfinished runs that reference it:
         // a run waiting for it starts without an operator restart.
