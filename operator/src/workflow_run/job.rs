@@ -160,6 +160,11 @@ pub fn started_at(job: &Job) -> Option<jiff::Timestamp> {
     annotated.or_else(|| job.metadata.creation_timestamp.as_ref().map(|t| t.0))
 }
 
+/// The WorkflowRun controlling `job`, if any.
+pub fn owning_run(job: &Job) -> Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference> {
+    job.owner_references().iter().find(|o| o.kind == "WorkflowRun" && o.controller == Some(true))
+}
+
 /// Whether `job` is controlled by the run with `run_uid` (the only Jobs flowtel adopts).
 pub fn is_controlled_by(job: &Job, run_uid: &str) -> bool {
     job.owner_references().iter().any(|o| o.controller == Some(true) && o.uid == run_uid)

@@ -95,7 +95,7 @@ pub async fn run(
         "jobs",
         &job_index,
         |j: &Job| {
-            let run = j.owner_references().iter().find(|o| o.kind == "WorkflowRun" && o.controller == Some(true))?;
+            let run = job::owning_run(j)?;
             Some(((j.namespace()?, run.name.clone()), j.name_any()))
         },
         // A new Job wakes nothing: its run's reconcile created it (and a restart lists it). Its end does.
@@ -170,8 +170,7 @@ pub async fn run(
     });
     controller
         .watches_stream(job_stream, move |job: Job| {
-            let owner =
-                job.owner_references().iter().find(|o| o.kind == "WorkflowRun" && o.controller == Some(true))?;
+            let owner = job::owning_run(&job)?;
             unsettled(ObjectRef::new(&owner.name).within(&job.namespace()?))
         })
         .watches_stream(pod_stream, move |pod: Pod| {
@@ -287,7 +286,7 @@ mod tests {
         }
         let job: Job = added(include_str!("testdata/watch-event-job.json"));
         assert_eq!((job.spec.as_ref(), job.metadata.managed_fields.as_ref()), (None, None));
-        assert!(job.owner_references().iter().any(|o| o.kind == "WorkflowRun" && o.controller == Some(true)));
+        assert!(job::owning_run(&job).is_some());
         let pod: Pod = added(include_str!("testdata/watch-event-pod.json"));
         assert_eq!((pod.spec.as_ref(), pod.metadata.managed_fields.as_ref()), (None, None));
         assert_eq!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded"));

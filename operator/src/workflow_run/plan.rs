@@ -239,16 +239,20 @@ const JOB_ENDS: [&str; 3] = ["Complete", "Failed", "FailureTarget"];
 /// What the planner reads of a Job beyond its identity (`job_outcome`): the conditions of its end that hold, with
 /// their reasons. Its counters, readiness and other conditions change while it runs and never change a plan.
 pub fn job_signature(job: &Job, h: &mut DefaultHasher) {
-    let conditions = job.status.iter().flat_map(|s| s.conditions.iter().flatten());
-    for c in conditions.filter(|c| c.status == "True" && JOB_ENDS.contains(&c.type_.as_str())) {
+    for c in job_ends(job) {
         (&c.type_, &c.reason).hash(h);
     }
 }
 
-/// Whether the Job shows an end the planner reads (`JOB_ENDS`).
+/// Whether the Job shows an end the planner reads.
 pub fn job_has_ended(job: &Job) -> bool {
+    job_ends(job).next().is_some()
+}
+
+/// The Job's conditions of its end (`JOB_ENDS`) that hold.
+fn job_ends(job: &Job) -> impl Iterator<Item = &k8s_openapi::api::batch::v1::JobCondition> {
     let conditions = job.status.iter().flat_map(|s| s.conditions.iter().flatten());
-    conditions.into_iter().any(|c| c.status == "True" && JOB_ENDS.contains(&c.type_.as_str()))
+    conditions.filter(|c| c.status == "True" && JOB_ENDS.contains(&c.type_.as_str()))
 }
 
 /// When the Job's failure was first recorded (FailureTarget precedes Failed).
