@@ -13,11 +13,16 @@
 //! 5. the operator's CPU per 1,000 runs and its RSS, then RSS with 10k and 50k finished runs retained, fitted;
 //! 6. telemetry: spans and metric points per run at the collector, reports dropped;
 //! 7. shards, 1 vs 2: one step at flowtel's highest sustained rate (or `--shard-rate`) with two operators
-//!    (`--shard 0/2`, `--shard 1/2`), runs labelled flowtel.dev/shard alternately, beside stage 2's step at that rate.
+//!    (`--shard 0/2`, `--shard 1/2`), runs labelled flowtel.dev/shard alternately, beside stage 2's step at that rate;
+//! 8. with `--floor R` only: the floor, the least any operator that keeps runs in a custom resource could cost. The
+//!    bench itself, with no operator, creates each run and at once its Job (a copy of a Job stage 2's operator
+//!    built: the injected environment, the owner reference) and writes the run's status once (a copy of a real
+//!    terminal status, one merge patch) when it sees the pod end. The bench's own watches of runs, Jobs and pods stand
+//!    in for an operator's. Rates of `--rates` from R up → the floor's ceiling, and its ratio to the bare Jobs'.
 //!
 //! ```text
 //! e2e/bench [--rates 10,20,30,40,50,60,80] [--step-seconds 40] [--retained 10000,50000] [--shard-rate R]
-//!           [--out target/bench.json]
+//!           [--floor R] [--out target/bench.json]
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
@@ -30,7 +35,7 @@ use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::{Value, json};
 
@@ -46,6 +51,7 @@ struct Args {
     max_lag: Duration,
     retained: Vec<usize>,
     shard_rate: Option<f64>,
+    floor_from: Option<f64>,
     out: std::path::PathBuf,
 }
 
@@ -56,6 +62,7 @@ fn args() -> Args {
         max_lag: Duration::from_secs(5),
         retained: vec![10_000, 50_000],
         shard_rate: None,
+        floor_from: None,
         out: std::path::PathBuf::from("target/bench.json"),
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -68,6 +75,7 @@ fn args() -> Args {
             "--max-lag-seconds" => a.max_lag = Duration::from_secs(value.parse().unwrap_or(5)),
             "--retained" => a.retained = value.split(',').filter_map(|v| v.trim().parse().ok()).collect(),
             "--shard-rate" => a.shard_rate = value.parse().ok(),
+            "--floor" => a.floor_from = value.parse().ok(),
             "--out" => a.out = value.into(),
             other => {
                 eprintln!("unknown flag {other}; see the header of e2e/src/bin/bench.rs");
@@ -122,11 +130,14 @@ fn workflow_run(name: &str) -> WorkflowRun {
 
 const SHARD_LABEL: &str = "flowtel.dev/shard";
 
-/// What a step offers: bare Jobs, or WorkflowRuns spread over `shards` (labelled round robin when more than one).
-#[derive(Clone, Copy, PartialEq)]
+/// What a step offers: bare Jobs, or WorkflowRuns spread over `shards` (labelled round robin when more than one), or
+/// the floor: each run created together with its Job (`job`, shaped as flowtel's operator built it), both by the
+/// bench, with no operator.
+#[derive(Clone)]
 enum Load {
     Jobs,
     Runs { shards: u32 },
+    Floor { job: Arc<Job> },
 }
 
 /// Calls `seen` with every object of kind K in `ns` as the watch delivers it. A watch error (an apiserver hiccup) is
@@ -156,8 +167,12 @@ fn run_of(job_name: &str) -> String {
     job_name.strip_suffix("-1").unwrap_or(job_name).to_string()
 }
 
-/// Records Jobs (bare: their completion; flowtel: when each run's Job appeared), pods' ends and runs' ends.
-fn watch_all(client: &kube::Client, ns: &str, timeline: &Shared, flowtel: bool) {
+/// What the floor's stand-in for an operator does when a run's pod has ended: the run's one status write.
+type OnPodEnd = Arc<dyn Fn(String) + Send + Sync>;
+
+/// Records Jobs (bare: their completion; flowtel: when each run's Job appeared), pods' ends and runs' ends; calls
+/// `on_pod_end` with a run's name the first time its pod is seen ended.
+fn watch_all(client: &kube::Client, ns: &str, timeline: &Shared, flowtel: bool, on_pod_end: Option<OnPodEnd>) {
     let t = timeline.clone();
     on_each(client, ns, move |j: Job| {
         let now = Instant::now();
@@ -176,7 +191,15 @@ fn watch_all(client: &kube::Client, ns: &str, timeline: &Shared, flowtel: bool) 
         let phase = p.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or_default();
         if phase == "Succeeded" || phase == "Failed" {
             let job = p.metadata.labels.as_ref().and_then(|l| l.get("job-name")).cloned().unwrap_or_default();
-            lock(&t).pod_done.entry(run_of(&job)).or_insert_with(Instant::now);
+            let first = {
+                let mut t = lock(&t);
+                let first = !t.pod_done.contains_key(&run_of(&job));
+                t.pod_done.entry(run_of(&job)).or_insert_with(Instant::now);
+                first
+            };
+            if let Some(hook) = on_pod_end.as_ref().filter(|_| first) {
+                hook(run_of(&job));
+            }
         }
     });
     if flowtel {
@@ -197,7 +220,7 @@ async fn offer(
     rate: f64,
     step: Duration,
     t: &Shared,
-    load: Load,
+    load: &Load,
 ) -> Vec<String> {
     let count = (rate * step.as_secs_f64()).round() as usize;
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
@@ -208,7 +231,7 @@ async fn offer(
         let name = format!("{prefix}-{i}");
         lock(t).created.insert(name.clone(), Instant::now());
         names.push(name.clone());
-        let (client, ns, t) = (client.clone(), ns.to_string(), t.clone());
+        let (client, ns, t, load) = (client.clone(), ns.to_string(), t.clone(), load.clone());
         tokio::spawn(async move {
             let pp = PostParams { field_manager: Some(TEST_MANAGER.into()), ..PostParams::default() };
             let ok = match load {
@@ -220,6 +243,7 @@ async fn offer(
                     Api::<WorkflowRun>::namespaced(client, &ns).create(&pp, &run).await.is_ok()
                 }
                 Load::Jobs => Api::<Job>::namespaced(client, &ns).create(&pp, &bare_job(&name)).await.is_ok(),
+                Load::Floor { job } => floor_create(&client, &ns, &name, &job, &pp).await.is_some(),
             };
             if !ok {
                 lock(&t).failed_creates += 1;
@@ -227,6 +251,95 @@ async fn offer(
         });
     }
     names
+}
+
+/// The floor's create: the run, then at once its Job, owned by it, as an operator that needed no watch event to
+/// start it would.
+async fn floor_create(client: &kube::Client, ns: &str, name: &str, shape: &Job, pp: &PostParams) -> Option<Job> {
+    let run = Api::<WorkflowRun>::namespaced(client.clone(), ns).create(pp, &workflow_run(name)).await.ok()?;
+    let mut job = shape.clone();
+    job.metadata.name = Some(format!("{name}-1"));
+    if let Some(labels) = job.metadata.labels.as_mut() {
+        labels.insert("flowtel.dev/run".into(), name.into());
+    }
+    for owner in job.metadata.owner_references.iter_mut().flatten() {
+        owner.name = name.into();
+        owner.uid = run.metadata.uid.clone()?;
+    }
+    Api::<Job>::namespaced(client.clone(), ns).create(pp, &job).await.ok()
+}
+
+/// A Job flowtel's operator built, made creatable again: no identity, status or fields the apiserver derives from
+/// its uid (the selector and the pod labels that carry it).
+fn floor_shape(built: &Job) -> Option<Job> {
+    let mut v = serde_json::to_value(built).ok()?;
+    let meta = &v["metadata"];
+    v["metadata"] = json!({"labels": meta["labels"], "annotations": meta["annotations"], "ownerReferences": meta["ownerReferences"]});
+    v.as_object_mut()?.remove("status");
+    let spec = v["spec"].as_object_mut()?;
+    spec.remove("selector");
+    spec.remove("manualSelector");
+    if let Some(labels) = v["spec"]["template"]["metadata"]["labels"].as_object_mut() {
+        for derived in
+            ["controller-uid", "batch.kubernetes.io/controller-uid", "job-name", "batch.kubernetes.io/job-name"]
+        {
+            labels.remove(derived);
+        }
+    }
+    serde_json::from_value(v).ok()
+}
+
+/// Stage 8: the floor at rates from `from` up (to one step past the bare Jobs' ceiling). Returns its namespace, kept
+/// until the bench cleans up (deleting it now would load the stages after), and its report.
+async fn floor(
+    client: &kube::Client,
+    job: Job,
+    status: &Value,
+    from: f64,
+    bare_ceiling: f64,
+    a: &Args,
+    deadline: Instant,
+) -> Result<(TestNamespace, Value), Box<dyn std::error::Error>> {
+    println!("floor: waited {:.0} s for the control plane to go idle", settle().await.as_secs_f64());
+    let ns = TestNamespace::new(client, "bench-floor").await?;
+    let t: Shared = Arc::default();
+    let runs: Api<WorkflowRun> = Api::namespaced(client.clone(), &ns.name);
+    let body = Arc::new(json!({"status": status}));
+    let write_status: OnPodEnd = Arc::new(move |run| {
+        let (runs, body) = (runs.clone(), body.clone());
+        tokio::spawn(async move {
+            if runs.patch_status(&run, &PatchParams::default(), &Patch::Merge(&*body)).await.is_err() {
+                eprintln!("floor: the status write of {run} failed");
+            }
+        });
+    });
+    watch_all(client, &ns.name, &t, true, Some(write_status));
+    let load = Load::Floor { job: Arc::new(job) };
+    let before = control_plane_cpu();
+    let mut steps = Vec::new();
+    println!("floor (no operator: the bench creates each run and its Job, and writes the run's status once):");
+    for (i, rate) in a.rates.iter().filter(|r| **r >= from).enumerate() {
+        let s = step(client, &ns.name, &format!("f{i}"), *rate, a, &t, load.clone()).await;
+        print_step("floor", &s);
+        let stop = !s.sustained || *rate > bare_ceiling;
+        steps.push(s);
+        if stop || Instant::now() > deadline {
+            break;
+        }
+    }
+    let count: usize = steps.iter().map(|s| s.offered).sum();
+    let cpu = cpu_per_object(&before, &control_plane_cpu(), count, None);
+    print_cpu("floor run", &cpu);
+    let ceiling = steps.iter().filter(|s| s.sustained).map(|s| s.rate).fold(0.0, f64::max);
+    let ratio = if bare_ceiling > 0.0 { ceiling / bare_ceiling } else { f64::NAN };
+    println!("floor ceiling {ceiling}/s: {ratio:.2}x the bare Jobs'");
+    let audited = audit(&ns.name);
+    let writes: u64 = audited.iter().filter(|((_, v, _), _)| is_write(v)).map(|(_, n)| n).sum();
+    let writes_per_run = writes as f64 / count.max(1) as f64;
+    println!("floor: apiserver writes per run {writes_per_run:.2}");
+    let report = json!({"steps": steps.iter().map(step_json).collect::<Vec<_>>(), "ceiling_per_s": ceiling,
+        "ratio_to_bare_jobs": ratio, "cpu_ms_per_object": cpu, "apiserver_writes_per_run": writes_per_run});
+    Ok((ns, report))
 }
 
 fn percentile(mut v: Vec<f64>, p: f64) -> Option<f64> {
@@ -259,7 +372,7 @@ async fn step(
     t: &Shared,
     load: Load,
 ) -> StepResult {
-    let names = offer(client, ns, prefix, rate, a.step, t, load).await;
+    let names = offer(client, ns, prefix, rate, a.step, t, &load).await;
     let drain_until = Instant::now() + a.max_lag + Duration::from_secs_f64(POD_SECONDS);
     loop {
         let finished = {
@@ -362,6 +475,28 @@ fn control_plane_cpu() -> Vec<f64> {
             cpu_seconds(pid)
         })
         .collect()
+}
+
+/// Waits (at most `SETTLE_MAX`) until the control plane is near idle: an overloaded step leaves a backlog (garbage
+/// collection, pods' finalizers) that would load the next stage. Returns how long it waited.
+async fn settle() -> Duration {
+    // Idle, this control plane uses about 0.03 of a core; a backlog keeps it near 2.
+    const IDLE_CORES: f64 = 0.2;
+    const WINDOW: Duration = Duration::from_secs(2);
+    const SETTLE_MAX: Duration = Duration::from_secs(90);
+    let began = Instant::now();
+    let total = || control_plane_cpu().iter().sum::<f64>();
+    let mut last = total();
+    while began.elapsed() < SETTLE_MAX {
+        tokio::time::sleep(WINDOW).await;
+        let now = total();
+        let cores = (now - last) / WINDOW.as_secs_f64();
+        last = now;
+        if cores < IDLE_CORES {
+            break;
+        }
+    }
+    began.elapsed()
 }
 
 /// CPU milliseconds per object of each component (and the operator, when given) between two samples.
@@ -485,7 +620,7 @@ async fn two_shards(
     let policy = admit_with_finalizer(&ns.name, endpoint)?;
     finalizer_policy_in_force(client, &ns.name).await;
     let t: Shared = Arc::default();
-    watch_all(client, &ns.name, &t, true);
+    watch_all(client, &ns.name, &t, true, None);
     let mut operators = Vec::new();
     for index in 0..2 {
         let shard = format!("{index}/2");
@@ -519,7 +654,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // 1. Bare Jobs.
     let bare_ns = TestNamespace::new(&client, "bench-jobs").await?;
     let bare_t: Shared = Arc::default();
-    watch_all(&client, &bare_ns.name, &bare_t, false);
+    watch_all(&client, &bare_ns.name, &bare_t, false, None);
     let mut bare_steps = Vec::new();
     let bare_cpu_before = control_plane_cpu();
     println!("bare Jobs:");
@@ -543,7 +678,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let admitted = finalizer_policy_in_force(&client, &ns.name).await;
     println!("finalizer added at admission: {admitted}");
     let t: Shared = Arc::default();
-    watch_all(&client, &ns.name, &t, true);
+    watch_all(&client, &ns.name, &t, true, None);
     let operator = Operator::start(&ns.name, &collector.endpoint, &["--concurrency", "32"]).await?;
     let pid = operator.pid().unwrap_or_default();
     let cpu_before = cpu_seconds(pid);
@@ -693,11 +828,29 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .into_iter()
         .find_map(|r| r.status.filter(|s| s.telemetry.as_ref().is_some_and(|t| t.finished)));
 
+    // 8 (opt-in), before stage 7 so that the shards' namespace is not being emptied under it.
+    let mut floor_report = Value::Null;
+    let mut floor_ns = None;
+    if let Some(from) = a.floor_from {
+        let built = Api::<Job>::namespaced(client.clone(), &ns.name).list(&ListParams::default().limit(1)).await?;
+        let status = status_template.as_ref().map(|s| serde_json::to_value(s).unwrap_or_default());
+        match (built.items.first().and_then(floor_shape), status) {
+            (Some(job), Some(status)) => {
+                let (kept, report) = floor(&client, job, &status, from, bare_ceiling, &a, deadline).await?;
+                (floor_ns, floor_report) = (Some(kept), report);
+            }
+            _ => println!("floor: skipped, stage 2 left no Job or finished run to copy"),
+        }
+    }
+
     // 7. Shards, 1 vs 2: stage 2's step at the rate, beside the same step shared by two operators.
     let shard_rate = a.shard_rate.unwrap_or(if flowtel_ceiling > 0.0 { flowtel_ceiling } else { a.rates[0] });
     let one_shard = steps.iter().zip(&step_cpu).find(|(s, _)| s.rate == shard_rate);
     let mut shards_report = Value::Null;
     let mut sharded = None;
+    if floor_ns.is_some() {
+        println!("shards: waited {:.0} s for the control plane to go idle", settle().await.as_secs_f64());
+    }
     if Instant::now() + a.step * 2 < deadline {
         let two = two_shards(&client, &collector.endpoint, shard_rate, &a).await?;
         let per_1000 = |cpu: f64, runs: usize| cpu * 1000.0 / runs.max(1) as f64;
@@ -784,6 +937,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "retained": retained.iter().map(|(n, r)| json!({"runs": n, "rss_mib": r})).collect::<Vec<_>>(), "fit": fit}),
     );
     report.insert("shards".into(), shards_report);
+    report.insert("floor".into(), floor_report);
     report.insert(
         "telemetry_per_run".into(),
         json!({"spans": per(spans as u64, finished), "metric_points": per(points as u64, finished),
@@ -796,7 +950,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("written {} in {:.0} s; cleaning up", a.out.display(), began.elapsed().as_secs_f64());
     // The runs hold flowtel's finalizer until their telemetry is out: their operator lets them go as the namespace
     // is deleted, then stops.
-    drop(ns);
+    drop((ns, floor_ns));
     let sharded_runs = sharded.as_ref().map(|two| Api::<WorkflowRun>::namespaced(client.clone(), &two.ns.name));
     let mut policies = vec![policy];
     let sharded = sharded.map(|two| {
