@@ -565,9 +565,16 @@ async fn retain(client: &kube::Client, ns: &str, from: usize, to: usize, status:
     from + made
 }
 
+/// The operators' log filter: the chart's default (`operator.logLevel`), not the tests' (which add kube-runtime's
+/// debug logs), unless `FLOWTEL_OPERATOR_LOG` says otherwise.
+fn log_filter() -> String {
+    std::env::var("FLOWTEL_OPERATOR_LOG").unwrap_or_else(|_| "info".into())
+}
+
 /// Starts an operator for `ns` and waits until it has reconciled every one of `count` runs once.
 async fn rss_with(ns: &str, endpoint: &str, count: usize) -> Result<(f64, f64), Box<dyn std::error::Error>> {
-    let operator = Operator::start(ns, endpoint, &[]).await?;
+    let log = log_filter();
+    let operator = Operator::start_with_env(ns, Some(endpoint), &[], &[("RUST_LOG", &log)]).await?;
     let started = Instant::now();
     while operator.counter("flowtel_reconciles_total").await.unwrap_or(0) < count as u64
         && started.elapsed() < Duration::from_secs(180)
@@ -622,11 +629,13 @@ async fn two_shards(
     let t: Shared = Arc::default();
     watch_all(client, &ns.name, &t, true, None);
     let mut operators = Vec::new();
+    let log = log_filter();
+    let env = [("RUST_LOG", log.as_str())];
     for index in 0..2 {
         let shard = format!("{index}/2");
         let extra = ["--concurrency", "32", "--shard", shard.as_str()];
         operators
-            .push(Operator::start_tagged(&ns.name, &format!("-shard-{index}"), Some(endpoint), &extra, &[]).await?);
+            .push(Operator::start_tagged(&ns.name, &format!("-shard-{index}"), Some(endpoint), &extra, &env).await?);
     }
     let pids: Vec<u32> = operators.iter().map(|o| o.pid().unwrap_or_default()).collect();
     let before: Vec<f64> = pids.iter().map(|p| cpu_seconds(*p)).collect();
@@ -679,7 +688,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("finalizer added at admission: {admitted}");
     let t: Shared = Arc::default();
     watch_all(&client, &ns.name, &t, true, None);
-    let operator = Operator::start(&ns.name, &collector.endpoint, &["--concurrency", "32"]).await?;
+    let log = log_filter();
+    let operator =
+        Operator::start_with_env(&ns.name, Some(&collector.endpoint), &["--concurrency", "32"], &[("RUST_LOG", &log)])
+            .await?;
     let pid = operator.pid().unwrap_or_default();
     let cpu_before = cpu_seconds(pid);
     let flowtel_cpu_before = control_plane_cpu();
@@ -692,6 +704,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let s = step(&client, &ns.name, &format!("r{i}"), *rate, &a, &t, Load::Runs { shards: 1 }).await;
         step_cpu.push(cpu_seconds(pid) - cpu_at_start);
         print_step("flowtel", &s);
+        // An overloaded step costs more per run (runs outlast --running-status-delay, retries): each step's own.
+        let cpu = step_cpu.last().copied().unwrap_or_default();
+        println!("           operator CPU {:.2} s per 1,000 runs", cpu * 1000.0 / s.completed.max(1) as f64);
         let stop = !s.sustained || *rate > bare_ceiling;
         steps.push(s);
         if stop || Instant::now() > deadline {
@@ -918,7 +933,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     report.insert("date_unix_seconds".into(), json!(unix_now()));
     report.insert("bare_jobs".into(), json!(bare_steps.iter().map(step_json).collect::<Vec<_>>()));
-    report.insert("workflow_runs".into(), json!(steps.iter().map(step_json).collect::<Vec<_>>()));
+    let flowtel_steps = steps.iter().zip(&step_cpu).map(|(s, cpu)| {
+        let mut j = step_json(s);
+        j["operator_cpu_s_per_1000_runs"] = json!(cpu * 1000.0 / s.completed.max(1) as f64);
+        j
+    });
+    report.insert("workflow_runs".into(), json!(flowtel_steps.collect::<Vec<_>>()));
     report
         .insert("ceiling_per_s".into(), json!({"bare_jobs": bare_ceiling, "flowtel": flowtel_ceiling, "ratio": ratio}));
     report.insert("latency".into(), latency.unwrap_or(Value::Null));

@@ -16,7 +16,6 @@ use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
-use tracing::Instrument;
 
 use super::index;
 use super::job::{self, OtlpTarget};
@@ -618,12 +617,11 @@ async fn patch_finalizers(
 }
 
 pub async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Context>) -> Result<ControllerAction, ReconcileError> {
-    let span =
-        tracing::info_span!("reconcile", namespace = %run.namespace().unwrap_or_default(), run = %run.name_any());
+    // No span of its own: kube-runtime's ("reconciling object") already names the run and what woke it.
     let started = Instant::now();
     // A copy we wrote since the cache's (its event still to come) is the run as it is.
     let run = ctx.own_writes.newest(run);
-    let result = reconcile_run(&run, &ctx).instrument(span).await;
+    let result = reconcile_run(&run, &ctx).await;
     if let Err(e) = &result {
         ctx.note_outage(e);
     }
