@@ -850,11 +850,57 @@ fn audit(logs: &Path, namespace: &str) -> Result<AuditCounts> {
     Ok(out)
 }
 
+/// Ended, or ending: the Job controller starts no pod for a Job once it set FailureTarget or SuccessCriteriaMet.
 fn job_finished(job: &Job) -> bool {
+    const ENDS: [&str; 4] = ["Complete", "Failed", "FailureTarget", "SuccessCriteriaMet"];
     job.status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True"))
+        .is_some_and(|cs| cs.iter().any(|c| ENDS.contains(&c.type_.as_str()) && c.status == "True"))
+}
+
+/// The run a Job belongs to: its label, else its name.
+fn run_of_labelled_job(job: &Job) -> String {
+    let name = job.metadata.name.clone().unwrap_or_default();
+    job.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get("flowtel.dev/run").cloned())
+        .unwrap_or_else(|| run_of_job(&name).0.to_string())
+}
+
+/// How long the Job controller gets to mark the Jobs of finished runs ended. Its own writes fail while the apiserver
+/// restarts, and it retries them with a backoff of up to a minute: a Job whose disrupted pod is long gone can lack
+/// its Failed condition for that long. Flowtel's part is not to leave a Job running, which a Job still unmarked
+/// after this bound shows.
+const JOBS_SETTLE: Duration = Duration::from_secs(90);
+
+/// Lists the Jobs until no Job of a finished run is unmarked (or `JOBS_SETTLE` passed); returns them, with how many
+/// were unmarked at the first look.
+async fn jobs_at_rest(api: &Api<Job>, finished_runs: &BTreeSet<&str>) -> Result<(Vec<Job>, usize)> {
+    let unmarked = |jobs: &[Job]| {
+        jobs.iter()
+            .filter(|j| {
+                finished_runs.contains(run_of_labelled_job(j).as_str())
+                    && j.metadata.deletion_timestamp.is_none()
+                    && !job_finished(j)
+            })
+            .count()
+    };
+    let until = Instant::now() + JOBS_SETTLE;
+    let mut first = None;
+    loop {
+        let jobs = tokio::time::timeout(Duration::from_secs(30), api.list(&ListParams::default()))
+            .await
+            .map_err(|_| "listing the Jobs took more than 30 s")??
+            .items;
+        let now_unmarked = unmarked(&jobs);
+        let first = *first.get_or_insert(now_unmarked);
+        if now_unmarked == 0 || Instant::now() > until {
+            return Ok((jobs, first));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 fn examples<I: IntoIterator<Item = String>>(names: I) -> Vec<String> {
@@ -915,10 +961,7 @@ async fn report(ctx: &Ctx, plan: &BTreeMap<String, Kind>, subs: &[Submitted], ru
 
     // Jobs: duplicates by name (audit), more Jobs than attempts, Jobs still running for a finished run.
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
-    let jobs = tokio::time::timeout(Duration::from_secs(30), jobs.list(&ListParams::default()))
-        .await
-        .map_err(|_| "listing the Jobs took more than 30 s")??
-        .items;
+    let (jobs, unmarked_at_first) = jobs_at_rest(&jobs, &terminal_names).await?;
     let logs = ctx.kubeconfig.parent().map(|d| d.join("logs")).unwrap_or_default();
     let audit = audit(&logs, &ctx.namespace)?;
     let created_twice: Vec<String> =
@@ -931,15 +974,13 @@ async fn report(ctx: &Ctx, plan: &BTreeMap<String, Kind>, subs: &[Submitted], ru
     let mut left_running = Vec::new();
     for job in &jobs {
         let name = job.metadata.name.clone().unwrap_or_default();
-        let run = job
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get("flowtel.dev/run").cloned())
-            .unwrap_or_else(|| run_of_job(&name).0.to_string());
+        let run = run_of_labelled_job(job);
         *present_per_run.entry(run.clone()).or_default() += 1;
         if terminal_names.contains(run.as_str()) && job.metadata.deletion_timestamp.is_none() && !job_finished(job) {
-            left_running.push(name);
+            // What the Job controller last wrote, to tell a Job still running from one it never marked.
+            let status = serde_json::to_string(&job.status).unwrap_or_default();
+            let attempts = terminal.iter().find(|r| r.name == run).map(|r| r.attempts).unwrap_or_default();
+            left_running.push(format!("{name} (its run: {attempts} attempts) {status}"));
         }
     }
     let extra_jobs: Vec<String> = terminal
@@ -1032,6 +1073,7 @@ async fn report(ctx: &Ctx, plan: &BTreeMap<String, Kind>, subs: &[Submitted], ru
             "runs_with_more_jobs_than_attempts": extra_jobs.len(),
             "runs_with_more_jobs_than_attempts_examples": examples(extra_jobs),
             "left_running_by_finished_runs": left_running.len(),
+            "not_yet_marked_ended_at_first_look": unmarked_at_first,
             "left_running_examples": examples(left_running),
         },
         "metrics": {
@@ -1112,7 +1154,12 @@ fn table(r: &Value, ctx: &Ctx, header: &str) -> String {
         n(&r["jobs"]["runs_with_more_jobs_than_attempts"]),
         "0",
     );
-    row("Jobs left running by finished runs", n(&r["jobs"]["left_running_by_finished_runs"]), "0");
+    row(
+        "Jobs of finished runs not yet marked ended (first look)",
+        n(&r["jobs"]["not_yet_marked_ended_at_first_look"]),
+        "",
+    );
+    row("Jobs left running by finished runs (after up to 90 s)", n(&r["jobs"]["left_running_by_finished_runs"]), "0");
     let m = &r["metrics"];
     let worst = format!("0, at worst +1 per kill ({})", kills + exits);
     row("workflow.run.total (all processes) - terminal runs", signed(&m["workflow.run.total"]["difference"]), &worst);

@@ -111,7 +111,7 @@ pub async fn reconcile(stack: Arc<TelemetryStack>, ctx: Arc<Context>) -> Result<
 }
 
 pub fn error_policy(stack: Arc<TelemetryStack>, error: &ReconcileError, _ctx: Arc<Context>) -> Action {
-    tracing::warn!(stack = %stack.name_any(), namespace = ?stack.namespace(), %error, "reconcile failed");
+    tracing::warn!(stack = %stack.name_any(), namespace = stack.namespace().unwrap_or_default(), %error, "reconcile failed");
     Action::requeue(Duration::from_secs(5))
 }
 

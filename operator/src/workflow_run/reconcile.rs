@@ -88,9 +88,9 @@ pub struct Context {
     pub normal_events: bool,
     pub recorder: Recorder,
     pub metrics: ControllerMetrics,
-    /// Jobs this process created lately (namespace, name): until the Job cache shows one, a reconcile that finds
-    /// it missing waits for the watch event instead of creating it again.
-    pub created_jobs: ExpiringMap<(String, String), ()>,
+    /// Jobs this process created lately (namespace, name), as the create returned them without their spec: until
+    /// the Job cache shows one, a reconcile reads it from here (`read_children`) and does not create it again.
+    pub created_jobs: ExpiringMap<(String, String), Arc<Job>>,
     /// The runs as this process last wrote them, and the watch events of those writes, held back when they need not
     /// wake their run.
     pub own_writes: Arc<OwnWrites<WorkflowRun>>,
@@ -252,13 +252,20 @@ fn read_children(run: &WorkflowRun, ctx: &Context) -> (Vec<Arc<Job>>, Vec<Arc<Po
     let ns = run.namespace().unwrap_or_default();
     let name = run.name_any();
     let uid = run.uid().unwrap_or_default();
-    let jobs: Vec<Arc<Job>> = ctx
+    let mut jobs: Vec<Arc<Job>> = ctx
         .job_index
         .names(&ns, &name)
         .iter()
         .filter_map(|n| ctx.jobs.get(&ObjectRef::new(n).within(&ns)))
         .filter(|j| job::is_controlled_by(j, &uid))
         .collect();
+    // The last recorded attempt's Job and the next one's, created here and not cached yet: with
+    // `running_status_delay` a Job exists before status names its attempt, and a run cancelled before the cache
+    // shows the Job would otherwise end as never started, its Job left running (found by `e2e/chaos`).
+    let recorded = run.status.as_ref().map_or(0, |s| i32::try_from(s.attempts.len()).unwrap_or(i32::MAX));
+    let names =
+        (recorded.max(1)..=recorded.saturating_add(1)).map(|attempt| (ns.clone(), job::job_name(&name, attempt)));
+    add_uncached(&mut jobs, names, &ctx.created_jobs, &uid);
     let job_names: Vec<String> = jobs.iter().map(|j| j.name_any()).collect();
     let pods = ctx
         .pod_index
@@ -268,6 +275,23 @@ fn read_children(run: &WorkflowRun, ctx: &Context) -> (Vec<Arc<Job>>, Vec<Arc<Po
         .filter(|p| p.owner_references().iter().any(|o| o.kind == "Job" && job_names.contains(&o.name)))
         .collect();
     (jobs, pods)
+}
+
+/// Adds to `jobs` (the cached ones) the Jobs of `keys` (namespace, name) that this process created and the cache
+/// does not show yet; forgets the created ones the cache shows (the cache answers for them from now on).
+fn add_uncached(
+    jobs: &mut Vec<Arc<Job>>,
+    keys: impl IntoIterator<Item = (String, String)>,
+    created: &ExpiringMap<(String, String), Arc<Job>>,
+    run_uid: &str,
+) {
+    for key in keys {
+        if jobs.iter().any(|j| j.metadata.name.as_deref() == Some(key.1.as_str())) {
+            created.take(&key);
+        } else if let Some(job) = created.get(&key).filter(|j| job::is_controlled_by(j, run_uid)) {
+            jobs.push(job);
+        }
+    }
 }
 
 /// Why the open attempt's Job has no pod, once it has had none for the grace: the job controller's latest
@@ -429,9 +453,12 @@ async fn act(
             // the meantime is never taken over.
             let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..PostParams::default() };
             match jobs_api.create(&params, &desired).await {
-                Ok(_) => {
+                Ok(mut created_job) => {
                     ctx.note_answer();
-                    ctx.created_jobs.insert(created, ());
+                    // What the Job cache keeps of it (`Skips for Job`): the planner reads metadata and status only.
+                    created_job.spec = None;
+                    created_job.metadata.managed_fields = None;
+                    ctx.created_jobs.insert(created, Arc::new(created_job));
                     crash_point("after-job-create");
                 }
                 Err(kube::Error::Api(s)) if s.code == 409 => {
@@ -826,7 +853,7 @@ async fn export_the_end_with_it(
 }
 
 pub fn error_policy(run: Arc<WorkflowRun>, error: &ReconcileError, _ctx: Arc<Context>) -> ControllerAction {
-    tracing::warn!(run = %run.name_any(), namespace = ?run.namespace(), %error, "reconcile failed");
+    tracing::warn!(run = %run.name_any(), namespace = run.namespace().unwrap_or_default(), %error, "reconcile failed");
     ControllerAction::requeue(Duration::from_secs(5))
 }
 
@@ -834,6 +861,32 @@ pub fn error_policy(run: Arc<WorkflowRun>, error: &ReconcileError, _ctx: Arc<Con
 mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
+
+    fn owned_job(name: &str, owner_uid: &str) -> Arc<Job> {
+        Arc::new(
+            serde_json::from_value(json!({"metadata": {"name": name, "namespace": "ns", "ownerReferences": [
+                {"apiVersion": "flowtel.dev/v1alpha1", "kind": "WorkflowRun", "name": "r", "uid": owner_uid, "controller": true}
+            ]}}))
+            .expect("job"),
+        )
+    }
+
+    #[test]
+    fn a_job_created_here_is_read_until_the_cache_shows_it_then_forgotten() {
+        let created = ExpiringMap::new(Duration::from_secs(60));
+        let key = |n: &str| ("ns".to_string(), n.to_string());
+        created.insert(key("r-1"), owned_job("r-1", "u"));
+        created.insert(key("r-2"), owned_job("r-2", "someone-else"));
+        // Not cached yet: read from what the create returned; another run's Job of that name is not this run's.
+        let mut jobs = vec![];
+        add_uncached(&mut jobs, [key("r-1"), key("r-2")], &created, "u");
+        assert_eq!(jobs.iter().map(|j| j.name_any()).collect::<Vec<_>>(), ["r-1"]);
+        // Cached: the cache's copy alone, and the created one forgotten.
+        let mut jobs = vec![owned_job("r-1", "u")];
+        add_uncached(&mut jobs, [key("r-1")], &created, "u");
+        assert_eq!(jobs.len(), 1);
+        assert!(created.get(&key("r-1")).is_none());
+    }
 
     fn run(finalizers: &[&str], deleting: bool) -> WorkflowRun {
         let mut run: WorkflowRun = serde_json::from_value(json!({
