@@ -859,6 +859,16 @@ fn job_finished(job: &Job) -> bool {
         .is_some_and(|cs| cs.iter().any(|c| ENDS.contains(&c.type_.as_str()) && c.status == "True"))
 }
 
+/// Whether a Job not marked ended may still run something: a pod active or terminating, or none counted yet (it may
+/// still start one). A Job whose one pod was counted failed or succeeded and that has none left runs nothing, even
+/// if the Job controller has not marked it (seen after apiserver restarts: `failed: 1`, no condition, for minutes).
+fn job_may_run(job: &Job) -> bool {
+    let Some(s) = job.status.as_ref() else { return true };
+    let live = s.active.unwrap_or(0) + s.terminating.unwrap_or(0);
+    let counted = s.failed.unwrap_or(0) + s.succeeded.unwrap_or(0);
+    live > 0 || counted == 0
+}
+
 /// The run a Job belongs to: its label, else its name.
 fn run_of_labelled_job(job: &Job) -> String {
     let name = job.metadata.name.clone().unwrap_or_default();
@@ -875,8 +885,8 @@ fn run_of_labelled_job(job: &Job) -> String {
 /// after this bound shows.
 const JOBS_SETTLE: Duration = Duration::from_secs(90);
 
-/// Lists the Jobs until no Job of a finished run is unmarked (or `JOBS_SETTLE` passed); returns them, with how many
-/// were unmarked at the first look.
+/// Lists the Jobs until no Job of a finished run is unmarked and may still run (or `JOBS_SETTLE` passed); returns
+/// them, with how many were so at the first look.
 async fn jobs_at_rest(api: &Api<Job>, finished_runs: &BTreeSet<&str>) -> Result<(Vec<Job>, usize)> {
     let unmarked = |jobs: &[Job]| {
         jobs.iter()
@@ -884,6 +894,7 @@ async fn jobs_at_rest(api: &Api<Job>, finished_runs: &BTreeSet<&str>) -> Result<
                 finished_runs.contains(run_of_labelled_job(j).as_str())
                     && j.metadata.deletion_timestamp.is_none()
                     && !job_finished(j)
+                    && job_may_run(j)
             })
             .count()
     };
@@ -972,6 +983,7 @@ async fn report(ctx: &Ctx, plan: &BTreeMap<String, Kind>, subs: &[Submitted], ru
     }
     let mut present_per_run = BTreeMap::<String, usize>::new();
     let mut left_running = Vec::new();
+    let mut unmarked_idle = Vec::new();
     for job in &jobs {
         let name = job.metadata.name.clone().unwrap_or_default();
         let run = run_of_labelled_job(job);
@@ -980,7 +992,12 @@ async fn report(ctx: &Ctx, plan: &BTreeMap<String, Kind>, subs: &[Submitted], ru
             // What the Job controller last wrote, to tell a Job still running from one it never marked.
             let status = serde_json::to_string(&job.status).unwrap_or_default();
             let attempts = terminal.iter().find(|r| r.name == run).map(|r| r.attempts).unwrap_or_default();
-            left_running.push(format!("{name} (its run: {attempts} attempts) {status}"));
+            let example = format!("{name} (its run: {attempts} attempts) {status}");
+            if job_may_run(job) {
+                left_running.push(example);
+            } else {
+                unmarked_idle.push(example);
+            }
         }
     }
     let extra_jobs: Vec<String> = terminal
@@ -1074,6 +1091,8 @@ async fn report(ctx: &Ctx, plan: &BTreeMap<String, Kind>, subs: &[Submitted], ru
             "runs_with_more_jobs_than_attempts_examples": examples(extra_jobs),
             "left_running_by_finished_runs": left_running.len(),
             "not_yet_marked_ended_at_first_look": unmarked_at_first,
+            "never_marked_ended_with_no_pod_left": unmarked_idle.len(),
+            "never_marked_ended_with_no_pod_left_examples": examples(unmarked_idle),
             "left_running_examples": examples(left_running),
         },
         "metrics": {
@@ -1155,8 +1174,13 @@ fn table(r: &Value, ctx: &Ctx, header: &str) -> String {
         "0",
     );
     row(
-        "Jobs of finished runs not yet marked ended (first look)",
+        "Jobs of finished runs unmarked, may run (first look)",
         n(&r["jobs"]["not_yet_marked_ended_at_first_look"]),
+        "",
+    );
+    row(
+        "  of them never marked, no pod left (the Job controller's)",
+        n(&r["jobs"]["never_marked_ended_with_no_pod_left"]),
         "",
     );
     row("Jobs left running by finished runs (after up to 90 s)", n(&r["jobs"]["left_running_by_finished_runs"]), "0");
