@@ -1179,7 +1179,7 @@ fn table(r: &Value, ctx: &Ctx, header: &str) -> String {
         "",
     );
     row(
-        "  of them never marked, no pod left (the Job controller's)",
+        "Jobs of finished runs never marked, no pod left (Job controller)",
         n(&r["jobs"]["never_marked_ended_with_no_pod_left"]),
         "",
     );
