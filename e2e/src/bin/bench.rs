@@ -191,14 +191,16 @@ fn watch_all(client: &kube::Client, ns: &str, timeline: &Shared, flowtel: bool, 
         let phase = p.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or_default();
         if phase == "Succeeded" || phase == "Failed" {
             let job = p.metadata.labels.as_ref().and_then(|l| l.get("job-name")).cloned().unwrap_or_default();
-            let first = {
-                let mut t = lock(&t);
-                let first = !t.pod_done.contains_key(&run_of(&job));
-                t.pod_done.entry(run_of(&job)).or_insert_with(Instant::now);
-                first
+            let run = run_of(&job);
+            let first = match lock(&t).pod_done.entry(run.clone()) {
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(Instant::now());
+                    true
+                }
+                std::collections::hash_map::Entry::Occupied(_) => false,
             };
             if let Some(hook) = on_pod_end.as_ref().filter(|_| first) {
-                hook(run_of(&job));
+                hook(run);
             }
         }
     });
@@ -314,19 +316,18 @@ async fn floor(
         });
     });
     watch_all(client, &ns.name, &t, true, Some(write_status));
-    let load = Load::Floor { job: Arc::new(job) };
     let before = control_plane_cpu();
-    let mut steps = Vec::new();
     println!("floor (no operator: the bench creates each run and its Job, and writes the run's status once):");
-    for (i, rate) in a.rates.iter().filter(|r| **r >= from).enumerate() {
-        let s = step(client, &ns.name, &format!("f{i}"), *rate, a, &t, load.clone()).await;
-        print_step("floor", &s);
-        let stop = !s.sustained || *rate > bare_ceiling;
-        steps.push(s);
-        if stop || Instant::now() > deadline {
-            break;
-        }
-    }
+    let floor = Sweep {
+        ns: &ns.name,
+        prefix: "f",
+        kind: "floor",
+        load: Load::Floor { job: Arc::new(job) },
+        past: bare_ceiling,
+        cpu_of: None,
+    };
+    let rates = a.rates.iter().copied().filter(|r| *r >= from);
+    let (steps, _) = sweep(client, floor, rates, a, &t, deadline).await;
     let count: usize = steps.iter().map(|s| s.offered).sum();
     let cpu = cpu_per_object(&before, &control_plane_cpu(), count, None);
     print_cpu("floor run", &cpu);
@@ -340,6 +341,50 @@ async fn floor(
     let report = json!({"steps": steps.iter().map(step_json).collect::<Vec<_>>(), "ceiling_per_s": ceiling,
         "ratio_to_bare_jobs": ratio, "cpu_ms_per_object": cpu, "apiserver_writes_per_run": writes_per_run});
     Ok((ns, report))
+}
+
+/// One stage's rising rates: what it offers and where it stops.
+struct Sweep<'a> {
+    ns: &'a str,
+    /// The objects of step i are named `<prefix><i>-<n>`; the steps are printed as `kind`.
+    prefix: &'a str,
+    kind: &'a str,
+    load: Load,
+    /// The last rate offered is the first one above this (flowtel's stages: one step past the bare Jobs' ceiling).
+    past: f64,
+    /// The process whose CPU each step reports (the operator), if any.
+    cpu_of: Option<u32>,
+}
+
+/// Offers the sweep's load at each of `rates` in turn, until a rate is not sustained, one above `past` was offered,
+/// or `deadline` passed. Returns the steps and, beside each, the CPU seconds `cpu_of` spent over it (0 without one).
+async fn sweep(
+    client: &kube::Client,
+    sweep: Sweep<'_>,
+    rates: impl IntoIterator<Item = f64>,
+    a: &Args,
+    t: &Shared,
+    deadline: Instant,
+) -> (Vec<StepResult>, Vec<f64>) {
+    let cpu = || sweep.cpu_of.map_or(0.0, cpu_seconds);
+    let (mut steps, mut cpu_per_step) = (Vec::new(), Vec::new());
+    for (i, rate) in rates.into_iter().enumerate() {
+        let cpu_at_start = cpu();
+        let s = step(client, sweep.ns, &format!("{}{i}", sweep.prefix), rate, a, t, sweep.load.clone()).await;
+        let spent = cpu() - cpu_at_start;
+        print_step(sweep.kind, &s);
+        if sweep.cpu_of.is_some() {
+            // An overloaded step costs more per run (runs outlast --running-status-delay, retries): each step's own.
+            println!("           operator CPU {:.2} s per 1,000 runs", spent * 1000.0 / s.completed.max(1) as f64);
+        }
+        let stop = !s.sustained || rate > sweep.past;
+        steps.push(s);
+        cpu_per_step.push(spent);
+        if stop || Instant::now() > deadline {
+            break;
+        }
+    }
+    (steps, cpu_per_step)
 }
 
 fn percentile(mut v: Vec<f64>, p: f64) -> Option<f64> {
@@ -664,18 +709,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let bare_ns = TestNamespace::new(&client, "bench-jobs").await?;
     let bare_t: Shared = Arc::default();
     watch_all(&client, &bare_ns.name, &bare_t, false, None);
-    let mut bare_steps = Vec::new();
     let bare_cpu_before = control_plane_cpu();
     println!("bare Jobs:");
-    for (i, rate) in a.rates.iter().enumerate() {
-        let s = step(&client, &bare_ns.name, &format!("j{i}"), *rate, &a, &bare_t, Load::Jobs).await;
-        print_step("Jobs", &s);
-        let stop = !s.sustained;
-        bare_steps.push(s);
-        if stop || Instant::now() > deadline {
-            break;
-        }
-    }
+    let bare =
+        Sweep { ns: &bare_ns.name, prefix: "j", kind: "Jobs", load: Load::Jobs, past: f64::INFINITY, cpu_of: None };
+    let (bare_steps, _) = sweep(&client, bare, a.rates.iter().copied(), &a, &bare_t, deadline).await;
     let bare_ceiling = bare_steps.iter().filter(|s| s.sustained).map(|s| s.rate).fold(0.0, f64::max);
     let bare_count: usize = bare_steps.iter().map(|s| s.offered).sum();
     let bare_cpu = cpu_per_object(&bare_cpu_before, &control_plane_cpu(), bare_count, None);
@@ -695,24 +733,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let pid = operator.pid().unwrap_or_default();
     let cpu_before = cpu_seconds(pid);
     let flowtel_cpu_before = control_plane_cpu();
-    let mut steps = Vec::new();
-    // The operator's CPU over each step (its runs' tails included): stage 7's one-shard figure.
-    let mut step_cpu = Vec::new();
     println!("WorkflowRuns:");
-    for (i, rate) in a.rates.iter().enumerate() {
-        let cpu_at_start = cpu_seconds(pid);
-        let s = step(&client, &ns.name, &format!("r{i}"), *rate, &a, &t, Load::Runs { shards: 1 }).await;
-        step_cpu.push(cpu_seconds(pid) - cpu_at_start);
-        print_step("flowtel", &s);
-        // An overloaded step costs more per run (runs outlast --running-status-delay, retries): each step's own.
-        let cpu = step_cpu.last().copied().unwrap_or_default();
-        println!("           operator CPU {:.2} s per 1,000 runs", cpu * 1000.0 / s.completed.max(1) as f64);
-        let stop = !s.sustained || *rate > bare_ceiling;
-        steps.push(s);
-        if stop || Instant::now() > deadline {
-            break;
-        }
-    }
+    let runs = Sweep {
+        ns: &ns.name,
+        prefix: "r",
+        kind: "flowtel",
+        load: Load::Runs { shards: 1 },
+        past: bare_ceiling,
+        cpu_of: Some(pid),
+    };
+    // The operator's CPU over each step (its runs' tails included): stage 7's one-shard figure.
+    let (steps, step_cpu) = sweep(&client, runs, a.rates.iter().copied(), &a, &t, deadline).await;
     // Every run terminal with its telemetry recorded before the costs are read.
     let runs_api: Api<WorkflowRun> = Api::namespaced(client.clone(), &ns.name);
     let total_runs: usize = steps.iter().map(|s| s.offered).sum();
