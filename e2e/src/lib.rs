@@ -1,6 +1,8 @@
 //! Helpers for flowtel's end-to-end tests: a real control plane on loopback (`e2e/cluster`), the CRDs installed
 //! from the checked-in files, and a namespace per test.
 
+pub mod backends;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;

@@ -4,16 +4,17 @@
 //! exporters pointed at local backends), and what lands queried back from Prometheus (metrics), Jaeger v2 (traces,
 //! standing in for Tempo) and VictoriaLogs (logs, standing in for Loki).
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use flowtel_crds::WorkflowRun;
 use flowtel_crds::workflow_run::WorkflowRunPhase;
+use flowtel_crds::{TelemetryStack, WorkflowRun};
+use flowtel_e2e::backends::{self, prometheus_query, sum};
 use flowtel_e2e::{
-    Operator, Process, TEST_MANAGER, TestNamespace, client, collector_bin, eventually, flowtel_binary, free_port,
-    http_get, install_crds, repo_root, run, simple_run, wait_for_port, with_query,
+    Collector, Operator, TEST_MANAGER, TestNamespace, client, eventually, flowtel_binary, http_get, install_crds,
+    simple_run, with_query,
 };
 use k8s_openapi::api::batch::v1::Job;
 use kube::api::{Api, Patch, PatchParams};
@@ -23,144 +24,10 @@ use serde_json::{Value, json};
 const WAIT: Duration = Duration::from_secs(90);
 const DURATION_LE: [f64; 11] = [5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0];
 
-fn spawn(bin: &Path, args: &[String], log: &Path) -> Process {
-    let file = std::fs::File::create(log).expect("log file");
-    let child = Command::new(bin)
-        .args(args)
-        .stdout(file.try_clone().expect("log"))
-        .stderr(file)
-        .spawn()
-        .unwrap_or_else(|e| panic!("{}: {e}", bin.display()));
-    Process { child }
-}
-
 /// A workspace binary beside the test (cargo builds the workflows for their own integration test).
 fn workspace_binary(name: &str) -> PathBuf {
     let flowtel = flowtel_binary().expect("flowtel binary");
     flowtel.with_file_name(name)
-}
-
-struct Backends {
-    _processes: Vec<Process>,
-    prometheus: String,
-    jaeger_query: String,
-    victorialogs: String,
-    collector_grpc: u16,
-    dir: PathBuf,
-}
-
-/// The collector configuration flowtel's builder generates for a stack whose backends are external (these local
-/// ones), its listening ports moved off the defaults by the stack's own override mechanism.
-fn generated_collector_config(dir: &Path, ports: &BTreeMap<&str, u16>) -> String {
-    let override_ = format!(
-        "receivers:\n  otlp:\n    protocols:\n      grpc: {{endpoint: \"127.0.0.1:{}\"}}\n      http: {{endpoint: \"127.0.0.1:{}\"}}\n\
-         extensions:\n  health_check: {{endpoint: \"127.0.0.1:{}\"}}\n\
-         exporters:\n  otlp_http/loki: {{logs_endpoint: \"http://127.0.0.1:{}/insert/opentelemetry/v1/logs\"}}\n",
-        ports["grpc"], ports["http"], ports["health"], ports["vlogs"]
-    );
-    let stack = json!({
-        "apiVersion": "flowtel.dev/v1alpha1", "kind": "TelemetryStack",
-        "metadata": {"name": "local", "namespace": "data-path"},
-        "spec": {
-            "collector": {"configOverride": override_, "cardinalityGuard": {"attributes": []}, "batchSize": 100},
-            "prometheus": {"enabled": false, "externalUrl": format!("http://127.0.0.1:{}", ports["prometheus"])},
-            "tempo": {"enabled": false, "externalUrl": format!("http://127.0.0.1:{}", ports["jaeger_otlp"])},
-            "loki": {"enabled": false, "externalUrl": format!("http://127.0.0.1:{}", ports["vlogs"])},
-            "grafana": {"enabled": false},
-        }
-    });
-    let file = dir.join("stack.yaml");
-    std::fs::write(&file, serde_yaml::to_string(&stack).expect("yaml")).expect("write");
-    let out = Command::new(flowtel_binary().expect("flowtel")).args(["render", "--check", "-f"]).arg(&file).output();
-    let out = out.expect("flowtel render");
-    assert!(out.status.success(), "flowtel render --check: {}", String::from_utf8_lossy(&out.stderr));
-    let rendered = String::from_utf8_lossy(&out.stdout).into_owned();
-    serde_yaml::Deserializer::from_str(&rendered)
-        .find_map(|doc| {
-            let v = <Value as serde::Deserialize>::deserialize(doc).ok()?;
-            v["data"]["collector.yaml"].as_str().map(str::to_string)
-        })
-        .expect("the collector's ConfigMap")
-}
-
-async fn start_backends(test: &str) -> Backends {
-    run(Command::new(repo_root().join("e2e/build-binaries")).arg("collector")).expect("collector built");
-    run(Command::new(repo_root().join("e2e/build-binaries")).arg("backends")).expect("backends built");
-    let dir = std::env::temp_dir().join(format!("flowtel-{test}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("dir");
-    let ports: BTreeMap<&str, u16> =
-        ["prometheus", "jaeger_otlp", "jaeger_query", "jaeger_query_grpc", "vlogs", "grpc", "http", "health"]
-            .into_iter()
-            .map(|p| (p, free_port()))
-            .collect();
-    let mut processes = Vec::new();
-
-    let prometheus_yml = dir.join("prometheus.yml");
-    std::fs::write(
-        &prometheus_yml,
-        "global:\n  scrape_interval: 30s\nstorage:\n  tsdb:\n    out_of_order_time_window: 30m\n",
-    )
-    .expect("write");
-    processes.push(spawn(
-        &flowtel_e2e::cached_binary("prometheus", "PROMETHEUS_VERSION"),
-        &[
-            format!("--config.file={}", prometheus_yml.display()),
-            format!("--storage.tsdb.path={}", dir.join("tsdb").display()),
-            format!("--web.listen-address=127.0.0.1:{}", ports["prometheus"]),
-            "--web.enable-otlp-receiver".into(),
-            "--enable-feature=exemplar-storage".into(),
-        ],
-        &dir.join("prometheus.log"),
-    ));
-
-    let jaeger_yaml = format!(
-        "service:\n  extensions: [jaeger_storage, jaeger_query]\n  pipelines:\n    traces:\n      receivers: [otlp]\n      \
-         exporters: [jaeger_storage_exporter]\n  telemetry:\n    metrics:\n      level: none\n\
-         extensions:\n  jaeger_storage:\n    backends:\n      memstore:\n        memory:\n          max_traces: 10000\n  \
-         jaeger_query:\n    storage:\n      traces: memstore\n    http:\n      endpoint: \"127.0.0.1:{}\"\n    grpc:\n      \
-         endpoint: \"127.0.0.1:{}\"\n\
-         receivers:\n  otlp:\n    protocols:\n      http:\n        endpoint: \"127.0.0.1:{}\"\n\
-         exporters:\n  jaeger_storage_exporter:\n    trace_storage: memstore\n",
-        ports["jaeger_query"], ports["jaeger_query_grpc"], ports["jaeger_otlp"]
-    );
-    let jaeger_config = dir.join("jaeger.yaml");
-    std::fs::write(&jaeger_config, jaeger_yaml).expect("write");
-    processes.push(spawn(
-        &flowtel_e2e::cached_binary("jaeger", "JAEGER_VERSION"),
-        &[format!("--config={}", jaeger_config.display())],
-        &dir.join("jaeger.log"),
-    ));
-
-    processes.push(spawn(
-        &flowtel_e2e::cached_binary("victoria-logs", "VICTORIALOGS_VERSION"),
-        &[
-            format!("-httpListenAddr=127.0.0.1:{}", ports["vlogs"]),
-            format!("-storageDataPath={}", dir.join("vlogs").display()),
-        ],
-        &dir.join("victorialogs.log"),
-    ));
-
-    let collector_config = dir.join("collector.yaml");
-    std::fs::write(&collector_config, generated_collector_config(&dir, &ports)).expect("write");
-    processes.push(spawn(
-        &collector_bin(),
-        &[format!("--config={}", collector_config.display())],
-        &dir.join("collector.log"),
-    ));
-    for (what, port) in &ports {
-        if *what != "jaeger_query_grpc" {
-            wait_for_port(*port).await.unwrap_or_else(|e| panic!("{what} on {port}: {e}; logs in {}", dir.display()));
-        }
-    }
-    Backends {
-        _processes: processes,
-        prometheus: format!("http://127.0.0.1:{}", ports["prometheus"]),
-        jaeger_query: format!("http://127.0.0.1:{}", ports["jaeger_query"]),
-        victorialogs: format!("http://127.0.0.1:{}", ports["vlogs"]),
-        collector_grpc: ports["grpc"],
-        dir,
-    }
 }
 
 /// The Job's container environment as a process would see it: plain values, downward-API fields resolved, and
@@ -193,32 +60,43 @@ fn job_environment(job: &Job, pod_name: &str) -> Vec<(String, String)> {
     out
 }
 
-async fn prometheus_query(base: &str, query: &str) -> Vec<Value> {
-    let url = with_query(&format!("{base}/api/v1/query"), &[("query", query)]);
-    let Some((200, body)) = http_get(&url).await else { return Vec::new() };
-    let v: Value = serde_json::from_str(&body).unwrap_or_default();
-    v["data"]["result"].as_array().cloned().unwrap_or_default()
-}
-
-fn sum(result: &[Value]) -> f64 {
-    result.iter().filter_map(|s| s["value"][1].as_str()?.parse::<f64>().ok()).sum()
-}
-
 #[tokio::test]
 async fn a_workflow_run_lands_in_prometheus_jaeger_and_victorialogs_joined_to_its_trace() {
-    let backends = start_backends("data-path").await;
+    let backends = backends::start("data-path", 1).await;
     let client = client().await.expect("client");
     install_crds(&client).await.expect("CRDs");
     let ns = TestNamespace::new(&client, "data-path").await.expect("namespace");
-    let endpoint = format!("http://127.0.0.1:{}", backends.collector_grpc);
-    let _operator = Operator::start(&ns.name, &endpoint, &[]).await.expect("operator");
+    // The operator's default endpoint is another real collector; the runs name the team's TelemetryStack, whose
+    // collector (external to the cluster here) feeds the backends: everything of a run must land there, and nothing
+    // at the default.
+    let default_collector = Collector::start("data-path-default").await.expect("the default collector");
+    let _operator = Operator::start(&ns.name, &default_collector.endpoint, &[]).await.expect("operator");
+    let endpoint = format!("http://127.0.0.1:{}", backends.collector_grpc[0]);
+    let stack = json!({
+        "apiVersion": "flowtel.dev/v1alpha1", "kind": "TelemetryStack", "metadata": {"name": "team"},
+        "spec": {
+            "collector": {"enabled": false, "externalEndpoint": endpoint},
+            "prometheus": {"enabled": false}, "tempo": {"enabled": false}, "loki": {"enabled": false},
+            "grafana": {"enabled": false},
+        }
+    });
+    let stacks: Api<TelemetryStack> = Api::namespaced(client.clone(), &ns.name);
+    stacks.patch("team", &PatchParams::apply(TEST_MANAGER), &Patch::Apply(&stack)).await.expect("stack");
+    let serves = |s: Option<&TelemetryStack>| {
+        s.and_then(|s| s.status.as_ref()).is_some_and(|s| s.endpoints.otlp_grpc.as_deref() == Some(endpoint.as_str()))
+    };
+    tokio::time::timeout(WAIT, await_condition(stacks, "team", serves))
+        .await
+        .expect("the stack serves")
+        .expect("watch");
     let runs: Api<WorkflowRun> = Api::namespaced(client.clone(), &ns.name);
     let jobs: Api<Job> = Api::namespaced(client.clone(), &ns.name);
 
     // Two runs of `sync` (rate() needs two samples), each workflow process run with its Job's environment.
     let mut trace_ids = Vec::new();
     for name in ["sync-1", "sync-2"] {
-        let run = simple_run(name, "sync", "2s");
+        let mut run = simple_run(name, "sync", "2s");
+        run["spec"]["telemetryStackRef"] = json!({"name": "team"});
         runs.patch(name, &PatchParams::apply(TEST_MANAGER), &Patch::Apply(&run)).await.expect("run");
         let job_name = format!("{name}-1");
         let job = eventually("the run's Job", WAIT, async || jobs.get_opt(&job_name).await.ok().flatten()).await;
@@ -253,21 +131,21 @@ async fn a_workflow_run_lands_in_prometheus_jaeger_and_victorialogs_joined_to_it
     .await;
     assert_eq!(total, 2.0, "each run counted once");
     let status =
-        sum(&prometheus_query(prom, "sum(workflow_run_status_total{workflow_name=\"sync\",status=\"success\"})").await);
+        sum(&prometheus_query(prom, "sum(workflow_run_status{workflow_name=\"sync\",status=\"success\"})").await);
     assert_eq!(status, 2.0);
 
     // The ten metrics, with their labels.
     let expected: [(&str, &[&str]); 10] = [
         ("workflow_run_total", &["workflow_name"]),
-        ("workflow_run_duration_ms_milliseconds_bucket", &["workflow_name", "le"]),
-        ("workflow_run_status_total", &["workflow_name", "status"]),
-        ("workflow_step_duration_ms_milliseconds_bucket", &["workflow_name", "step_name", "le"]),
-        ("workflow_step_status_total", &["workflow_name", "step_name", "status"]),
-        ("workflow_retry_count_total", &["workflow_name", "step_name"]),
-        ("workflow_image_uploaded_total", &["workflow_name", "phone_id"]),
-        ("workflow_image_size_bytes_bucket", &["workflow_name", "phone_id", "le"]),
-        ("workflow_db_upsert_total", &["workflow_name", "table_name"]),
-        ("workflow_db_upsert_duration_ms_milliseconds_bucket", &["workflow_name", "table_name", "le"]),
+        ("workflow_run_duration_ms_bucket", &["workflow_name", "le"]),
+        ("workflow_run_status", &["workflow_name", "status"]),
+        ("workflow_step_duration_ms_bucket", &["workflow_name", "step_name", "le"]),
+        ("workflow_step_status", &["workflow_name", "step_name", "status"]),
+        ("workflow_retry_count", &["workflow_name", "step_name"]),
+        ("workflow_image_uploaded", &["workflow_name"]),
+        ("workflow_image_size_bytes_bucket", &["workflow_name", "le"]),
+        ("workflow_db_upsert", &["workflow_name", "table_name"]),
+        ("workflow_db_upsert_duration_ms_bucket", &["workflow_name", "table_name", "le"]),
     ];
     for (metric, labels) in expected {
         let series = eventually(&format!("{metric} in Prometheus"), WAIT, async || {
@@ -283,11 +161,9 @@ async fn a_workflow_run_lands_in_prometheus_jaeger_and_victorialogs_joined_to_it
         }
     }
     // Exactly the user's bucket boundaries.
-    for metric in [
-        "workflow_run_duration_ms_milliseconds_bucket",
-        "workflow_step_duration_ms_milliseconds_bucket",
-        "workflow_db_upsert_duration_ms_milliseconds_bucket",
-    ] {
+    for metric in
+        ["workflow_run_duration_ms_bucket", "workflow_step_duration_ms_bucket", "workflow_db_upsert_duration_ms_bucket"]
+    {
         let series = prometheus_query(prom, &format!("{metric}{{workflow_name=\"sync\"}}")).await;
         let le: BTreeSet<String> =
             series.iter().filter_map(|s| s["metric"]["le"].as_str().map(str::to_string)).collect();
@@ -379,4 +255,9 @@ async fn a_workflow_run_lands_in_prometheus_jaeger_and_victorialogs_joined_to_it
         }
     }
     assert_eq!(checked, 13, "every dashboard query");
+
+    // Everything above arrived through the team's stack; the default endpoint received nothing of these runs.
+    for signal in ["traces", "metrics", "logs"] {
+        assert!(default_collector.documents(signal).is_empty(), "{signal} reached the operator's default endpoint");
+    }
 }

@@ -502,13 +502,30 @@ async fn a_burst_of_200_runs_all_end_and_each_is_counted_once() {
 #[tokio::test]
 async fn bad_references_and_rejected_templates_are_reported_never_lost() {
     let env = Env::new("wfr-bad-input", &[]).await;
-    // A TelemetryStack that does not exist: the run still runs, with TelemetryDegraded and the reason.
+    // A TelemetryStack that does not exist: the run waits for it, Pending, naming the stack, with no Job, rather than
+    // sending its telemetry anywhere else.
     let run =
         run_json("no-stack", "wf-bad-input", json!({}), json!({}), json!({"telemetryStackRef": {"name": "missing"}}));
     env.submit(run).await;
-    let done = env.wait_exported("no-stack").await;
-    assert_eq!(phase(&done), Some(WorkflowRunPhase::Succeeded));
-    assert_eq!(condition_reason(&done, "TelemetryDegraded").as_deref(), Some("TelemetryStackNotFound"));
+    let waiting = |r: Option<&WorkflowRun>| {
+        r.and_then(|r| r.status.as_ref()).is_some_and(|s| {
+            s.phase == Some(WorkflowRunPhase::Pending)
+                && s.conditions.iter().any(|c| c.type_ == "Succeeded" && c.reason == "TelemetryStackNotFound")
+        })
+    };
+    let waits = tokio::time::timeout(WAIT, await_condition(env.runs(), "no-stack", waiting))
+        .await
+        .expect("the run waits for its stack")
+        .expect("watch")
+        .expect("the run");
+    let message = waits
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Succeeded"))
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(message.contains("spec.telemetryStackRef") && message.contains("missing"), "{message}");
+    assert_eq!(condition_reason(&waits, "TelemetryDegraded").as_deref(), Some("TelemetryStackNotFound"));
 
     // A template the apiserver rejects as a Job (a container name that is not a DNS label): the run fails once,
     // naming the reason, instead of retrying forever.
@@ -533,6 +550,11 @@ async fn bad_references_and_rejected_templates_are_reported_never_lost() {
     };
     assert!(warned("JobRejected"));
     assert!(warned("TelemetryDegraded"), "a missing TelemetryStack is a Warning event too");
+    // Still waiting after the other run went its whole way: no Job, no attempt.
+    assert!(env.jobs_of("no-stack").await.is_empty());
+    let still = env.runs().get("no-stack").await.expect("run");
+    assert_eq!(phase(&still), Some(WorkflowRunPhase::Pending));
+    assert!(still.status.as_ref().is_some_and(|s| s.attempts.is_empty()));
 }
 
 #[tokio::test]

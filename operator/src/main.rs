@@ -47,8 +47,8 @@ enum Command {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// OTLP gRPC endpoint of the operator's own run telemetry, and the workloads' default when a run references
-    /// no TelemetryStack. Without it, the operator exports nothing (runs say NoOtlpEndpoint once).
+    /// OTLP gRPC endpoint of the run telemetry of runs that reference no TelemetryStack (a run that does goes to its
+    /// stack's collector), and their workloads' default. Without it, those runs say NoOtlpEndpoint once.
     #[arg(long, env = "FLOWTEL_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
     /// Watch only this namespace (default: all).
@@ -159,24 +159,22 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut registry = Registry::default();
     let readiness = Readiness::default();
     let (notify_tx, notify_rx) = tokio::sync::mpsc::unbounded_channel();
-    // Without an endpoint the operator exports nothing, says so on every run once (NoOtlpEndpoint) and holds no
-    // finalizer; runs are never held up by telemetry.
-    let telemetry = match &args.otlp_endpoint {
-        None => Telemetry::disabled(),
-        Some(endpoint) => Telemetry::start(
-            &ExportConfig {
-                endpoint: endpoint.clone(),
-                export_timeout: Duration::from_secs(args.export_timeout_seconds),
-                drop_after: Duration::from_secs(args.export_drop_seconds),
-                histogram_boundaries: HashMap::from([(report::RUN_DURATION, args.duration_buckets.clone())]),
-                queue_capacity: 10_000,
-                journal: args.export_journal.clone(),
-            },
-            notify_tx,
-            ExportMetrics::register(&mut registry),
-            readiness.gate("export-worker", true),
-        )?,
-    };
+    // Always started: a run's report goes to its TelemetryStack's collector, or to --otlp-endpoint. Without that
+    // endpoint a run naming no stack says so once (NoOtlpEndpoint) and holds no finalizer; runs are never held up
+    // by telemetry.
+    let telemetry = Telemetry::start(
+        &ExportConfig {
+            endpoint: args.otlp_endpoint.clone(),
+            export_timeout: Duration::from_secs(args.export_timeout_seconds),
+            drop_after: Duration::from_secs(args.export_drop_seconds),
+            histogram_boundaries: HashMap::from([(report::RUN_DURATION, args.duration_buckets.clone())]),
+            queue_capacity: 10_000,
+            journal: args.export_journal.clone(),
+        },
+        notify_tx,
+        ExportMetrics::register(&mut registry),
+        readiness.gate("export-worker", true),
+    )?;
     let metrics = ControllerMetrics::register(&mut registry);
     let leading = prometheus_client::metrics::gauge::Gauge::<i64>::default();
     registry.register(

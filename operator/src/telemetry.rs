@@ -8,6 +8,11 @@
 //! changed. A report that is neither exported nor failed within `drop_after` (a dead worker, a collector that
 //! never answers) is dropped and counted: nothing waits on telemetry forever.
 //!
+//! Each report names its [`Destination`]: the operator's default endpoint, or the collector of the TelemetryStack
+//! its run names. The worker keeps one set of exporters per endpoint in use (at most [`MAX_ENDPOINTS`], the least
+//! recently used closed first) and exports each batch endpoint by endpoint, so that a run's telemetry lands in its
+//! own stack, and a stack that cannot be reached holds up only its own reports.
+//!
 //! Metrics are exported with delta temporality, and only by the worker's own flush after each batch (the periodic
 //! reader is idle): an increment is counted by the backend exactly when the flush that carried it succeeded, and
 //! a failed flush loses it, so the report is retried (or given up) without anything counted twice or left behind
@@ -45,6 +50,21 @@ pub enum TelemetryError {
     #[error(transparent)]
     Journal(#[from] JournalError),
 }
+
+/// Where a report goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Destination {
+    /// The operator's default endpoint (`--otlp-endpoint`), if it has one.
+    Default,
+    /// An OTLP gRPC endpoint of its own: the collector of the run's TelemetryStack.
+    Endpoint(String),
+    /// Named, but not reachable now (a TelemetryStack that does not exist or serves no endpoint yet): the report
+    /// fails with `reason` and is retried until it is reachable or the drop timeout, never sent elsewhere.
+    Unavailable { reason: String },
+}
+
+/// Endpoints with exporters open at once, at most.
+pub const MAX_ENDPOINTS: usize = 64;
 
 /// `value` added to the counter `name`.
 #[derive(Clone, Debug, PartialEq)]
@@ -84,7 +104,7 @@ pub enum ReportState {
     Failing { reason: String },
     /// Not exported within the drop timeout: record it as dropped (counted on /metrics).
     Dropped { reason: String },
-    /// This operator exports nothing (no OTLP endpoint).
+    /// Nothing is exported for it: its destination is the default, and this operator has no default endpoint.
     Disabled,
 }
 
@@ -206,8 +226,9 @@ impl ExportMetrics {
 /// OTLP target and tuning of the exporter.
 #[derive(Clone, Debug)]
 pub struct ExportConfig {
-    /// OTLP gRPC endpoint, e.g. `http://127.0.0.1:4317`.
-    pub endpoint: String,
+    /// The default OTLP gRPC endpoint, e.g. `http://127.0.0.1:4317`; None: only reports with an endpoint of
+    /// their own are exported.
+    pub endpoint: Option<String>,
     pub export_timeout: Duration,
     /// How long a report is retried before it is dropped (and counted).
     pub drop_after: Duration,
@@ -220,12 +241,15 @@ pub struct ExportConfig {
 
 struct Request<N> {
     key: String,
+    /// The OTLP endpoint it goes to.
+    endpoint: String,
     notify: N,
     report: Report,
 }
 
 struct Shared<N> {
     queue: mpsc::Sender<Request<N>>,
+    default_endpoint: Option<String>,
     ledger: Mutex<Ledger>,
     drop_after: Duration,
     metrics: ExportMetrics,
@@ -324,36 +348,18 @@ impl<N: Send + Sync + 'static> Telemetry<N> {
         metrics: ExportMetrics,
         worker_gate: Gate,
     ) -> Result<Self, TelemetryError> {
-        let err = |signal: &'static str, e: &dyn std::fmt::Display| TelemetryError::Exporter {
-            signal,
-            endpoint: config.endpoint.clone(),
-            message: e.to_string(),
-        };
-        // Each operator process is its own series of cumulative counters: name it, as a restart resets them.
+        // Each operator process is its own series of delta points: name it, as a restart starts them anew.
         let host =
             std::env::var("POD_NAME").or_else(|_| std::env::var("HOSTNAME")).unwrap_or_else(|_| "flowtel".into());
         let resource = Resource::builder()
             .with_service_name("flowtel")
             .with_attribute(KeyValue::new("service.instance.id", format!("{host}-{}", std::process::id())))
             .build();
-        let metric_exporter = MetricExporter::builder()
-            .with_tonic()
-            .with_temporality(Temporality::Delta)
-            .with_endpoint(&config.endpoint)
-            .with_timeout(config.export_timeout)
-            .build()
-            .map_err(|e| err("metrics", &e))?;
-        // Only the worker's flushes export (see the module's comment): the periodic reader never fires on its own.
-        let reader = PeriodicReader::builder(metric_exporter).with_interval(Duration::from_secs(365 * 86_400)).build();
-        let meter_provider = SdkMeterProvider::builder().with_reader(reader).with_resource(resource.clone()).build();
-        let mut span_exporter = SpanExporter::builder()
-            .with_tonic()
-            .with_endpoint(&config.endpoint)
-            .with_timeout(config.export_timeout)
-            .build()
-            .map_err(|e| err("traces", &e))?;
-        span_exporter.set_resource(&resource);
-
+        // The default endpoint's exporters are opened now, so that a malformed one stops the operator at start.
+        let mut endpoints = HashMap::new();
+        if let Some(endpoint) = &config.endpoint {
+            endpoints.insert(endpoint.clone(), Exporters::build(endpoint, config.export_timeout, &resource)?);
+        }
         let (queue, rx) = mpsc::channel(config.queue_capacity);
         let (stopped_tx, stopped) = watch::channel(false);
         // What an earlier process in this pod exported and its objects may not record yet: not exported again.
@@ -369,6 +375,7 @@ impl<N: Send + Sync + 'static> Telemetry<N> {
         };
         let shared = Arc::new(Shared {
             queue,
+            default_endpoint: config.endpoint.clone(),
             ledger: Mutex::new(ledger),
             drop_after: config.drop_after,
             settled: watch::Sender::new(0),
@@ -381,11 +388,9 @@ impl<N: Send + Sync + 'static> Telemetry<N> {
         });
         let worker = Worker {
             rx,
-            meter: meter_provider.meter("flowtel"),
-            meter_provider,
-            span_exporter,
-            counters: HashMap::new(),
-            histograms: HashMap::new(),
+            endpoints,
+            resource,
+            export_timeout: config.export_timeout,
             boundaries: config.histogram_boundaries.clone(),
             shared: shared.clone(),
             notify,
@@ -405,9 +410,9 @@ impl<N: Send + Sync + 'static> Telemetry<N> {
         Ok(Self { shared: Some(shared) })
     }
 
-    /// Whether this operator exports at all.
-    pub fn is_enabled(&self) -> bool {
-        self.shared.is_some()
+    /// Whether reports to `destination` are exported (not `Disabled`).
+    pub fn exports_to(&self, destination: &Destination) -> bool {
+        self.shared.as_ref().is_some_and(|s| *destination != Destination::Default || s.default_endpoint.is_some())
     }
 
     /// Whether exports currently succeed. While they fail, callers should not hold work up waiting for one.
@@ -417,13 +422,21 @@ impl<N: Send + Sync + 'static> Telemetry<N> {
 
     /// Asks for the report `key` to be exported (once) and says where it stands. Never waits on the network.
     /// `build` is called only when the report is (re)queued.
-    pub fn report(&self, key: &str, notify: N, build: impl FnOnce() -> Report) -> ReportState {
-        let Some(shared) = &self.shared else { return ReportState::Disabled };
+    pub fn report(
+        &self,
+        key: &str,
+        destination: &Destination,
+        notify: N,
+        build: impl FnOnce() -> Report,
+    ) -> ReportState {
+        let Some(shared) = self.shared.as_ref().filter(|_| self.exports_to(destination)) else {
+            return ReportState::Disabled;
+        };
         let mut ledger = shared.ledger();
         ledger.expire(shared.drop_after + REMEMBER);
         let now = Instant::now();
         let Some(entry) = ledger.entries.get_mut(key) else {
-            let (state, last_failure) = match shared.enqueue(key, notify, build()) {
+            let (state, last_failure) = match shared.enqueue(key, destination, notify, build) {
                 Ok(()) => (EntryState::Queued, None),
                 Err(reason) => (EntryState::Failed, Some(reason)),
             };
@@ -440,7 +453,7 @@ impl<N: Send + Sync + 'static> Telemetry<N> {
             // Retry at most every RETRY_EVERY: an endpoint that refuses at once would otherwise turn
             // fail → notify → reconcile → re-send into a busy loop.
             entry.last_try = now;
-            match shared.enqueue(key, notify, build()) {
+            match shared.enqueue(key, destination, notify, build) {
                 Ok(()) => entry.state = EntryState::Queued,
                 Err(reason) => entry.last_failure = Some(reason),
             }
@@ -506,8 +519,19 @@ impl Entry {
 }
 
 impl<N> Shared<N> {
-    fn enqueue(&self, key: &str, notify: N, report: Report) -> Result<(), String> {
-        match self.queue.try_send(Request { key: key.to_string(), notify, report }) {
+    fn enqueue(
+        &self,
+        key: &str,
+        destination: &Destination,
+        notify: N,
+        build: impl FnOnce() -> Report,
+    ) -> Result<(), String> {
+        let endpoint = match destination {
+            Destination::Default => self.default_endpoint.clone().ok_or("NoOtlpEndpoint")?,
+            Destination::Endpoint(endpoint) => endpoint.clone(),
+            Destination::Unavailable { reason } => return Err(reason.clone()),
+        };
+        match self.queue.try_send(Request { key: key.to_string(), endpoint, notify, report: build() }) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.metrics.queue_full.inc();
@@ -531,18 +555,93 @@ async fn gather<T>(rx: &mut mpsc::Receiver<T>, batch: &mut Vec<T>, max: usize, l
     false
 }
 
-struct Worker<N> {
-    rx: mpsc::Receiver<Request<N>>,
+/// The exporters of one endpoint.
+struct Exporters {
     meter_provider: SdkMeterProvider,
     meter: Meter,
     span_exporter: SpanExporter,
     counters: HashMap<&'static str, Counter<u64>>,
     histograms: HashMap<&'static str, Histogram<f64>>,
+    last_used: Instant,
+}
+
+impl Exporters {
+    fn build(endpoint: &str, timeout: Duration, resource: &Resource) -> Result<Self, TelemetryError> {
+        let err = |signal: &'static str, e: &dyn std::fmt::Display| TelemetryError::Exporter {
+            signal,
+            endpoint: endpoint.to_string(),
+            message: e.to_string(),
+        };
+        let metric_exporter = MetricExporter::builder()
+            .with_tonic()
+            .with_temporality(Temporality::Delta)
+            .with_endpoint(endpoint)
+            .with_timeout(timeout)
+            .build()
+            .map_err(|e| err("metrics", &e))?;
+        // Only the worker's flushes export (see the module's comment): the periodic reader never fires on its own.
+        let reader = PeriodicReader::builder(metric_exporter).with_interval(Duration::from_secs(365 * 86_400)).build();
+        let meter_provider = SdkMeterProvider::builder().with_reader(reader).with_resource(resource.clone()).build();
+        let mut span_exporter = SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint)
+            .with_timeout(timeout)
+            .build()
+            .map_err(|e| err("traces", &e))?;
+        span_exporter.set_resource(resource);
+        Ok(Self {
+            meter: meter_provider.meter("flowtel"),
+            meter_provider,
+            span_exporter,
+            counters: HashMap::new(),
+            histograms: HashMap::new(),
+            last_used: Instant::now(),
+        })
+    }
+
+    fn record(&mut self, report: &Report, boundaries: &HashMap<&'static str, Vec<f64>>) {
+        for c in &report.counters {
+            let meter = &self.meter;
+            self.counters
+                .entry(c.name)
+                .or_insert_with(|| meter.u64_counter(c.name).with_description(c.description).build())
+                .add(c.value, &c.attributes);
+        }
+        for h in &report.histograms {
+            let meter = &self.meter;
+            self.histograms
+                .entry(h.name)
+                .or_insert_with(|| {
+                    let builder = meter.f64_histogram(h.name).with_description(h.description).with_unit(h.unit);
+                    match boundaries.get(h.name) {
+                        Some(b) => builder.with_boundaries(b.clone()).build(),
+                        None => builder.build(),
+                    }
+                })
+                .record(h.value, &h.attributes);
+        }
+    }
+
+    /// Flushes and closes the meter provider (off the async workers: it blocks on the export).
+    async fn close(self) {
+        let provider = self.meter_provider;
+        let _ = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+    }
+}
+
+struct Worker<N> {
+    rx: mpsc::Receiver<Request<N>>,
+    /// Exporters by endpoint, opened on first use.
+    endpoints: HashMap<String, Exporters>,
+    resource: Resource,
+    export_timeout: Duration,
     boundaries: HashMap<&'static str, Vec<f64>>,
     shared: Arc<Shared<N>>,
     notify: mpsc::UnboundedSender<N>,
     journal: Option<Journal>,
 }
+
+type ExportError = opentelemetry_sdk::error::OTelSdkError;
 
 impl<N: Send + Sync + 'static> Worker<N> {
     /// Writes `fact` for `keys` to the journal, if there is one. A failed write is logged: the report went out, and
@@ -576,7 +675,7 @@ impl<N: Send + Sync + 'static> Worker<N> {
                 }
                 n = self.rx.recv_many(&mut batch, BATCH) => n == 0 || gather(&mut self.rx, &mut batch, BATCH, LINGER).await,
             };
-            // Drained in batches: one OTLP request per BATCH reports.
+            // Drained in batches: one OTLP request per endpoint and BATCH reports.
             while !batch.is_empty() {
                 let rest = batch.split_off(batch.len().min(BATCH));
                 self.export_batch(batch).await;
@@ -586,21 +685,57 @@ impl<N: Send + Sync + 'static> Worker<N> {
                 break;
             }
         }
-        let provider = self.meter_provider.clone();
-        let _ = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+        for (_, exporters) in self.endpoints.drain() {
+            exporters.close().await;
+        }
     }
 
-    /// Exports one batch and settles its entries. A panic while exporting fails the batch, not the worker.
+    /// The exporters of `endpoint`, opened if need be (closing the least recently used beyond `MAX_ENDPOINTS`).
+    async fn exporters(&mut self, endpoint: &str) -> Result<&mut Exporters, ExportError> {
+        if !self.endpoints.contains_key(endpoint) {
+            let opened = Exporters::build(endpoint, self.export_timeout, &self.resource)
+                .map_err(|e| ExportError::InternalFailure(e.to_string()))?;
+            if self.endpoints.len() >= MAX_ENDPOINTS {
+                let oldest = self.endpoints.iter().min_by_key(|(_, e)| e.last_used).map(|(k, _)| k.clone());
+                if let Some(exporters) = oldest.and_then(|k| self.endpoints.remove(&k)) {
+                    exporters.close().await;
+                }
+            }
+            self.endpoints.insert(endpoint.to_string(), opened);
+        }
+        let exporters = self.endpoints.get_mut(endpoint).ok_or(ExportError::AlreadyShutdown)?;
+        exporters.last_used = Instant::now();
+        Ok(exporters)
+    }
+
+    /// Exports one batch endpoint by endpoint: each endpoint's reports succeed or fail together, apart from the
+    /// others'.
     async fn export_batch(&mut self, requests: Vec<Request<N>>) {
-        let result = AssertUnwindSafe(self.export(&requests)).catch_unwind().await;
+        let mut groups: Vec<Vec<Request<N>>> = Vec::new();
+        for r in requests {
+            match groups.iter_mut().find(|g| g[0].endpoint == r.endpoint) {
+                Some(group) => group.push(r),
+                None => groups.push(vec![r]),
+            }
+        }
+        for group in groups {
+            self.export_group(group).await;
+        }
+    }
+
+    /// Exports the reports of one endpoint and settles their entries. A panic while exporting fails them, not the
+    /// worker.
+    async fn export_group(&mut self, requests: Vec<Request<N>>) {
+        let endpoint = requests.first().map(|r| r.endpoint.clone()).unwrap_or_default();
+        let result = AssertUnwindSafe(self.export(&endpoint, &requests)).catch_unwind().await;
         let failure = match result {
             Ok(Ok(())) => None,
             Ok(Err(e)) => {
-                tracing::warn!(error = %e, reports = requests.len(), "exporting telemetry failed");
+                tracing::warn!(error = %e, %endpoint, reports = requests.len(), "exporting telemetry failed");
                 Some("ExportFailed")
             }
             Err(_) => {
-                tracing::error!(reports = requests.len(), "exporting telemetry panicked");
+                tracing::error!(%endpoint, reports = requests.len(), "exporting telemetry panicked");
                 Some("ExportWorkerPanicked")
             }
         };
@@ -617,7 +752,7 @@ impl<N: Send + Sync + 'static> Worker<N> {
         let count = requests.len() as u64;
         if tracing::enabled!(tracing::Level::DEBUG) {
             let keys: Vec<&str> = requests.iter().map(|r| r.key.as_str()).collect();
-            tracing::debug!(?keys, failure, "export batch settled");
+            tracing::debug!(?keys, %endpoint, failure, "export batch settled");
         }
         match failure {
             None => self.shared.metrics.exported.inc_by(count),
@@ -629,8 +764,8 @@ impl<N: Send + Sync + 'static> Worker<N> {
         }
     }
 
-    /// Metrics first (recorded, then flushed: the deltas of exactly this batch), then spans.
-    async fn export(&mut self, requests: &[Request<N>]) -> Result<(), opentelemetry_sdk::error::OTelSdkError> {
+    /// Metrics first (recorded, then flushed: the deltas of exactly these reports), then spans.
+    async fn export(&mut self, endpoint: &str, requests: &[Request<N>]) -> Result<(), ExportError> {
         let mut spans = Vec::new();
         let mut recorded = Vec::new();
         {
@@ -645,15 +780,24 @@ impl<N: Send + Sync + 'static> Worker<N> {
                 spans.extend(r.report.spans.iter().cloned());
             }
         }
-        for r in &recorded {
-            self.record(&r.report);
+        if recorded.is_empty() && spans.is_empty() {
+            return Ok(());
         }
+        let boundaries = std::mem::take(&mut self.boundaries);
+        let exporters = self.exporters(endpoint).await;
+        let provider = exporters.map(|exporters| {
+            for r in &recorded {
+                exporters.record(&r.report, &boundaries);
+            }
+            exporters.meter_provider.clone()
+        });
+        self.boundaries = boundaries;
+        let provider = provider?;
         if !recorded.is_empty() {
             // force_flush blocks on the export; keep it off the async workers.
-            let provider = self.meter_provider.clone();
             tokio::task::spawn_blocking(move || provider.force_flush())
                 .await
-                .unwrap_or_else(|e| Err(opentelemetry_sdk::error::OTelSdkError::InternalFailure(e.to_string())))?;
+                .unwrap_or_else(|e| Err(ExportError::InternalFailure(e.to_string())))?;
             {
                 let mut ledger = self.shared.ledger();
                 for r in &recorded {
@@ -669,33 +813,10 @@ impl<N: Send + Sync + 'static> Worker<N> {
             }
         }
         if !spans.is_empty() {
-            self.span_exporter.export(spans).await?;
+            let exporters = self.endpoints.get(endpoint).ok_or(ExportError::AlreadyShutdown)?;
+            exporters.span_exporter.export(spans).await?;
         }
         Ok(())
-    }
-
-    fn record(&mut self, report: &Report) {
-        for c in &report.counters {
-            let meter = &self.meter;
-            self.counters
-                .entry(c.name)
-                .or_insert_with(|| meter.u64_counter(c.name).with_description(c.description).build())
-                .add(c.value, &c.attributes);
-        }
-        for h in &report.histograms {
-            let meter = &self.meter;
-            let boundaries = self.boundaries.get(h.name).cloned();
-            self.histograms
-                .entry(h.name)
-                .or_insert_with(|| {
-                    let builder = meter.f64_histogram(h.name).with_description(h.description).with_unit(h.unit);
-                    match boundaries {
-                        Some(b) => builder.with_boundaries(b).build(),
-                        None => builder.build(),
-                    }
-                })
-                .record(h.value, &h.attributes);
-        }
     }
 }
 
@@ -705,10 +826,19 @@ mod tests {
 
     /// A handle whose worker is never started: what the ledger says, without a network.
     fn idle(drop_after: Duration, capacity: usize) -> (Telemetry<u32>, mpsc::Receiver<Request<u32>>) {
+        idle_with(drop_after, capacity, Some("http://default:4317"))
+    }
+
+    fn idle_with(
+        drop_after: Duration,
+        capacity: usize,
+        default_endpoint: Option<&str>,
+    ) -> (Telemetry<u32>, mpsc::Receiver<Request<u32>>) {
         let (queue, rx) = mpsc::channel(capacity);
         let (_tx, stopped) = watch::channel(false);
         let shared = Arc::new(Shared {
             queue,
+            default_endpoint: default_endpoint.map(str::to_string),
             ledger: Mutex::default(),
             drop_after,
             metrics: ExportMetrics::default(),
@@ -751,11 +881,11 @@ mod tests {
             Recalled { key: "metrics-only".into(), fact: Fact::MetricsExported, age: Duration::from_secs(10) },
             Recalled { key: "exported".into(), fact: Fact::Exported, age: Duration::from_secs(5) },
         ]);
-        assert_eq!(t.report("exported", 1, Report::default), ReportState::Exported);
+        assert_eq!(t.report("exported", &Destination::Default, 1, Report::default), ReportState::Exported);
         assert!(rx.try_recv().is_err(), "nothing queued for a recalled export");
         // Its spans are sent again, its metrics not (they went out before the restart).
         assert_eq!(
-            t.report("metrics-only", 2, Report::default),
+            t.report("metrics-only", &Destination::Default, 2, Report::default),
             ReportState::Failing { reason: "ExportInterrupted".into() }
         );
         assert_eq!(rx.try_recv().map(|r| r.key).ok().as_deref(), Some("metrics-only"));
@@ -767,39 +897,53 @@ mod tests {
     #[test]
     fn a_report_is_queued_once_and_then_exported() {
         let (t, mut rx) = idle(Duration::from_secs(30), 8);
-        assert_eq!(t.report("a", 1, Report::default), ReportState::Pending);
-        assert_eq!(t.report("a", 1, Report::default), ReportState::Pending);
+        assert_eq!(t.report("a", &Destination::Default, 1, Report::default), ReportState::Pending);
+        assert_eq!(t.report("a", &Destination::Default, 1, Report::default), ReportState::Pending);
         assert!(rx.try_recv().is_ok());
         assert!(rx.try_recv().is_err(), "asked twice, queued once");
         settle(&t, "a", None);
-        assert_eq!(t.report("a", 1, Report::default), ReportState::Exported);
+        assert_eq!(t.report("a", &Destination::Default, 1, Report::default), ReportState::Exported);
     }
 
     #[test]
     fn a_queued_retry_keeps_the_last_failure() {
         let (t, mut rx) = idle(Duration::from_secs(30), 8);
-        t.report("a", 1, Report::default);
+        t.report("a", &Destination::Default, 1, Report::default);
         settle(&t, "a", Some("ExportFailed"));
         let failing = ReportState::Failing { reason: "ExportFailed".into() };
-        assert_eq!(t.report("a", 1, Report::default), failing);
+        assert_eq!(t.report("a", &Destination::Default, 1, Report::default), failing);
         backdate(&t, "a", RETRY_EVERY);
-        assert_eq!(t.report("a", 1, Report::default), failing, "requeued, still failing until it succeeds");
+        assert_eq!(
+            t.report("a", &Destination::Default, 1, Report::default),
+            failing,
+            "requeued, still failing until it succeeds"
+        );
         assert_eq!(std::iter::from_fn(|| rx.try_recv().ok()).count(), 2, "first try and one retry");
-        assert_eq!(t.report("a", 1, Report::default), failing, "no second retry within RETRY_EVERY");
+        assert_eq!(
+            t.report("a", &Destination::Default, 1, Report::default),
+            failing,
+            "no second retry within RETRY_EVERY"
+        );
         settle(&t, "a", None);
-        assert_eq!(t.report("a", 1, Report::default), ReportState::Exported);
+        assert_eq!(t.report("a", &Destination::Default, 1, Report::default), ReportState::Exported);
     }
 
     #[test]
     fn pending_and_failing_reports_are_dropped_after_the_timeout() {
         let (t, _rx) = idle(Duration::from_secs(30), 8);
-        t.report("stuck", 1, Report::default);
+        t.report("stuck", &Destination::Default, 1, Report::default);
         backdate(&t, "stuck", Duration::from_secs(31));
-        assert_eq!(t.report("stuck", 1, Report::default), ReportState::Dropped { reason: "ExportTimedOut".into() });
-        t.report("failing", 1, Report::default);
+        assert_eq!(
+            t.report("stuck", &Destination::Default, 1, Report::default),
+            ReportState::Dropped { reason: "ExportTimedOut".into() }
+        );
+        t.report("failing", &Destination::Default, 1, Report::default);
         settle(&t, "failing", Some("ExportFailed"));
         backdate(&t, "failing", Duration::from_secs(31));
-        assert_eq!(t.report("failing", 1, Report::default), ReportState::Dropped { reason: "ExportFailed".into() });
+        assert_eq!(
+            t.report("failing", &Destination::Default, 1, Report::default),
+            ReportState::Dropped { reason: "ExportFailed".into() }
+        );
         let dropped = t.shared.as_ref().map(|s| s.metrics.dropped.get());
         assert_eq!(dropped, Some(2));
     }
@@ -807,11 +951,17 @@ mod tests {
     #[test]
     fn a_full_queue_fails_the_report_and_a_closed_one_says_the_worker_stopped() {
         let (t, rx) = idle(Duration::from_secs(30), 1);
-        assert_eq!(t.report("a", 1, Report::default), ReportState::Pending);
-        assert_eq!(t.report("b", 2, Report::default), ReportState::Failing { reason: "ExportQueueFull".into() });
+        assert_eq!(t.report("a", &Destination::Default, 1, Report::default), ReportState::Pending);
+        assert_eq!(
+            t.report("b", &Destination::Default, 2, Report::default),
+            ReportState::Failing { reason: "ExportQueueFull".into() }
+        );
         drop(rx);
         assert!(!t.is_healthy());
-        assert_eq!(t.report("c", 3, Report::default), ReportState::Failing { reason: "ExportWorkerStopped".into() });
+        assert_eq!(
+            t.report("c", &Destination::Default, 3, Report::default),
+            ReportState::Failing { reason: "ExportWorkerStopped".into() }
+        );
     }
 
     #[test]
@@ -837,15 +987,15 @@ mod tests {
     fn peek_says_where_a_report_stands_without_queueing_it() {
         let (t, mut rx) = idle(Duration::from_secs(30), 8);
         assert_eq!(t.peek("a"), None);
-        t.report("a", 1, Report::default);
+        t.report("a", &Destination::Default, 1, Report::default);
         assert!(rx.try_recv().is_ok());
         settle(&t, "a", Some("ExportFailed"));
         backdate(&t, "a", RETRY_EVERY);
         assert_eq!(t.peek("a"), Some(ReportState::Failing { reason: "ExportFailed".into() }));
         assert!(rx.try_recv().is_err(), "a peek never retries");
-        t.report("a", 1, Report::default);
+        t.report("a", &Destination::Default, 1, Report::default);
         assert_eq!(t.peek("a"), Some(ReportState::Pending), "a queued retry may still go out");
-        t.report("b", 2, Report::default);
+        t.report("b", &Destination::Default, 2, Report::default);
         backdate(&t, "b", Duration::from_secs(31));
         assert_eq!(t.peek("b"), Some(ReportState::Dropped { reason: "ExportTimedOut".into() }));
     }
@@ -879,7 +1029,7 @@ mod tests {
     #[tokio::test]
     async fn settled_waits_for_the_batch_that_settles_the_report() {
         let (t, _rx) = idle(Duration::from_secs(30), 8);
-        t.report("a", 1, Report::default);
+        t.report("a", &Destination::Default, 1, Report::default);
         let waiter = {
             let t = t.clone();
             tokio::spawn(async move { t.settled("a").await })
@@ -897,8 +1047,8 @@ mod tests {
     #[tokio::test]
     async fn a_report_settled_while_waited_for_is_not_notified_and_the_waiter_sees_it() {
         let (t, mut rx) = idle(Duration::from_secs(30), 8);
-        t.report("a", 1, Report::default);
-        t.report("b", 2, Report::default);
+        t.report("a", &Destination::Default, 1, Report::default);
+        t.report("b", &Destination::Default, 2, Report::default);
         let (a, b) = (rx.try_recv().expect("a"), rx.try_recv().expect("b"));
         let shared = t.shared.clone().expect("enabled");
         let waiter = {
@@ -913,15 +1063,49 @@ mod tests {
         let seen = tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("woken").expect("joined");
         assert_eq!(seen, Some(ReportState::Exported));
         assert!(shared.waited().is_empty(), "the waiter left");
-        t.report("c", 3, Report::default);
+        t.report("c", &Destination::Default, 3, Report::default);
         let c = rx.try_recv().expect("c");
         assert_eq!(shared.settle_batch(vec![c], None), vec![3], "no waiter: notified");
     }
 
     #[test]
+    fn a_report_goes_to_its_own_endpoint_and_an_unreachable_one_fails_without_going_elsewhere() {
+        let (t, mut rx) = idle(Duration::from_secs(30), 8);
+        let stack = Destination::Endpoint("http://stack-collector.team.svc:4317".into());
+        assert_eq!(t.report("a", &stack, 1, Report::default), ReportState::Pending);
+        assert_eq!(t.report("b", &Destination::Default, 2, Report::default), ReportState::Pending);
+        let endpoints: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok()).map(|r| r.endpoint).collect();
+        assert_eq!(endpoints, ["http://stack-collector.team.svc:4317", "http://default:4317"]);
+
+        let missing = Destination::Unavailable { reason: "TelemetryStackNotFound".into() };
+        let failing = ReportState::Failing { reason: "TelemetryStackNotFound".into() };
+        assert_eq!(t.report("c", &missing, 3, Report::default), failing);
+        assert!(rx.try_recv().is_err(), "nothing queued, to the default or anywhere");
+        backdate(&t, "c", RETRY_EVERY);
+        assert_eq!(t.report("c", &stack, 3, Report::default), failing, "reachable now: queued, failing until it goes");
+        assert_eq!(rx.try_recv().map(|r| r.endpoint).ok().as_deref(), Some("http://stack-collector.team.svc:4317"));
+        backdate(&t, "c", Duration::from_secs(30));
+        assert_eq!(
+            t.report("c", &missing, 3, Report::default),
+            ReportState::Dropped { reason: "TelemetryStackNotFound".into() }
+        );
+    }
+
+    #[test]
+    fn without_a_default_endpoint_only_reports_with_their_own_are_exported() {
+        let (t, mut rx) = idle_with(Duration::from_secs(30), 8, None);
+        assert!(!t.exports_to(&Destination::Default));
+        assert_eq!(t.report("a", &Destination::Default, 1, Report::default), ReportState::Disabled);
+        let stack = Destination::Endpoint("http://stack:4317".into());
+        assert!(t.exports_to(&stack));
+        assert_eq!(t.report("b", &stack, 2, Report::default), ReportState::Pending);
+        assert_eq!(rx.try_recv().map(|r| r.key).ok().as_deref(), Some("b"));
+    }
+
+    #[test]
     fn disabled_exports_nothing() {
         let t = Telemetry::<u32>::disabled();
-        assert_eq!(t.report("a", 1, Report::default), ReportState::Disabled);
+        assert_eq!(t.report("a", &Destination::Default, 1, Report::default), ReportState::Disabled);
         assert!(!t.is_healthy());
     }
 }

@@ -106,7 +106,16 @@ const KNOWN: [(&str, &[&str]); 5] = [
     ("receivers", &["otlp"]),
     (
         "processors",
-        &["batch", "memory_limiter", "attributes", "tail_sampling", "deltatocumulative", "delta_to_cumulative"],
+        &[
+            "batch",
+            "memory_limiter",
+            "attributes",
+            "tail_sampling",
+            "deltatocumulative",
+            "delta_to_cumulative",
+            "transform",
+            "interval",
+        ],
     ),
     ("exporters", &["otlp", "otlp_grpc", "otlphttp", "otlp_http", "file"]),
     ("extensions", &["health_check", "file_storage"]),

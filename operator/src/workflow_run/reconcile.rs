@@ -25,7 +25,7 @@ use super::report::{self, ReportKind};
 use crate::runtime::expiring::ExpiringMap;
 use crate::runtime::slim::Slim;
 use crate::runtime::triggers::OwnWrites;
-use crate::telemetry::{RETRY_EVERY, ReportState, Telemetry};
+use crate::telemetry::{Destination, RETRY_EVERY, ReportState, Telemetry};
 
 /// The field manager of everything flowtel writes.
 pub const FIELD_MANAGER: &str = crate::runtime::FIELD_MANAGER;
@@ -147,8 +147,29 @@ fn wrote(ctx: &Context, copy: &Arc<WorkflowRun>) {
     ctx.own_writes.wrote(copy.clone());
 }
 
-/// The reason a run waits for its TelemetryStack (and its telemetry is degraded meanwhile).
+/// The reasons a run waits for its TelemetryStack (and its telemetry is degraded meanwhile): it does not exist, or
+/// serves no OTLP endpoint yet. Its telemetry is never sent elsewhere meanwhile.
+pub const STACK_NOT_FOUND: &str = "TelemetryStackNotFound";
 pub const STACK_NOT_READY: &str = "TelemetryStackNotReady";
+
+/// Where the run's own report (run metrics, run and attempt spans) goes: its TelemetryStack's collector when it
+/// names one, else the operator's default endpoint.
+fn report_destination(run: &WorkflowRun, ctx: &Context) -> Destination {
+    let Some(reference) = &run.spec.telemetry_stack_ref else { return Destination::Default };
+    let key = ObjectRef::<TelemetryStack>::new(&reference.name).within(&run.namespace().unwrap_or_default());
+    match ctx.stacks.get(&key) {
+        None => Destination::Unavailable { reason: STACK_NOT_FOUND.into() },
+        Some(stack) => match stack.status.as_ref().and_then(|s| s.endpoints.otlp_grpc.clone()) {
+            Some(endpoint) => Destination::Endpoint(endpoint),
+            None => Destination::Unavailable { reason: STACK_NOT_READY.into() },
+        },
+    }
+}
+
+/// Whether the run's report is exported at all (a finalizer holds the run until it is).
+fn reports_exported(run: &WorkflowRun, ctx: &Context) -> bool {
+    ctx.telemetry.exports_to(&report_destination(run, ctx))
+}
 
 /// The workload's telemetry target, and why telemetry is degraded when it is.
 fn telemetry_target(run: &WorkflowRun, ctx: &Context) -> (OtlpTarget, Option<(String, String)>) {
@@ -165,11 +186,11 @@ fn telemetry_target(run: &WorkflowRun, ctx: &Context) -> (OtlpTarget, Option<(St
     let key = ObjectRef::<TelemetryStack>::new(&reference.name).within(&run.namespace().unwrap_or_default());
     match ctx.stacks.get(&key) {
         None => (
-            default,
+            OtlpTarget { endpoint: None, protocol: "grpc".into() },
             Some((
-                "TelemetryStackNotFound".into(),
+                STACK_NOT_FOUND.into(),
                 format!(
-                    "spec.telemetryStackRef: TelemetryStack {} not found; using the operator's default",
+                    "spec.telemetryStackRef: TelemetryStack {} not found; the first attempt waits for it",
                     reference.name
                 ),
             )),
@@ -177,7 +198,7 @@ fn telemetry_target(run: &WorkflowRun, ctx: &Context) -> (OtlpTarget, Option<(St
         Some(stack) => match stack.status.as_ref().and_then(|s| s.endpoints.otlp_grpc.clone()) {
             Some(endpoint) => (OtlpTarget { endpoint: Some(endpoint), protocol: "grpc".into() }, None),
             None => (
-                default,
+                OtlpTarget { endpoint: None, protocol: "grpc".into() },
                 Some((
                     STACK_NOT_READY.into(),
                     format!(
@@ -371,7 +392,7 @@ impl Reports {
 }
 
 /// Reasons that say where the workload's telemetry goes; they are decided afresh on every reconcile.
-const TARGET_REASONS: [&str; 3] = ["TelemetryStackNotFound", "TelemetryStackNotReady", "NoOtlpEndpoint"];
+const TARGET_REASONS: [&str; 3] = [STACK_NOT_FOUND, STACK_NOT_READY, "NoOtlpEndpoint"];
 
 /// The export degradation status records, if any.
 fn degraded_in(stored: &WorkflowRunStatus) -> Option<(String, String)> {
@@ -390,8 +411,10 @@ fn report_telemetry(run: &WorkflowRun, ctx: &Context, stored: &WorkflowRunStatus
     if plan::is_terminal(stored) && !out.report.finished {
         let with_start = !out.report.started;
         let key = report::key(&uid, ReportKind::Finished);
-        let state =
-            ctx.telemetry.report(&key, object, || report::finished(run, stored, with_start).unwrap_or_default());
+        let destination = report_destination(run, ctx);
+        let state = ctx
+            .telemetry
+            .report(&key, &destination, object, || report::finished(run, stored, with_start).unwrap_or_default());
         if state == ReportState::Pending {
             out.awaiting = Some(key);
         }
@@ -690,7 +713,7 @@ async fn reconcile_body(
     written: &mut Vec<Arc<WorkflowRun>>,
 ) -> Result<Next, ReconcileError> {
     let stored = run.status.clone().unwrap_or_default();
-    let exports = ctx.telemetry.is_enabled();
+    let exports = reports_exported(run, ctx);
     match finalizer_step(run, &stored, exports) {
         FinalizerStep::Continue => {}
         FinalizerStep::Stop => return Ok(Next::after(None)),
@@ -716,7 +739,7 @@ async fn reconcile_body(
     }
     let (jobs, pods) = read_children(run, ctx);
     let (target, target_degraded) = telemetry_target(run, ctx);
-    if ctx.telemetry.is_enabled() && asks_for_a_report(&stored) {
+    if exports && asks_for_a_report(&stored) {
         ctx.await_apiserver(run).await?;
     }
     let mut reports = report_telemetry(run, ctx, &stored);
@@ -736,7 +759,9 @@ async fn reconcile_body(
         pods: pods.iter().map(Arc::as_ref).collect(),
         telemetry_degraded: reports.degraded.or(target_degraded.clone()),
         exports_telemetry: exports,
-        waiting_for: target_degraded.clone().filter(|(reason, _)| reason == STACK_NOT_READY),
+        waiting_for: target_degraded
+            .clone()
+            .filter(|(reason, _)| [STACK_NOT_FOUND, STACK_NOT_READY].contains(&reason.as_str())),
         pod_creation_failure,
     };
     let mut plan = plan::plan(run, &obs, &ctx.settings);
@@ -798,7 +823,7 @@ fn quiet_after(
     target_degraded: Option<(String, String)>,
 ) -> Option<Option<Duration>> {
     let status = written.status.clone().unwrap_or_default();
-    if finalizer_step(written, &status, ctx.telemetry.is_enabled()) != FinalizerStep::Continue {
+    if finalizer_step(written, &status, reports_exported(written, ctx)) != FinalizerStep::Continue {
         return None;
     }
     let now = jiff::Timestamp::now();
@@ -840,7 +865,7 @@ async fn export_the_end_with_it(
     planned: &WorkflowRunStatus,
 ) -> Result<Option<Reports>, ReconcileError> {
     let ends_now = !plan::is_terminal(stored) && plan::is_terminal(planned);
-    if !ends_now || !ctx.telemetry.is_enabled() || !ctx.telemetry.is_healthy() {
+    if !ends_now || !reports_exported(run, ctx) || !ctx.telemetry.is_healthy() {
         return Ok(None);
     }
     ctx.await_apiserver(run).await?;

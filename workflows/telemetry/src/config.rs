@@ -37,6 +37,9 @@ pub struct TelemetryOptions {
     pub export_timeout: std::time::Duration,
     /// The environment to read (`std::env::vars()` by default; tests pass their own).
     pub env: HashMap<String, String>,
+    /// On SIGTERM, flush what was recorded and exit with 143 (true by default). False leaves SIGTERM to the program,
+    /// which then calls `shutdown` itself.
+    pub exit_on_sigterm: bool,
 }
 
 impl TelemetryOptions {
@@ -52,6 +55,7 @@ impl TelemetryOptions {
             queue_size: 2048,
             export_timeout: std::time::Duration::from_secs(5),
             env: std::env::vars().collect(),
+            exit_on_sigterm: true,
         }
     }
 
@@ -67,6 +71,15 @@ impl TelemetryOptions {
     /// The endpoint: the option, else `OTEL_EXPORTER_OTLP_ENDPOINT`.
     pub fn endpoint(&self) -> Option<String> {
         self.otlp_endpoint.clone().or_else(|| self.var("OTEL_EXPORTER_OTLP_ENDPOINT").map(str::to_string))
+    }
+
+    /// `service.version`: the one in `OTEL_RESOURCE_ATTRIBUTES` (flowtel injects the workflow's) wins over the
+    /// option, as `OTEL_SERVICE_NAME` wins over the service name.
+    pub fn version(&self) -> String {
+        self.resource_attributes()
+            .into_iter()
+            .find(|(k, _)| k == "service.version")
+            .map_or_else(|| self.service_version.clone(), |(_, v)| v)
     }
 
     /// `OTEL_RESOURCE_ATTRIBUTES` as pairs (the `$(VAR)` references Kubernetes expands are already expanded).
@@ -130,6 +143,7 @@ mod tests {
         assert_eq!(o.service(), "wf-sync");
         assert_eq!(o.endpoint().as_deref(), Some("http://collector:4317"));
         assert_eq!(o.run_id().as_deref(), Some("abc-123"));
+        assert_eq!(o.version(), env!("CARGO_PKG_VERSION"), "no injected version: the option's");
         assert_eq!(o.run_metrics(), RunMetrics::Operator, "flowtel counts the run");
         let parent = o.parent_context();
         let sc = parent.span().span_context().clone();
@@ -149,6 +163,8 @@ mod tests {
         assert_eq!(o.endpoint().as_deref(), Some("http://mine:4317"));
         let forced = with_env(&[("FLOWTEL_RUN_METRICS", "library"), ("OTEL_RESOURCE_ATTRIBUTES", "workflow.run_id=x")]);
         assert_eq!(forced.run_metrics(), RunMetrics::Library);
+        let versioned = with_env(&[("OTEL_RESOURCE_ATTRIBUTES", "service.version=2.4.1,workflow.name=sync")]);
+        assert_eq!(versioned.version(), "2.4.1", "the injected version wins");
     }
 
     #[test]

@@ -120,6 +120,7 @@ impl<S: tracing::Subscriber> Layer<S> for CountEvents {
     }
 }
 
+#[derive(Clone)]
 pub(crate) struct Providers {
     tracer: SdkTracerProvider,
     meter: SdkMeterProvider,
@@ -147,7 +148,7 @@ pub(crate) fn build(options: &TelemetryOptions) -> Result<(Providers, Tracer, Me
     let counts = Arc::new(Counts::default());
     let service = [
         KeyValue::new("service.name", options.service()),
-        KeyValue::new("service.version", options.service_version.clone()),
+        KeyValue::new("service.version", options.version()),
         KeyValue::new("deployment.environment", options.environment.clone()),
     ];
     // Traces and logs carry the run's identity; metrics only the service's (see `metrics`).
@@ -219,31 +220,79 @@ pub(crate) fn build(options: &TelemetryOptions) -> Result<(Providers, Tracer, Me
 }
 
 impl Providers {
-    pub(crate) async fn shutdown(self, deadline: Duration, counts: Arc<Counts>) -> ShutdownReport {
-        // Without an endpoint nothing is exported on purpose (the console fallback): nothing counts as dropped.
-        let exporting = self.logger.is_some();
-        let work = tokio::task::spawn_blocking(move || {
-            let started = std::time::Instant::now();
-            let left = || deadline.saturating_sub(started.elapsed());
-            let metrics_flush_failed = self.meter.shutdown_with_timeout(left()).is_err();
-            let _ = self.tracer.shutdown_with_timeout(left());
-            if let Some(logger) = &self.logger {
-                let _ = logger.shutdown_with_timeout(left());
-            }
-            metrics_flush_failed
+    /// Flushes and stops every provider, each signal with the whole `deadline` and all at once (one slow signal no
+    /// longer eats the time of the others). Blocks the calling thread for at most `deadline`; returns whether the
+    /// metrics flush failed, and whether the deadline passed first.
+    pub(crate) fn shutdown_blocking(self, deadline: Duration) -> (bool, bool) {
+        let (done, results) = std::sync::mpsc::channel();
+        let meter = self.meter;
+        let metrics_done = done.clone();
+        std::thread::spawn(move || {
+            let _ = metrics_done.send(Some(meter.shutdown_with_timeout(deadline).is_err()));
         });
-        let (metrics_flush_failed, timed_out) = match tokio::time::timeout(deadline, work).await {
-            Ok(Ok(failed)) => (failed, false),
-            _ => (true, true),
-        };
-        let lost = |done: &AtomicU64, went: &AtomicU64| {
-            if exporting { done.load(Ordering::Relaxed).saturating_sub(went.load(Ordering::Relaxed)) } else { 0 }
-        };
-        ShutdownReport {
-            spans_dropped: lost(&counts.spans_ended, &counts.spans_exported),
-            logs_dropped: lost(&counts.logs_emitted, &counts.logs_exported),
-            metrics_flush_failed: exporting && metrics_flush_failed,
-            timed_out,
+        let tracer = self.tracer;
+        let spans_done = done.clone();
+        std::thread::spawn(move || {
+            let _ = tracer.shutdown_with_timeout(deadline);
+            let _ = spans_done.send(None);
+        });
+        if let Some(logger) = self.logger {
+            let logs_done = done.clone();
+            std::thread::spawn(move || {
+                let _ = logger.shutdown_with_timeout(deadline);
+                let _ = logs_done.send(None);
+            });
         }
+        drop(done);
+        let until = std::time::Instant::now() + deadline;
+        let mut metrics_flush_failed = true;
+        loop {
+            match results.recv_timeout(until.saturating_duration_since(std::time::Instant::now())) {
+                Ok(Some(failed)) => metrics_flush_failed = failed,
+                Ok(None) => {}
+                // Every signal answered.
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return (metrics_flush_failed, false),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => return (true, true),
+            }
+        }
+    }
+
+    /// Exports what is buffered now, without stopping (a panic, SIGTERM), each signal within `deadline`.
+    pub(crate) fn flush_blocking(&self, deadline: Duration) {
+        let (meter, tracer, logger) = (self.meter.clone(), self.tracer.clone(), self.logger.clone());
+        let (done, results) = std::sync::mpsc::channel::<()>();
+        let signals: [Box<dyn FnOnce() + Send>; 3] = [
+            Box::new(move || drop(tracer.force_flush())),
+            Box::new(move || drop(meter.force_flush())),
+            Box::new(move || drop(logger.map(|l| l.force_flush()))),
+        ];
+        for flush in signals {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                flush();
+                let _ = done.send(());
+            });
+        }
+        drop(done);
+        let until = std::time::Instant::now() + deadline;
+        while results.recv_timeout(until.saturating_duration_since(std::time::Instant::now())).is_ok() {}
+    }
+
+    pub(crate) fn is_exporting(&self) -> bool {
+        self.logger.is_some()
+    }
+}
+
+/// What `shutdown` could not export, from the counts and the flush's outcome.
+pub(crate) fn report(exporting: bool, counts: &Counts, metrics_flush_failed: bool, timed_out: bool) -> ShutdownReport {
+    // Without an endpoint nothing is exported on purpose (the console fallback): nothing counts as dropped.
+    let lost = |done: &AtomicU64, went: &AtomicU64| {
+        if exporting { done.load(Ordering::Relaxed).saturating_sub(went.load(Ordering::Relaxed)) } else { 0 }
+    };
+    ShutdownReport {
+        spans_dropped: lost(&counts.spans_ended, &counts.spans_exported),
+        logs_dropped: lost(&counts.logs_emitted, &counts.logs_exported),
+        metrics_flush_failed: exporting && metrics_flush_failed,
+        timed_out,
     }
 }

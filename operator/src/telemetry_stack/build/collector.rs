@@ -81,20 +81,28 @@ pub fn generated_config(stack: &Stack) -> Value {
         pipelines.insert("traces".into(), pipeline(&chain, exporter));
     }
 
-    // Metrics → Prometheus' OTLP receiver. flowtel's operator exports delta counters: converted here, because
-    // Prometheus stores cumulative series.
+    // Metrics → Prometheus' OTLP receiver, summed exactly whatever the number of workload processes and collector
+    // replicas (docs/metrics-aggregation.md). Workloads and the operator export deltas under a stream identity
+    // without any process in it, so that series are bounded by label values; concurrent processes therefore share
+    // streams, and `deltatocumulative` drops a point not newer than the last one it summed. Each delta is
+    // restamped with its arrival time after `batch`, which hands points on one at a time, so every point of a
+    // stream is newer than the one before and is summed. `interval` then forwards each stream's latest total once
+    // per interval (Prometheus stores one sample per millisecond per series), and every replica labels what it
+    // sums with its own `service.instance.id`, so two replicas never write one series.
     if let Some(url) = stack.prometheus_url() {
         exporters.insert(
             "otlp_http/prometheus".into(),
             queue(json!({"metrics_endpoint": format!("{url}/api/v1/otlp/v1/metrics")})),
         );
-        let mut chain = vec!["memory_limiter"];
+        let mut chain = vec!["memory_limiter", "batch"];
         if let Some(guard) = cardinality_guard(c) {
             processors["attributes/cardinality"] = guard;
             chain.push("attributes/cardinality");
         }
-        processors["deltatocumulative"] = json!({});
-        chain.extend(["deltatocumulative", "batch"]);
+        processors["transform/arrival"] = arrival_stamp();
+        processors["deltatocumulative"] = json!({"max_stale": AGGREGATE_MAX_STALE});
+        processors["interval"] = json!({"interval": AGGREGATE_INTERVAL});
+        chain.extend(["transform/arrival", "deltatocumulative", "interval"]);
         pipelines.insert("metrics".into(), pipeline(&chain, "otlp_http/prometheus"));
     }
 
@@ -119,6 +127,35 @@ pub fn generated_config(stack: &Stack) -> Value {
         "processors": processors,
         "exporters": exporters,
         "service": {"extensions": enabled_extensions, "pipelines": pipelines},
+    })
+}
+
+/// How often each summed stream goes to Prometheus.
+const AGGREGATE_INTERVAL: &str = "10s";
+/// A stream idle this long is forgotten (its next point starts a new total, which Prometheus reads as a counter
+/// reset); longer than any gap between runs of a workflow that runs at all often.
+const AGGREGATE_MAX_STALE: &str = "1h";
+/// The environment variable naming this collector replica (the pod's name, or the host's).
+const REPLICA_ENV: &str = "HOSTNAME";
+
+/// Delta points restamped with their arrival (start = time = now), and every resource named after the replica
+/// that sums it.
+fn arrival_stamp() -> Value {
+    json!({
+        "error_mode": "ignore",
+        "metric_statements": [
+            {
+                "context": "resource",
+                "statements": [format!("set(resource.attributes[\"service.instance.id\"], \"${{env:{REPLICA_ENV}}}\")")],
+            },
+            {
+                "context": "datapoint",
+                "statements": [
+                    "set(datapoint.time, Now()) where metric.aggregation_temporality == AGGREGATION_TEMPORALITY_DELTA",
+                    "set(datapoint.start_time, datapoint.time) where metric.aggregation_temporality == AGGREGATION_TEMPORALITY_DELTA",
+                ],
+            },
+        ],
     })
 }
 

@@ -1,9 +1,8 @@
 //! The provisioned "Workflow runs" dashboard over the ten seed metrics of the user's system.
 //!
-//! Prometheus names OTLP metrics by its default translation (UnderscoreEscapingWithSuffixes): dots become
-//! underscores, counters end in `_total`, and a unit the name does not already spell is appended, so the
-//! `ms`-unit histograms read `*_duration_ms_milliseconds_*` and `workflow.image.size_bytes` (unit `By`) keeps its
-//! name.
+//! The stack's Prometheus names OTLP metrics by the translation its generated configuration pins
+//! (UnderscoreEscapingWithoutSuffixes): the spec's names with dots as underscores, no `_total` or unit appended
+//! (`workflow_step_status`, `workflow_run_duration_ms_bucket`).
 
 use serde_json::{Value, json};
 
@@ -50,40 +49,40 @@ pub fn panels() -> Vec<Panel> {
         panel(
             "Success ratio",
             "percentunit",
-            "sum by (workflow_name) (rate(workflow_run_status_total{status=\"success\"}[$__rate_interval])) / \
-             sum by (workflow_name) (rate(workflow_run_status_total[$__rate_interval]))",
+            "sum by (workflow_name) (rate(workflow_run_status{status=\"success\"}[$__rate_interval])) / \
+             sum by (workflow_name) (rate(workflow_run_status[$__rate_interval]))",
             "{{workflow_name}}",
         ),
         panel(
             "Runs by status",
             "reqps",
-            "sum by (workflow_name, status) (rate(workflow_run_status_total[$__rate_interval]))",
+            "sum by (workflow_name, status) (rate(workflow_run_status[$__rate_interval]))",
             "{{workflow_name}} {{status}}",
         ),
-        quantiles("Run duration", "workflow_run_duration_ms_milliseconds"),
+        quantiles("Run duration", "workflow_run_duration_ms"),
         panel(
             "Retries",
             "reqps",
-            "sum by (workflow_name, step_name) (rate(workflow_retry_count_total[$__rate_interval]))",
+            "sum by (workflow_name, step_name) (rate(workflow_retry_count[$__rate_interval]))",
             "{{workflow_name}} {{step_name}}",
         ),
         panel(
             "Step duration p95",
             "ms",
             "histogram_quantile(0.95, sum by (le, workflow_name, step_name) \
-             (rate(workflow_step_duration_ms_milliseconds_bucket[$__rate_interval])))",
+             (rate(workflow_step_duration_ms_bucket[$__rate_interval])))",
             "{{workflow_name}} {{step_name}}",
         ),
         panel(
             "Step statuses",
             "reqps",
-            "sum by (workflow_name, step_name, status) (rate(workflow_step_status_total[$__rate_interval]))",
+            "sum by (workflow_name, step_name, status) (rate(workflow_step_status[$__rate_interval]))",
             "{{workflow_name}} {{step_name}} {{status}}",
         ),
         panel(
             "Image uploads",
             "reqps",
-            "sum by (workflow_name) (rate(workflow_image_uploaded_total[$__rate_interval]))",
+            "sum by (workflow_name) (rate(workflow_image_uploaded[$__rate_interval]))",
             "{{workflow_name}}",
         ),
         panel(
@@ -95,14 +94,14 @@ pub fn panels() -> Vec<Panel> {
         panel(
             "DB upserts",
             "reqps",
-            "sum by (workflow_name, table_name) (rate(workflow_db_upsert_total[$__rate_interval]))",
+            "sum by (workflow_name, table_name) (rate(workflow_db_upsert[$__rate_interval]))",
             "{{workflow_name}} {{table_name}}",
         ),
         panel(
             "DB upsert duration p95",
             "ms",
             "histogram_quantile(0.95, sum by (le, workflow_name, table_name) \
-             (rate(workflow_db_upsert_duration_ms_milliseconds_bucket[$__rate_interval])))",
+             (rate(workflow_db_upsert_duration_ms_bucket[$__rate_interval])))",
             "{{workflow_name}} {{table_name}}",
         ),
     ]
@@ -181,13 +180,13 @@ mod tests {
         for metric in [
             "workflow_run_total",
             "workflow_run_duration_ms",
-            "workflow_run_status_total",
+            "workflow_run_status",
             "workflow_step_duration_ms",
-            "workflow_step_status_total",
-            "workflow_retry_count_total",
-            "workflow_image_uploaded_total",
+            "workflow_step_status",
+            "workflow_retry_count",
+            "workflow_image_uploaded",
             "workflow_image_size_bytes",
-            "workflow_db_upsert_total",
+            "workflow_db_upsert",
             "workflow_db_upsert_duration_ms",
         ] {
             assert!(all.contains(metric), "{metric} has no panel");

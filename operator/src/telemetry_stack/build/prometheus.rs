@@ -12,12 +12,15 @@ pub struct Built {
     pub config_yaml: String,
 }
 
-/// prometheus.yml: OTLP resource attributes promoted to labels (workflow and Kubernetes identity), an
+/// prometheus.yml: OTLP metric names pinned to the spec's, resource attributes promoted to labels (workflow and Kubernetes identity), an
 /// out-of-order window for OTLP pushes that arrive late, and Prometheus scraping itself.
 pub fn config() -> Value {
     json!({
         "global": {"scrape_interval": "30s", "evaluation_interval": "30s"},
         "otlp": {
+            // Metric names exactly as the spec spells them, dots as underscores (`workflow_run_duration_ms_bucket`,
+            // `workflow_step_status`): no unit or `_total` suffix appended, whatever the Prometheus default.
+            "translation_strategy": "UnderscoreEscapingWithoutSuffixes",
             "promote_resource_attributes": [
                 "service.name", "service.namespace", "service.instance.id", "service.version",
                 "deployment.environment", "k8s.namespace.name", "k8s.job.name", "k8s.pod.name",

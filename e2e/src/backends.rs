@@ -1,0 +1,201 @@
+//! The data-path backends on loopback, for the tests that follow telemetry from a workload to where users query it:
+//! real Prometheus (run with the configuration flowtel generates for a stack's Prometheus), Jaeger v2 (traces,
+//! standing in for Tempo), VictoriaLogs (logs, standing in for Loki), and one or more replicas of the real collector
+//! running the configuration flowtel's TelemetryStack builder generates, defaults included (the cardinality guard
+//! on), with only its listening ports and backend addresses moved onto loopback.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::{Value, json};
+
+use crate::{Process, cached_binary, collector_bin, flowtel_binary, free_port, http_get, repo_root, run, with_query};
+
+/// The running backends; dropping it stops every process.
+pub struct Backends {
+    _processes: Vec<Process>,
+    pub prometheus: String,
+    pub jaeger_query: String,
+    pub victorialogs: String,
+    /// Each collector replica's OTLP gRPC port.
+    pub collector_grpc: Vec<u16>,
+    /// Each collector replica's own metrics (Prometheus text) URL.
+    pub collector_metrics: Vec<String>,
+    pub dir: PathBuf,
+}
+
+/// Spawns `bin` with its output in `log` and the extra environment `env`.
+pub fn spawn(bin: &Path, args: &[String], env: &[(&str, &str)], log: &Path) -> Process {
+    let file = std::fs::File::create(log).expect("log file");
+    let child = Command::new(bin)
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(file.try_clone().expect("log"))
+        .stderr(file)
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e}", bin.display()));
+    Process { child }
+}
+
+/// The objects `flowtel render` makes of a TelemetryStack (`stack`, as JSON), `--check` validating the collector's
+/// configuration with the real collector.
+pub fn render(dir: &Path, stack: &Value) -> Vec<Value> {
+    let file = dir.join(format!("stack-{}.yaml", stack["metadata"]["name"].as_str().unwrap_or("stack")));
+    std::fs::write(&file, serde_yaml::to_string(stack).expect("yaml")).expect("write");
+    let out = Command::new(flowtel_binary().expect("flowtel")).args(["render", "--check", "-f"]).arg(&file).output();
+    let out = out.expect("flowtel render");
+    assert!(out.status.success(), "flowtel render --check: {}", String::from_utf8_lossy(&out.stderr));
+    let rendered = String::from_utf8_lossy(&out.stdout).into_owned();
+    serde_yaml::Deserializer::from_str(&rendered)
+        .filter_map(|doc| <Value as serde::Deserialize>::deserialize(doc).ok())
+        .collect()
+}
+
+/// The `data` entry `key` of the first rendered ConfigMap that has one.
+pub fn config_entry(objects: &[Value], key: &str) -> String {
+    objects.iter().find_map(|o| o["data"][key].as_str().map(str::to_string)).unwrap_or_else(|| panic!("no {key}"))
+}
+
+/// The collector configuration flowtel generates for a stack with the default collector settings whose backends
+/// are these local ones; the replica's listening ports moved off the defaults by the stack's own override.
+fn generated_collector_config(dir: &Path, ports: &BTreeMap<String, u16>, replica: usize) -> String {
+    let port = |what: &str| ports[&format!("{what}-{replica}")];
+    let override_ = format!(
+        "receivers:\n  otlp:\n    protocols:\n      grpc: {{endpoint: \"127.0.0.1:{}\"}}\n      http: {{endpoint: \"127.0.0.1:{}\"}}\n\
+         extensions:\n  health_check: {{endpoint: \"127.0.0.1:{}\"}}\n\
+         exporters:\n  otlp_http/loki: {{logs_endpoint: \"http://127.0.0.1:{}/insert/opentelemetry/v1/logs\"}}\n\
+         service:\n  telemetry:\n    metrics:\n      readers:\n        - pull:\n            exporter:\n              \
+         prometheus: {{host: \"127.0.0.1\", port: {}}}\n",
+        port("grpc"),
+        port("http"),
+        port("health"),
+        ports["vlogs"],
+        port("metrics"),
+    );
+    let stack = json!({
+        "apiVersion": "flowtel.dev/v1alpha1", "kind": "TelemetryStack",
+        "metadata": {"name": format!("local-{replica}"), "namespace": "data-path"},
+        "spec": {
+            "collector": {"configOverride": override_},
+            "prometheus": {"enabled": false, "externalUrl": format!("http://127.0.0.1:{}", ports["prometheus"])},
+            "tempo": {"enabled": false, "externalUrl": format!("http://127.0.0.1:{}", ports["jaeger_otlp"])},
+            "loki": {"enabled": false, "externalUrl": format!("http://127.0.0.1:{}", ports["vlogs"])},
+            "grafana": {"enabled": false},
+        }
+    });
+    config_entry(&render(dir, &stack), "collector.yaml")
+}
+
+/// The prometheus.yml flowtel generates for a stack's Prometheus.
+fn generated_prometheus_config(dir: &Path) -> String {
+    let stack = json!({
+        "apiVersion": "flowtel.dev/v1alpha1", "kind": "TelemetryStack",
+        "metadata": {"name": "prometheus", "namespace": "data-path"}, "spec": {}
+    });
+    config_entry(&render(dir, &stack), "prometheus.yml")
+}
+
+/// Starts Prometheus, Jaeger, VictoriaLogs and `collectors` collector replicas (each its own process, named by
+/// `HOSTNAME` as a pod is).
+pub async fn start(test: &str, collectors: usize) -> Backends {
+    run(Command::new(repo_root().join("e2e/build-binaries")).arg("collector")).expect("collector built");
+    run(Command::new(repo_root().join("e2e/build-binaries")).arg("backends")).expect("backends built");
+    let dir = std::env::temp_dir().join(format!("flowtel-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let mut names: Vec<String> =
+        ["prometheus", "jaeger_otlp", "jaeger_query", "jaeger_query_grpc", "vlogs"].map(String::from).to_vec();
+    for replica in 0..collectors {
+        names.extend(["grpc", "http", "health", "metrics"].map(|p| format!("{p}-{replica}")));
+    }
+    let ports: BTreeMap<String, u16> = names.into_iter().map(|p| (p, free_port())).collect();
+    let mut processes = Vec::new();
+
+    let prometheus_yml = dir.join("prometheus.yml");
+    std::fs::write(&prometheus_yml, generated_prometheus_config(&dir)).expect("write");
+    processes.push(spawn(
+        &cached_binary("prometheus", "PROMETHEUS_VERSION"),
+        &[
+            format!("--config.file={}", prometheus_yml.display()),
+            format!("--storage.tsdb.path={}", dir.join("tsdb").display()),
+            format!("--web.listen-address=127.0.0.1:{}", ports["prometheus"]),
+            "--web.enable-otlp-receiver".into(),
+            "--enable-feature=exemplar-storage".into(),
+        ],
+        &[],
+        &dir.join("prometheus.log"),
+    ));
+
+    let jaeger_yaml = format!(
+        "service:\n  extensions: [jaeger_storage, jaeger_query]\n  pipelines:\n    traces:\n      receivers: [otlp]\n      \
+         exporters: [jaeger_storage_exporter]\n  telemetry:\n    metrics:\n      level: none\n\
+         extensions:\n  jaeger_storage:\n    backends:\n      memstore:\n        memory:\n          max_traces: 100000\n  \
+         jaeger_query:\n    storage:\n      traces: memstore\n    http:\n      endpoint: \"127.0.0.1:{}\"\n    grpc:\n      \
+         endpoint: \"127.0.0.1:{}\"\n\
+         receivers:\n  otlp:\n    protocols:\n      http:\n        endpoint: \"127.0.0.1:{}\"\n\
+         exporters:\n  jaeger_storage_exporter:\n    trace_storage: memstore\n",
+        ports["jaeger_query"], ports["jaeger_query_grpc"], ports["jaeger_otlp"]
+    );
+    let jaeger_config = dir.join("jaeger.yaml");
+    std::fs::write(&jaeger_config, jaeger_yaml).expect("write");
+    processes.push(spawn(
+        &cached_binary("jaeger", "JAEGER_VERSION"),
+        &[format!("--config={}", jaeger_config.display())],
+        &[],
+        &dir.join("jaeger.log"),
+    ));
+
+    processes.push(spawn(
+        &cached_binary("victoria-logs", "VICTORIALOGS_VERSION"),
+        &[
+            format!("-httpListenAddr=127.0.0.1:{}", ports["vlogs"]),
+            format!("-storageDataPath={}", dir.join("vlogs").display()),
+        ],
+        &[],
+        &dir.join("victorialogs.log"),
+    ));
+
+    for replica in 0..collectors {
+        let config = dir.join(format!("collector-{replica}.yaml"));
+        std::fs::write(&config, generated_collector_config(&dir, &ports, replica)).expect("write");
+        let hostname = format!("collector-{replica}");
+        processes.push(spawn(
+            &collector_bin(),
+            &[format!("--config={}", config.display())],
+            &[("HOSTNAME", hostname.as_str())],
+            &dir.join(format!("collector-{replica}.log")),
+        ));
+    }
+    for (what, port) in &ports {
+        if what != "jaeger_query_grpc" {
+            crate::wait_for_port(*port)
+                .await
+                .unwrap_or_else(|e| panic!("{what} on {port}: {e}; logs in {}", dir.display()));
+        }
+    }
+    Backends {
+        _processes: processes,
+        prometheus: format!("http://127.0.0.1:{}", ports["prometheus"]),
+        jaeger_query: format!("http://127.0.0.1:{}", ports["jaeger_query"]),
+        victorialogs: format!("http://127.0.0.1:{}", ports["vlogs"]),
+        collector_grpc: (0..collectors).map(|r| ports[&format!("grpc-{r}")]).collect(),
+        collector_metrics: (0..collectors)
+            .map(|r| format!("http://127.0.0.1:{}/metrics", ports[&format!("metrics-{r}")]))
+            .collect(),
+        dir,
+    }
+}
+
+/// The result vector of an instant PromQL query (empty when Prometheus is not answering yet).
+pub async fn prometheus_query(base: &str, query: &str) -> Vec<Value> {
+    let url = with_query(&format!("{base}/api/v1/query"), &[("query", query)]);
+    let Some((200, body)) = http_get(&url).await else { return Vec::new() };
+    let v: Value = serde_json::from_str(&body).unwrap_or_default();
+    v["data"]["result"].as_array().cloned().unwrap_or_default()
+}
+
+/// The sum of a query's sample values.
+pub fn sum(result: &[Value]) -> f64 {
+    result.iter().filter_map(|s| s["value"][1].as_str()?.parse::<f64>().ok()).sum()
+}
