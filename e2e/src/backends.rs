@@ -10,7 +10,7 @@ use std::process::Command;
 
 use serde_json::{Value, json};
 
-use crate::{Process, cached_binary, collector_bin, flowtel_binary, free_port, http_get, repo_root, run, with_query};
+use crate::{Process, cached_binary, collector_bin, flowtel_binary, free_ports, http_get, repo_root, run, with_query};
 
 /// The running backends; dropping it stops every process.
 pub struct Backends {
@@ -22,6 +22,7 @@ pub struct Backends {
     pub collector_grpc: Vec<u16>,
     /// Each collector replica's own metrics (Prometheus text) URL.
     pub collector_metrics: Vec<String>,
+    collector_pids: Vec<u32>,
     pub dir: PathBuf,
 }
 
@@ -109,7 +110,8 @@ pub async fn start(test: &str, collectors: usize) -> Backends {
     for replica in 0..collectors {
         names.extend(["grpc", "http", "health", "metrics"].map(|p| format!("{p}-{replica}")));
     }
-    let ports: BTreeMap<String, u16> = names.into_iter().map(|p| (p, free_port())).collect();
+    let ports: BTreeMap<String, u16> = names.iter().cloned().zip(free_ports(names.len())).collect();
+    assert_eq!(ports.len(), names.len(), "a free port for each");
     let mut processes = Vec::new();
 
     let prometheus_yml = dir.join("prometheus.yml");
@@ -156,6 +158,7 @@ pub async fn start(test: &str, collectors: usize) -> Backends {
         &dir.join("victorialogs.log"),
     ));
 
+    let mut collector_pids = Vec::new();
     for replica in 0..collectors {
         let config = dir.join(format!("collector-{replica}.yaml"));
         std::fs::write(&config, generated_collector_config(&dir, &ports, replica)).expect("write");
@@ -166,6 +169,7 @@ pub async fn start(test: &str, collectors: usize) -> Backends {
             &[("HOSTNAME", hostname.as_str())],
             &dir.join(format!("collector-{replica}.log")),
         ));
+        collector_pids.extend(processes.last().map(|p| p.child.id()));
     }
     for (what, port) in &ports {
         if what != "jaeger_query_grpc" {
@@ -183,7 +187,27 @@ pub async fn start(test: &str, collectors: usize) -> Backends {
         collector_metrics: (0..collectors)
             .map(|r| format!("http://127.0.0.1:{}/metrics", ports[&format!("metrics-{r}")]))
             .collect(),
+        collector_pids,
         dir,
+    }
+}
+
+impl Backends {
+    /// CPU seconds (user and system) the collector replicas have used so far, from /proc.
+    pub fn collector_cpu_seconds(&self) -> f64 {
+        // Clock ticks per second: 100 on Linux (USER_HZ).
+        const TICKS: f64 = 100.0;
+        self.collector_pids
+            .iter()
+            .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+            .filter_map(|stat| {
+                // Fields after the command's closing parenthesis; utime and stime are the 14th and 15th overall.
+                let rest = stat.rsplit_once(')')?.1;
+                let fields: Vec<&str> = rest.split_whitespace().collect();
+                Some(fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?)
+            })
+            .sum::<f64>()
+            / TICKS
     }
 }
 

@@ -164,6 +164,12 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
 }
 
+/// `n` distinct free TCP ports on loopback: all bound at once, then released (ports taken one at a time may repeat).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<_> = (0..n).filter_map(|_| std::net::TcpListener::bind("127.0.0.1:0").ok()).collect();
+    listeners.iter().filter_map(|l| l.local_addr().ok()).map(|a| a.port()).collect()
+}
+
 /// A child process killed when dropped.
 pub struct Process {
     pub child: std::process::Child,
