@@ -12,9 +12,30 @@ use serde_json::{Value, json};
 
 use crate::{Process, cached_binary, collector_bin, flowtel_binary, free_ports, http_get, repo_root, run, with_query};
 
+/// How the backends run.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    /// Collector replicas.
+    pub collectors: usize,
+    /// The collector's persistent sending queue on (mode StatefulSet, `persistentQueue`), on a directory per replica.
+    pub persistent_queue: bool,
+}
+
+/// How to start one of the processes again.
+struct Spawn {
+    bin: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    log: PathBuf,
+    /// The ports it listens on once up.
+    ports: Vec<u16>,
+}
+
 /// The running backends; dropping it stops every process.
 pub struct Backends {
-    _processes: Vec<Process>,
+    /// By name (`prometheus`, `jaeger`, `victorialogs`, `collector-<replica>`): how to start it, and the running
+    /// process if it runs.
+    processes: BTreeMap<String, (Spawn, Option<Process>)>,
     pub prometheus: String,
     pub jaeger_query: String,
     pub victorialogs: String,
@@ -22,13 +43,12 @@ pub struct Backends {
     pub collector_grpc: Vec<u16>,
     /// Each collector replica's own metrics (Prometheus text) URL.
     pub collector_metrics: Vec<String>,
-    collector_pids: Vec<u32>,
     pub dir: PathBuf,
 }
 
-/// Spawns `bin` with its output in `log` and the extra environment `env`.
+/// Spawns `bin` with its output appended to `log` and the extra environment `env`.
 pub fn spawn(bin: &Path, args: &[String], env: &[(&str, &str)], log: &Path) -> Process {
-    let file = std::fs::File::create(log).expect("log file");
+    let file = std::fs::File::options().create(true).append(true).open(log).expect("log file");
     let child = Command::new(bin)
         .args(args)
         .envs(env.iter().copied())
@@ -60,9 +80,9 @@ pub fn config_entry(objects: &[Value], key: &str) -> String {
 
 /// The collector configuration flowtel generates for a stack with the default collector settings whose backends
 /// are these local ones; the replica's listening ports moved off the defaults by the stack's own override.
-fn generated_collector_config(dir: &Path, ports: &BTreeMap<String, u16>, replica: usize) -> String {
+fn generated_collector_config(dir: &Path, ports: &BTreeMap<String, u16>, replica: usize, options: Options) -> String {
     let port = |what: &str| ports[&format!("{what}-{replica}")];
-    let override_ = format!(
+    let mut override_ = format!(
         "receivers:\n  otlp:\n    protocols:\n      grpc: {{endpoint: \"127.0.0.1:{}\"}}\n      http: {{endpoint: \"127.0.0.1:{}\"}}\n\
          extensions:\n  health_check: {{endpoint: \"127.0.0.1:{}\"}}\n\
          exporters:\n  otlp_http/loki: {{logs_endpoint: \"http://127.0.0.1:{}/insert/opentelemetry/v1/logs\"}}\n\
@@ -74,11 +94,25 @@ fn generated_collector_config(dir: &Path, ports: &BTreeMap<String, u16>, replica
         ports["vlogs"],
         port("metrics"),
     );
+    let mut collector = json!({});
+    if options.persistent_queue {
+        let queue = dir.join(format!("queue-{replica}"));
+        override_ = override_.replacen(
+            "extensions:\n",
+            &format!(
+                "extensions:\n  file_storage/queue: {{directory: \"{}\", create_directory: true}}\n",
+                queue.display()
+            ),
+            1,
+        );
+        collector = json!({"mode": "StatefulSet", "persistentQueue": {}});
+    }
+    collector["configOverride"] = json!(override_);
     let stack = json!({
         "apiVersion": "flowtel.dev/v1alpha1", "kind": "TelemetryStack",
         "metadata": {"name": format!("local-{replica}"), "namespace": "data-path"},
         "spec": {
-            "collector": {"configOverride": override_},
+            "collector": collector,
             "prometheus": {"enabled": false, "externalUrl": format!("http://127.0.0.1:{}", ports["prometheus"])},
             "tempo": {"enabled": false, "externalUrl": format!("http://127.0.0.1:{}", ports["jaeger_otlp"])},
             "loki": {"enabled": false, "externalUrl": format!("http://127.0.0.1:{}", ports["vlogs"])},
@@ -100,6 +134,10 @@ fn generated_prometheus_config(dir: &Path) -> String {
 /// Starts Prometheus, Jaeger, VictoriaLogs and `collectors` collector replicas (each its own process, named by
 /// `HOSTNAME` as a pod is).
 pub async fn start(test: &str, collectors: usize) -> Backends {
+    start_with(test, Options { collectors, ..Options::default() }).await
+}
+
+pub async fn start_with(test: &str, options: Options) -> Backends {
     run(Command::new(repo_root().join("e2e/build-binaries")).arg("collector")).expect("collector built");
     run(Command::new(repo_root().join("e2e/build-binaries")).arg("backends")).expect("backends built");
     let dir = std::env::temp_dir().join(format!("flowtel-{test}-{}", std::process::id()));
@@ -107,27 +145,31 @@ pub async fn start(test: &str, collectors: usize) -> Backends {
     std::fs::create_dir_all(&dir).expect("dir");
     let mut names: Vec<String> =
         ["prometheus", "jaeger_otlp", "jaeger_query", "jaeger_query_grpc", "vlogs"].map(String::from).to_vec();
-    for replica in 0..collectors {
+    for replica in 0..options.collectors {
         names.extend(["grpc", "http", "health", "metrics"].map(|p| format!("{p}-{replica}")));
     }
     let ports: BTreeMap<String, u16> = names.iter().cloned().zip(free_ports(names.len())).collect();
     assert_eq!(ports.len(), names.len(), "a free port for each");
-    let mut processes = Vec::new();
+    let mut spawns = BTreeMap::new();
 
     let prometheus_yml = dir.join("prometheus.yml");
     std::fs::write(&prometheus_yml, generated_prometheus_config(&dir)).expect("write");
-    processes.push(spawn(
-        &cached_binary("prometheus", "PROMETHEUS_VERSION"),
-        &[
-            format!("--config.file={}", prometheus_yml.display()),
-            format!("--storage.tsdb.path={}", dir.join("tsdb").display()),
-            format!("--web.listen-address=127.0.0.1:{}", ports["prometheus"]),
-            "--web.enable-otlp-receiver".into(),
-            "--enable-feature=exemplar-storage".into(),
-        ],
-        &[],
-        &dir.join("prometheus.log"),
-    ));
+    spawns.insert(
+        "prometheus".to_string(),
+        Spawn {
+            bin: cached_binary("prometheus", "PROMETHEUS_VERSION"),
+            args: vec![
+                format!("--config.file={}", prometheus_yml.display()),
+                format!("--storage.tsdb.path={}", dir.join("tsdb").display()),
+                format!("--web.listen-address=127.0.0.1:{}", ports["prometheus"]),
+                "--web.enable-otlp-receiver".into(),
+                "--enable-feature=exemplar-storage".into(),
+            ],
+            env: Vec::new(),
+            log: dir.join("prometheus.log"),
+            ports: vec![ports["prometheus"]],
+        },
+    );
 
     let jaeger_yaml = format!(
         "service:\n  extensions: [jaeger_storage, jaeger_query]\n  pipelines:\n    traces:\n      receivers: [otlp]\n      \
@@ -141,65 +183,94 @@ pub async fn start(test: &str, collectors: usize) -> Backends {
     );
     let jaeger_config = dir.join("jaeger.yaml");
     std::fs::write(&jaeger_config, jaeger_yaml).expect("write");
-    processes.push(spawn(
-        &cached_binary("jaeger", "JAEGER_VERSION"),
-        &[format!("--config={}", jaeger_config.display())],
-        &[],
-        &dir.join("jaeger.log"),
-    ));
+    spawns.insert(
+        "jaeger".to_string(),
+        Spawn {
+            bin: cached_binary("jaeger", "JAEGER_VERSION"),
+            args: vec![format!("--config={}", jaeger_config.display())],
+            env: Vec::new(),
+            log: dir.join("jaeger.log"),
+            ports: vec![ports["jaeger_otlp"], ports["jaeger_query"]],
+        },
+    );
 
-    processes.push(spawn(
-        &cached_binary("victoria-logs", "VICTORIALOGS_VERSION"),
-        &[
-            format!("-httpListenAddr=127.0.0.1:{}", ports["vlogs"]),
-            format!("-storageDataPath={}", dir.join("vlogs").display()),
-        ],
-        &[],
-        &dir.join("victorialogs.log"),
-    ));
+    spawns.insert(
+        "victorialogs".to_string(),
+        Spawn {
+            bin: cached_binary("victoria-logs", "VICTORIALOGS_VERSION"),
+            args: vec![
+                format!("-httpListenAddr=127.0.0.1:{}", ports["vlogs"]),
+                format!("-storageDataPath={}", dir.join("vlogs").display()),
+            ],
+            env: Vec::new(),
+            log: dir.join("victorialogs.log"),
+            ports: vec![ports["vlogs"]],
+        },
+    );
 
-    let mut collector_pids = Vec::new();
-    for replica in 0..collectors {
+    for replica in 0..options.collectors {
         let config = dir.join(format!("collector-{replica}.yaml"));
-        std::fs::write(&config, generated_collector_config(&dir, &ports, replica)).expect("write");
-        let hostname = format!("collector-{replica}");
-        processes.push(spawn(
-            &collector_bin(),
-            &[format!("--config={}", config.display())],
-            &[("HOSTNAME", hostname.as_str())],
-            &dir.join(format!("collector-{replica}.log")),
-        ));
-        collector_pids.extend(processes.last().map(|p| p.child.id()));
+        std::fs::write(&config, generated_collector_config(&dir, &ports, replica, options)).expect("write");
+        let name = format!("collector-{replica}");
+        spawns.insert(
+            name.clone(),
+            Spawn {
+                bin: collector_bin(),
+                args: vec![format!("--config={}", config.display())],
+                env: vec![("HOSTNAME".into(), name.clone())],
+                log: dir.join(format!("{name}.log")),
+                ports: ["grpc", "http", "health", "metrics"].map(|p| ports[&format!("{p}-{replica}")]).to_vec(),
+            },
+        );
     }
-    for (what, port) in &ports {
-        if what != "jaeger_query_grpc" {
-            crate::wait_for_port(*port)
-                .await
-                .unwrap_or_else(|e| panic!("{what} on {port}: {e}; logs in {}", dir.display()));
-        }
-    }
-    Backends {
-        _processes: processes,
+    let mut backends = Backends {
+        processes: spawns.into_iter().map(|(name, spawn)| (name, (spawn, None))).collect(),
         prometheus: format!("http://127.0.0.1:{}", ports["prometheus"]),
         jaeger_query: format!("http://127.0.0.1:{}", ports["jaeger_query"]),
         victorialogs: format!("http://127.0.0.1:{}", ports["vlogs"]),
-        collector_grpc: (0..collectors).map(|r| ports[&format!("grpc-{r}")]).collect(),
-        collector_metrics: (0..collectors)
+        collector_grpc: (0..options.collectors).map(|r| ports[&format!("grpc-{r}")]).collect(),
+        collector_metrics: (0..options.collectors)
             .map(|r| format!("http://127.0.0.1:{}/metrics", ports[&format!("metrics-{r}")]))
             .collect(),
-        collector_pids,
         dir,
+    };
+    let names: Vec<String> = backends.processes.keys().cloned().collect();
+    for name in names {
+        backends.restart(&name).await;
     }
+    backends
 }
 
 impl Backends {
+    /// Kills the process `name` (SIGKILL): its ports refuse connections until `restart`.
+    pub fn stop(&mut self, name: &str) {
+        if let Some((_, process)) = self.processes.get_mut(name) {
+            *process = None;
+        }
+    }
+
+    /// Starts the process `name` (again, with its data directory and ports) and waits for its ports.
+    pub async fn restart(&mut self, name: &str) {
+        let dir = self.dir.clone();
+        let (spawn, process) = self.processes.get_mut(name).unwrap_or_else(|| panic!("no process {name}"));
+        *process = None;
+        let env: Vec<(&str, &str)> = spawn.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        *process = Some(self::spawn(&spawn.bin, &spawn.args, &env, &spawn.log));
+        for port in &spawn.ports {
+            crate::wait_for_port(*port)
+                .await
+                .unwrap_or_else(|e| panic!("{name} on {port}: {e}; logs in {}", dir.display()));
+        }
+    }
+
     /// CPU seconds (user and system) the collector replicas have used so far, from /proc.
     pub fn collector_cpu_seconds(&self) -> f64 {
         // Clock ticks per second: 100 on Linux (USER_HZ).
         const TICKS: f64 = 100.0;
-        self.collector_pids
+        self.processes
             .iter()
-            .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+            .filter(|(name, _)| name.starts_with("collector-"))
+            .filter_map(|(_, (_, p))| std::fs::read_to_string(format!("/proc/{}/stat", p.as_ref()?.child.id())).ok())
             .filter_map(|stat| {
                 // Fields after the command's closing parenthesis; utime and stime are the 14th and 15th overall.
                 let rest = stat.rsplit_once(')')?.1;

@@ -2,6 +2,7 @@
 //! from the checked-in files, and a namespace per test.
 
 pub mod backends;
+pub mod sync_runs;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

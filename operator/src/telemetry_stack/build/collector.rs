@@ -37,9 +37,12 @@ pub struct Built {
 pub fn generated_config(stack: &Stack) -> Value {
     let c = &stack.stack.spec.collector;
     let persistent = c.persistent_queue.is_some() && c.mode == CollectorMode::StatefulSet;
+    // A persistent queue keeps what a backend cannot take yet for as long as the backend is down (bounded by the
+    // queue's volume): retried without the default five-minute limit, after which the exporter would drop it.
     let queue = |mut exporter: Value| {
         if persistent {
             exporter["sending_queue"] = json!({"enabled": true, "storage": "file_storage/queue"});
+            exporter["retry_on_failure"] = json!({"enabled": true, "max_elapsed_time": "0s"});
         }
         exporter
     };

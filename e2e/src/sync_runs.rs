@@ -1,0 +1,209 @@
+//! Many processes of the `sync` workflow at once, each with its own run's environment (as flowtel injects it),
+//! exporting to the data-path collectors; what they recorded, worked out from their seeded knobs; and Prometheus
+//! checked against it. Shared by the data-path tests that count every point.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::backends::{Backends, prometheus_query, sum};
+use crate::flowtel_binary;
+
+pub const WAIT: Duration = Duration::from_secs(120);
+const ITEMS: u64 = 3;
+const FLAKY_PERCENT: u64 = 10;
+/// The SDK's retry policy in `flowtel_workflows::Knobs::external`.
+const CALL_ATTEMPTS: u64 = 5;
+
+fn workspace_binary(name: &str) -> PathBuf {
+    flowtel_binary().expect("flowtel binary").with_file_name(name)
+}
+
+/// What one `sync` process records, worked out from its knobs the way `flowtel_workflows` draws them (xorshift from
+/// `WORKFLOW_SEED`: one draw per external call attempt, then one per uploaded image's size).
+#[derive(Default)]
+pub struct Recorded(pub BTreeMap<&'static str, f64>);
+
+impl Recorded {
+    pub fn add(&mut self, metric: &'static str, n: f64) {
+        *self.0.entry(metric).or_default() += n;
+    }
+
+    pub fn of_sync(seed: u64) -> Self {
+        let mut sim = Sim { state: seed.max(1), r: Recorded::default() };
+        // The steps of `sync`, in order; the first that fails ends the run.
+        let ok = 'run: {
+            let fetched = sim.call();
+            if !sim.step(fetched) {
+                break 'run false;
+            }
+            sim.step(true); // transform: no external call
+            let upserted = sim.call();
+            if upserted {
+                sim.r.add("workflow_db_upsert", ITEMS as f64);
+                sim.r.add("workflow_db_upsert_duration_ms_count", 1.0);
+            }
+            if !sim.step(upserted) {
+                break 'run false;
+            }
+            let mut uploaded = true;
+            for _ in 0..ITEMS {
+                uploaded = sim.call();
+                if !uploaded {
+                    break;
+                }
+                sim.next(); // the image's simulated size
+                sim.r.add("workflow_image_uploaded", 1.0);
+                sim.r.add("workflow_image_size_bytes_count", 1.0);
+            }
+            sim.step(uploaded)
+        };
+        let mut r = sim.r;
+        r.add("spans", 1.0); // the workflow's root span
+        r.add("workflow_run_total", 1.0);
+        r.add("workflow_run_status", 1.0);
+        r.add("workflow_run_duration_ms_count", 1.0);
+        r.add(if ok { "runs_succeeded" } else { "runs_failed" }, 1.0);
+        r
+    }
+}
+
+/// `sync` replayed: its random draws and what it records.
+struct Sim {
+    state: u64,
+    r: Recorded,
+}
+
+impl Sim {
+    fn next(&mut self) -> u64 {
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        self.state
+    }
+
+    /// An external call: attempts until one passes or the policy's attempts are used; each failure but the last is
+    /// a retry.
+    fn call(&mut self) -> bool {
+        self.r.add("spans", 1.0); // the call's span, around its attempts
+        for attempt in 1..=CALL_ATTEMPTS {
+            if self.next() % 100 >= FLAKY_PERCENT {
+                return true;
+            }
+            if attempt < CALL_ATTEMPTS {
+                self.r.add("workflow_retry_count", 1.0);
+            }
+        }
+        false
+    }
+
+    fn step(&mut self, ok: bool) -> bool {
+        self.r.add("spans", 1.0);
+        self.r.add("workflow_step_status", 1.0);
+        self.r.add("workflow_step_duration_ms_count", 1.0);
+        self.r.add(if ok { "steps_succeeded" } else { "steps_failed" }, 1.0);
+        ok
+    }
+}
+
+/// The queries whose values must equal what was recorded, by the recorded key.
+const CHECKS: [(&str, &str); 13] = [
+    ("workflow_run_total", "sum(workflow_run_total{workflow_name=\"sync\"})"),
+    ("workflow_run_status", "sum(workflow_run_status{workflow_name=\"sync\"})"),
+    ("runs_succeeded", "sum(workflow_run_status{workflow_name=\"sync\",status=\"success\"})"),
+    ("workflow_run_duration_ms_count", "sum(workflow_run_duration_ms_count{workflow_name=\"sync\"})"),
+    ("workflow_step_status", "sum(workflow_step_status{workflow_name=\"sync\"})"),
+    ("steps_succeeded", "sum(workflow_step_status{workflow_name=\"sync\",status=\"success\"})"),
+    ("workflow_step_duration_ms_count", "sum(workflow_step_duration_ms_count{workflow_name=\"sync\"})"),
+    ("workflow_retry_count", "sum(workflow_retry_count{workflow_name=\"sync\"})"),
+    ("workflow_image_uploaded", "sum(workflow_image_uploaded{workflow_name=\"sync\"})"),
+    ("workflow_image_size_bytes_count", "sum(workflow_image_size_bytes_count{workflow_name=\"sync\"})"),
+    ("workflow_db_upsert", "sum(workflow_db_upsert{workflow_name=\"sync\"})"),
+    ("workflow_db_upsert_duration_ms_count", "sum(workflow_db_upsert_duration_ms_count{workflow_name=\"sync\"})"),
+    ("runs_failed", "sum(workflow_run_status{workflow_name=\"sync\",status=\"failure\"}) or vector(0)"),
+];
+
+/// Runs the `sync` processes `from..to` at once, each with its own run's environment (as flowtel injects it) and
+/// the OTLP endpoint of collector replica `i % replicas` (what a Service's connection balancing gives a pod).
+pub fn run_processes(backends: &Backends, from: u64, to: u64) -> Recorded {
+    let children: Vec<_> = (from..to)
+        .map(|i| {
+            let port = backends.collector_grpc[i as usize % backends.collector_grpc.len()];
+            Command::new(workspace_binary("sync"))
+                .env_clear()
+                .env("OTEL_SERVICE_NAME", "sync")
+                .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://127.0.0.1:{port}"))
+                .env(
+                    "OTEL_RESOURCE_ATTRIBUTES",
+                    format!(
+                        "service.version=1.0.0,workflow.name=sync,workflow.run_id=run-{i},workflow.attempt=1,\
+                         k8s.namespace.name=concurrency,k8s.job.name=sync-{i}-1,k8s.pod.name=sync-{i}-1-pod"
+                    ),
+                )
+                .env("TRACEPARENT", format!("00-{:032x}-{:016x}-01", 0xabc0_0000_0000u64 + i, 0x5000 + i))
+                // Outside an operator's count, the library records the run-level metrics too: all ten in play.
+                .env("FLOWTEL_RUN_METRICS", "library")
+                .env("WORKFLOW_ITEMS", ITEMS.to_string())
+                .env("WORKFLOW_STEP_MS", "1")
+                .env("WORKFLOW_FLAKY_PERCENT", FLAKY_PERCENT.to_string())
+                .env("WORKFLOW_SEED", (i + 1).to_string())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("sync")
+        })
+        .collect();
+    let mut recorded = Recorded::default();
+    for (i, child) in (from..to).zip(children) {
+        let out = child.wait_with_output().expect("sync ran");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("not exported"), "process {i} lost telemetry: {stderr}");
+        for (metric, n) in Recorded::of_sync(i + 1).0 {
+            recorded.add(metric, n);
+        }
+    }
+    recorded
+}
+
+pub async fn values(prom: &str) -> BTreeMap<&'static str, f64> {
+    let mut out = BTreeMap::new();
+    for (key, query) in CHECKS {
+        out.insert(key, sum(&prometheus_query(prom, query).await));
+    }
+    out
+}
+
+pub fn expected(recorded: &Recorded) -> BTreeMap<&'static str, f64> {
+    CHECKS.iter().map(|(key, _)| (*key, recorded.0.get(key).copied().unwrap_or(0.0))).collect()
+}
+
+/// Series of the workflow's metrics in Prometheus.
+pub async fn series(prom: &str) -> f64 {
+    sum(&prometheus_query(prom, "count({__name__=~\"workflow_.+\", workflow_name=\"sync\"})").await)
+}
+
+/// Waits until Prometheus holds exactly `want`, then holds that through a quiet period of three aggregation
+/// intervals (a late or repeated point would change it).
+pub async fn exact(prom: &str, want: &BTreeMap<&'static str, f64>) {
+    let reached = Instant::now();
+    let mut last = BTreeMap::new();
+    let got = tokio::time::timeout(WAIT, async {
+        loop {
+            last = values(prom).await;
+            if &last == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    })
+    .await;
+    assert!(got.is_ok(), "Prometheus never held what the processes recorded:\n want {want:?}\n got  {last:?}");
+    println!("exact after {:.1} s: {want:?}", reached.elapsed().as_secs_f64());
+    let quiet = Instant::now();
+    while quiet.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let now = values(prom).await;
+        assert_eq!(&now, want, "changed during the quiet period");
+    }
+}
