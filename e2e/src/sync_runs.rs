@@ -38,6 +38,7 @@ impl Recorded {
             if !sim.step(fetched) {
                 break 'run false;
             }
+            sim.r.add("spans", 1.0); // transform_phones (#[instrument])
             sim.step(true); // transform: no external call
             let upserted = sim.call();
             if upserted {
@@ -108,20 +109,21 @@ impl Sim {
 }
 
 /// The queries whose values must equal what was recorded, by the recorded key.
+/// The series whose sums must equal what was recorded, by the recorded key.
 const CHECKS: [(&str, &str); 13] = [
-    ("workflow_run_total", "sum(workflow_run_total{workflow_name=\"sync\"})"),
-    ("workflow_run_status", "sum(workflow_run_status{workflow_name=\"sync\"})"),
-    ("runs_succeeded", "sum(workflow_run_status{workflow_name=\"sync\",status=\"success\"})"),
-    ("workflow_run_duration_ms_count", "sum(workflow_run_duration_ms_count{workflow_name=\"sync\"})"),
-    ("workflow_step_status", "sum(workflow_step_status{workflow_name=\"sync\"})"),
-    ("steps_succeeded", "sum(workflow_step_status{workflow_name=\"sync\",status=\"success\"})"),
-    ("workflow_step_duration_ms_count", "sum(workflow_step_duration_ms_count{workflow_name=\"sync\"})"),
-    ("workflow_retry_count", "sum(workflow_retry_count{workflow_name=\"sync\"})"),
-    ("workflow_image_uploaded", "sum(workflow_image_uploaded{workflow_name=\"sync\"})"),
-    ("workflow_image_size_bytes_count", "sum(workflow_image_size_bytes_count{workflow_name=\"sync\"})"),
-    ("workflow_db_upsert", "sum(workflow_db_upsert{workflow_name=\"sync\"})"),
-    ("workflow_db_upsert_duration_ms_count", "sum(workflow_db_upsert_duration_ms_count{workflow_name=\"sync\"})"),
-    ("runs_failed", "sum(workflow_run_status{workflow_name=\"sync\",status=\"failure\"}) or vector(0)"),
+    ("workflow_run_total", "workflow_run_total{workflow_name=\"sync\"}"),
+    ("workflow_run_status", "workflow_run_status{workflow_name=\"sync\"}"),
+    ("runs_succeeded", "workflow_run_status{workflow_name=\"sync\",status=\"success\"}"),
+    ("runs_failed", "workflow_run_status{workflow_name=\"sync\",status=\"failure\"}"),
+    ("workflow_run_duration_ms_count", "workflow_run_duration_ms_count{workflow_name=\"sync\"}"),
+    ("workflow_step_status", "workflow_step_status{workflow_name=\"sync\"}"),
+    ("steps_succeeded", "workflow_step_status{workflow_name=\"sync\",status=\"success\"}"),
+    ("workflow_step_duration_ms_count", "workflow_step_duration_ms_count{workflow_name=\"sync\"}"),
+    ("workflow_retry_count", "workflow_retry_count{workflow_name=\"sync\"}"),
+    ("workflow_image_uploaded", "workflow_image_uploaded{workflow_name=\"sync\"}"),
+    ("workflow_image_size_bytes_count", "workflow_image_size_bytes_count{workflow_name=\"sync\"}"),
+    ("workflow_db_upsert", "workflow_db_upsert{workflow_name=\"sync\"}"),
+    ("workflow_db_upsert_duration_ms_count", "workflow_db_upsert_duration_ms_count{workflow_name=\"sync\"}"),
 ];
 
 /// Runs the `sync` processes `from..to` at once, each with its own run's environment (as flowtel injects it) and
@@ -166,10 +168,17 @@ pub fn run_processes(backends: &Backends, from: u64, to: u64) -> Recorded {
     recorded
 }
 
-pub async fn values(prom: &str) -> BTreeMap<&'static str, f64> {
+/// Each check's sum: of the series' latest samples (an instant query looks back five minutes), or, with
+/// `within` (a PromQL range such as `1h`), of their last samples in that range: samples a queue delivered late
+/// carry the time they were made.
+pub async fn values(prom: &str, within: Option<&str>) -> BTreeMap<&'static str, f64> {
     let mut out = BTreeMap::new();
-    for (key, query) in CHECKS {
-        out.insert(key, sum(&prometheus_query(prom, query).await));
+    for (key, selector) in CHECKS {
+        let series = match within {
+            None => selector.to_string(),
+            Some(range) => format!("last_over_time({selector}[{range}])"),
+        };
+        out.insert(key, sum(&prometheus_query(prom, &format!("sum({series})")).await));
     }
     out
 }
@@ -185,12 +194,12 @@ pub async fn series(prom: &str) -> f64 {
 
 /// Waits until Prometheus holds exactly `want`, then holds that through a quiet period of three aggregation
 /// intervals (a late or repeated point would change it).
-pub async fn exact(prom: &str, want: &BTreeMap<&'static str, f64>) {
+pub async fn exact(prom: &str, want: &BTreeMap<&'static str, f64>, within: Option<&str>) {
     let reached = Instant::now();
     let mut last = BTreeMap::new();
     let got = tokio::time::timeout(WAIT, async {
         loop {
-            last = values(prom).await;
+            last = values(prom, within).await;
             if &last == want {
                 return;
             }
@@ -203,7 +212,7 @@ pub async fn exact(prom: &str, want: &BTreeMap<&'static str, f64>) {
     let quiet = Instant::now();
     while quiet.elapsed() < Duration::from_secs(30) {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let now = values(prom).await;
+        let now = values(prom, within).await;
         assert_eq!(&now, want, "changed during the quiet period");
     }
 }

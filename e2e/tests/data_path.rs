@@ -208,6 +208,9 @@ async fn a_workflow_run_lands_in_prometheus_jaeger_and_victorialogs_joined_to_it
         let steps: Vec<&Value> =
             spans.iter().filter(|s| s["operationName"].as_str().is_some_and(|n| n.starts_with("step "))).collect();
         assert_eq!(steps.len(), 4, "fetch_source, transform, upsert_phones, upload_images");
+        let instrumented = by_name("transform_phones");
+        let transform = by_name("step transform");
+        assert_eq!(parent_of(&instrumented).as_deref(), transform["spanID"].as_str(), "#[instrument] under its step");
         for step in steps {
             assert_eq!(parent_of(step).as_deref(), root["spanID"].as_str(), "{} under the root", step["operationName"]);
         }

@@ -214,8 +214,17 @@ pub(crate) fn build(options: &TelemetryOptions) -> Result<(Providers, Tracer, Me
     let bridge = logger
         .as_ref()
         .map(|l| OpenTelemetryTracingBridge::new(l).and_then(CountEvents(counts.clone())).with_filter(bridge_filter()));
+    // `tracing` spans (`#[instrument]`) become spans of the trace too, children of the span current where they
+    // start; their events stay log records (the bridge) and are not span events too.
+    let spans = logger.as_ref().map(|_| {
+        tracing_opentelemetry::layer()
+            .with_tracer(tracer_provider.tracer("flowtel-telemetry-tracing"))
+            .with_tracked_inactivity(false)
+            .with_filter(bridge_filter())
+            .with_filter(tracing_subscriber::filter::filter_fn(|meta| meta.is_span()))
+    });
     // A subscriber the program installed itself stays: the bridge is then the program's to add.
-    let _ = tracing_subscriber::registry().with(console).with(bridge).try_init();
+    let _ = tracing_subscriber::registry().with(console).with(bridge).with(spans).try_init();
     Ok((Providers { tracer: tracer_provider, meter: meter_provider, logger }, tracer, meter, counts))
 }
 

@@ -126,3 +126,91 @@ pub fn record_db_upsert(workflow_name: &str, table_name: &str, count: u64, durat
     g.instruments.db_upsert.add(count, &labels);
     g.instruments.db_upsert_duration.record(duration_ms, &labels);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry::metrics::MeterProvider as _;
+    use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
+    use opentelemetry_sdk::metrics::{InMemoryMetricExporterBuilder, PeriodicReader, SdkMeterProvider, Temporality};
+
+    /// What the instruments export, by metric name: (unit, histogram boundaries, value or count, attribute keys).
+    fn exported(record: impl FnOnce(&Instruments)) -> Vec<(String, String, Vec<f64>, f64, Vec<String>)> {
+        let exporter = InMemoryMetricExporterBuilder::new().with_temporality(Temporality::Delta).build();
+        let provider =
+            SdkMeterProvider::builder().with_reader(PeriodicReader::builder(exporter.clone()).build()).build();
+        record(&Instruments::new(&provider.meter("test")));
+        provider.force_flush().expect("flush");
+        let mut out = Vec::new();
+        for rm in exporter.get_finished_metrics().expect("metrics") {
+            for sm in rm.scope_metrics() {
+                for m in sm.metrics() {
+                    let (bounds, value, keys) = match m.data() {
+                        AggregatedMetrics::U64(MetricData::Sum(s)) => {
+                            let p = s.data_points().next().expect("a point");
+                            (Vec::new(), p.value() as f64, p.attributes().map(|kv| kv.key.to_string()).collect())
+                        }
+                        AggregatedMetrics::F64(MetricData::Histogram(h)) => {
+                            let p = h.data_points().next().expect("a point");
+                            (
+                                p.bounds().collect(),
+                                p.count() as f64,
+                                p.attributes().map(|kv| kv.key.to_string()).collect(),
+                            )
+                        }
+                        other => panic!("unexpected {other:?}"),
+                    };
+                    let mut keys: Vec<String> = keys;
+                    keys.sort();
+                    out.push((m.name().to_string(), m.unit().to_string(), bounds, value, keys));
+                }
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    #[test]
+    fn the_ten_metrics_carry_the_users_names_units_labels_and_buckets() {
+        let wf = || KeyValue::new("workflow_name", "sync");
+        let got = exported(|i| {
+            i.run_total.add(1, &[wf()]);
+            i.run_duration.record(1200.0, &[wf()]);
+            i.run_status.add(1, &[wf(), KeyValue::new("status", "success")]);
+            i.step_duration.record(30.0, &[wf(), KeyValue::new("step_name", "fetch")]);
+            i.step_status.add(1, &[wf(), KeyValue::new("step_name", "fetch"), KeyValue::new("status", "success")]);
+            i.retry_count.add(2, &[wf(), KeyValue::new("step_name", "fetch")]);
+            i.image_uploaded.add(1, &[wf(), KeyValue::new("phone_id", "p1")]);
+            i.image_size.record(120_000.0, &[wf(), KeyValue::new("phone_id", "p1")]);
+            i.db_upsert.add(5, &[wf(), KeyValue::new("table_name", "phones")]);
+            i.db_upsert_duration.record(7.0, &[wf(), KeyValue::new("table_name", "phones")]);
+        });
+        let duration = DURATION_BOUNDARIES.to_vec();
+        let keys = |k: &[&str]| k.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let expected = vec![
+            ("workflow.db.upsert".into(), "".into(), vec![], 5.0, keys(&["table_name", "workflow_name"])),
+            (
+                "workflow.db.upsert.duration_ms".into(),
+                "ms".into(),
+                duration.clone(),
+                1.0,
+                keys(&["table_name", "workflow_name"]),
+            ),
+            (
+                "workflow.image.size_bytes".into(),
+                "By".into(),
+                SIZE_BOUNDARIES.to_vec(),
+                1.0,
+                keys(&["phone_id", "workflow_name"]),
+            ),
+            ("workflow.image.uploaded".into(), "".into(), vec![], 1.0, keys(&["phone_id", "workflow_name"])),
+            ("workflow.retry.count".into(), "".into(), vec![], 2.0, keys(&["step_name", "workflow_name"])),
+            ("workflow.run.duration_ms".into(), "ms".into(), duration.clone(), 1.0, keys(&["workflow_name"])),
+            ("workflow.run.status".into(), "".into(), vec![], 1.0, keys(&["status", "workflow_name"])),
+            ("workflow.run.total".into(), "".into(), vec![], 1.0, keys(&["workflow_name"])),
+            ("workflow.step.duration_ms".into(), "ms".into(), duration, 1.0, keys(&["step_name", "workflow_name"])),
+            ("workflow.step.status".into(), "".into(), vec![], 1.0, keys(&["status", "step_name", "workflow_name"])),
+        ];
+        assert_eq!(got, expected);
+    }
+}

@@ -93,13 +93,23 @@ pub fn start_span(name: impl Into<std::borrow::Cow<'static, str>>, options: Span
         let span_context = current.span().span_context().clone();
         return WorkflowSpan { span: None, parent: current, span_context };
     };
-    let parent = if current.has_active_span() { current } else { g.parent.clone() };
-    let span = g
-        .tracer
+    start_with(&g.tracer, current, &g.parent, name, options)
+}
+
+/// A span of `tracer`: a child of `current`'s span, else of `workflow_parent`.
+fn start_with(
+    tracer: &opentelemetry_sdk::trace::Tracer,
+    current: Context,
+    workflow_parent: &Context,
+    name: impl Into<std::borrow::Cow<'static, str>>,
+    options: SpanOptions,
+) -> WorkflowSpan {
+    let parent = if current.has_active_span() { current } else { workflow_parent.clone() };
+    let span = tracer
         .span_builder(name)
         .with_kind(options.kind.into())
         .with_attributes(options.attributes)
-        .start_with_context(&g.tracer, &parent);
+        .start_with_context(tracer, &parent);
     let span_context = span.span_context().clone();
     WorkflowSpan { span: Some(span), parent, span_context }
 }
@@ -145,4 +155,39 @@ where
         Err(e) => end_span(span, Outcome::Failure(e)),
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
+
+    #[test]
+    fn the_workflow_root_has_the_remote_attempt_as_parent_and_its_children_a_local_one() {
+        let exporter = InMemorySpanExporter::default();
+        let provider = SdkTracerProvider::builder().with_simple_exporter(exporter.clone()).build();
+        let tracer = provider.tracer("test");
+        let mut options = crate::TelemetryOptions::new("sync");
+        options.env = [("TRACEPARENT".to_string(), "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into())]
+            .into_iter()
+            .collect();
+        let attempt = options.parent_context();
+
+        let root = start_with(&tracer, Context::new(), &attempt, "workflow sync", SpanOptions::default());
+        let step = start_with(&tracer, root.context(), &attempt, "step fetch", SpanOptions::default());
+        let root_id = root.span_context.span_id();
+        end_span(step, Outcome::Success);
+        end_span(root, Outcome::Success);
+
+        let spans = exporter.get_finished_spans().expect("spans");
+        let by_name = |n: &str| spans.iter().find(|s| s.name == n).cloned().expect(n);
+        let (root, step) = (by_name("workflow sync"), by_name("step fetch"));
+        assert_eq!(root.span_context.trace_id().to_string(), "0af7651916cd43dd8448eb211c80319c");
+        assert_eq!(root.parent_span_id.to_string(), "b7ad6b7169203331");
+        assert!(root.parent_span_is_remote, "the attempt's span is another process'");
+        assert_eq!(step.parent_span_id, root_id);
+        assert!(!step.parent_span_is_remote, "a parent in this process is local");
+        assert_eq!(step.span_context.trace_id(), root.span_context.trace_id());
+    }
 }

@@ -17,8 +17,7 @@ async fn main() -> ExitCode {
         })
         .await?;
         step(WORKFLOW, "transform", async {
-            tokio::time::sleep(std::time::Duration::from_millis(k.step_ms)).await;
-            tracing::info!(phones = k.items, "transformed");
+            transform_phones(k.items, k.step_ms).await;
             k.injected("transform", "upload_images")
         })
         .await?;
@@ -40,4 +39,11 @@ async fn main() -> ExitCode {
         .await
     })
     .await
+}
+
+/// Plain `tracing` instrumentation: exported as a span of the run's trace, under the step.
+#[tracing::instrument]
+async fn transform_phones(phones: usize, step_ms: u64) {
+    tokio::time::sleep(std::time::Duration::from_millis(step_ms)).await;
+    tracing::info!(phones, "transformed");
 }
