@@ -134,8 +134,11 @@ mod tests {
     use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
     use opentelemetry_sdk::metrics::{InMemoryMetricExporterBuilder, PeriodicReader, SdkMeterProvider, Temporality};
 
-    /// What the instruments export, by metric name: (unit, histogram boundaries, value or count, attribute keys).
-    fn exported(record: impl FnOnce(&Instruments)) -> Vec<(String, String, Vec<f64>, f64, Vec<String>)> {
+    /// One exported metric: name, unit, histogram boundaries, value (or count), attribute keys.
+    type Exported = (String, String, Vec<f64>, f64, Vec<String>);
+
+    /// What the instruments export, by metric name.
+    fn exported(record: impl FnOnce(&Instruments)) -> Vec<Exported> {
         let exporter = InMemoryMetricExporterBuilder::new().with_temporality(Temporality::Delta).build();
         let provider =
             SdkMeterProvider::builder().with_reader(PeriodicReader::builder(exporter.clone()).build()).build();
