@@ -121,6 +121,11 @@ fn condition_reason(r: &WorkflowRun, type_: &str) -> Option<String> {
     r.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_).map(|c| c.reason.clone())
 }
 
+fn condition_message(r: &WorkflowRun, type_: &str) -> String {
+    let condition = r.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == type_));
+    condition.map(|c| c.message.clone()).unwrap_or_default()
+}
+
 fn env_of(job: &Job) -> Vec<(String, Option<String>)> {
     job.spec
         .as_ref()
@@ -518,12 +523,7 @@ async fn bad_references_and_rejected_templates_are_reported_never_lost() {
         .expect("the run waits for its stack")
         .expect("watch")
         .expect("the run");
-    let message = waits
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Succeeded"))
-        .map(|c| c.message.clone())
-        .unwrap_or_default();
+    let message = condition_message(&waits, "Succeeded");
     assert!(message.contains("spec.telemetryStackRef") && message.contains("missing"), "{message}");
     assert_eq!(condition_reason(&waits, "TelemetryDegraded").as_deref(), Some("TelemetryStackNotFound"));
 
@@ -535,12 +535,7 @@ async fn bad_references_and_rejected_templates_are_reported_never_lost() {
     let done = env.wait_exported("bad-template").await;
     assert_eq!(phase(&done), Some(WorkflowRunPhase::Failed));
     assert_eq!(condition_reason(&done, "Succeeded").as_deref(), Some("JobRejected"));
-    let message = done
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Succeeded"))
-        .map(|c| c.message.clone())
-        .unwrap_or_default();
+    let message = condition_message(&done, "Succeeded");
     assert!(message.contains("spec.template"), "{message}");
     assert!(env.jobs_of("bad-template").await.is_empty());
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), &env.ns.name);
