@@ -11,7 +11,8 @@
 //! Each report names its [`Destination`]: the operator's default endpoint, or the collector of the TelemetryStack
 //! its run names. The worker keeps one set of exporters per endpoint in use (at most [`MAX_ENDPOINTS`], the least
 //! recently used closed first) and exports each batch endpoint by endpoint, so that a run's telemetry lands in its
-//! own stack, and a stack that cannot be reached holds up only its own reports.
+//! own stack, and a stack that cannot be reached fails only its own reports (one that does not answer delays the
+//! batch by at most the export timeout).
 //!
 //! Metrics are exported with delta temporality, and only by the worker's own flush after each batch (the periodic
 //! reader is idle): an increment is counted by the backend exactly when the flush that carried it succeeded, and
