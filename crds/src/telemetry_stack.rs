@@ -185,7 +185,9 @@ pub struct TailSamplingSpec {
     #[serde(default = "default_sampled_percent")]
     #[schemars(range(min = 0, max = 100))]
     pub percent: i32,
-    /// How long the sampler waits for a trace's spans before it decides, in seconds.
+    /// The sampler decides when a run ends (its `workflow.run` span, which the operator exports last, reached it),
+    /// a second later for stragglers; this is how long it waits at most, in seconds, for a trace whose run never
+    /// reports (set it above the runs' usual duration).
     #[serde(default = "default_decision_wait_seconds")]
     #[schemars(range(min = 1, max = 600))]
     pub decision_wait_seconds: i32,
@@ -557,7 +559,7 @@ fn default_sampled_percent() -> i32 {
 }
 
 fn default_decision_wait_seconds() -> i32 {
-    10
+    300
 }
 
 fn default_guarded_attributes() -> Vec<String> {

@@ -19,6 +19,8 @@ pub struct Options {
     pub collectors: usize,
     /// The collector's persistent sending queue on (mode StatefulSet, `persistentQueue`), on a directory per replica.
     pub persistent_queue: bool,
+    /// The stack's `collector.tailSampling`, if on.
+    pub tail_sampling: Option<&'static str>,
 }
 
 /// How to start one of the processes again.
@@ -106,6 +108,9 @@ fn generated_collector_config(dir: &Path, ports: &BTreeMap<String, u16>, replica
             1,
         );
         collector = json!({"mode": "StatefulSet", "persistentQueue": {}});
+    }
+    if let Some(tail_sampling) = options.tail_sampling {
+        collector["tailSampling"] = serde_json::from_str(tail_sampling).expect("tailSampling as JSON");
     }
     collector["configOverride"] = json!(override_);
     let stack = json!({

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::batch::v1::Job;
+
 use crate::backends::{Backends, prometheus_query, sum};
 use crate::flowtel_binary;
 
@@ -215,4 +217,34 @@ pub async fn exact(prom: &str, want: &BTreeMap<&'static str, f64>, within: Optio
         let now = values(prom, within).await;
         assert_eq!(&now, want, "changed during the quiet period");
     }
+}
+
+/// The Job's container environment as a process would see it: plain values, downward-API fields resolved, and
+/// `$(VAR)` references expanded as the kubelet expands them.
+pub fn job_environment(job: &Job, pod_name: &str) -> Vec<(String, String)> {
+    let env = job
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|p| p.containers.first())
+        .and_then(|c| c.env.clone())
+        .unwrap_or_default();
+    let mut out: Vec<(String, String)> = Vec::new();
+    for var in env {
+        let value = match (&var.value, &var.value_from) {
+            (Some(v), _) => v.clone(),
+            (None, Some(from)) => match from.field_ref.as_ref().map(|f| f.field_path.as_str()) {
+                Some("metadata.name") => pod_name.to_string(),
+                Some("spec.nodeName") => "kwok-node-0".to_string(),
+                _ => String::new(),
+            },
+            _ => String::new(),
+        };
+        let mut expanded = value;
+        for (name, v) in &out {
+            expanded = expanded.replace(&format!("$({name})"), v);
+        }
+        out.push((var.name, expanded));
+    }
+    out
 }

@@ -36,7 +36,9 @@ async fn traces(jaeger: &str) -> BTreeMap<String, usize> {
 
 #[tokio::test]
 async fn backends_down_past_the_retry_limit_during_1000_runs_lose_nothing_with_the_persistent_queue() {
-    let mut backends = backends::start_with("data-outage", Options { collectors: 1, persistent_queue: true }).await;
+    let mut backends =
+        backends::start_with("data-outage", Options { collectors: 1, persistent_queue: true, ..Options::default() })
+            .await;
     let prom = backends.prometheus.clone();
     let jaeger = backends.jaeger_query.clone();
 

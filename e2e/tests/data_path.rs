@@ -12,6 +12,7 @@ use std::time::Duration;
 use flowtel_crds::workflow_run::WorkflowRunPhase;
 use flowtel_crds::{TelemetryStack, WorkflowRun};
 use flowtel_e2e::backends::{self, prometheus_query, sum};
+use flowtel_e2e::sync_runs::job_environment;
 use flowtel_e2e::{
     Collector, Operator, TEST_MANAGER, TestNamespace, client, eventually, flowtel_binary, http_get, install_crds,
     simple_run, with_query,
@@ -28,36 +29,6 @@ const DURATION_LE: [f64; 11] = [5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000
 fn workspace_binary(name: &str) -> PathBuf {
     let flowtel = flowtel_binary().expect("flowtel binary");
     flowtel.with_file_name(name)
-}
-
-/// The Job's container environment as a process would see it: plain values, downward-API fields resolved, and
-/// `$(VAR)` references expanded as the kubelet expands them.
-fn job_environment(job: &Job, pod_name: &str) -> Vec<(String, String)> {
-    let env = job
-        .spec
-        .as_ref()
-        .and_then(|s| s.template.spec.as_ref())
-        .and_then(|p| p.containers.first())
-        .and_then(|c| c.env.clone())
-        .unwrap_or_default();
-    let mut out: Vec<(String, String)> = Vec::new();
-    for var in env {
-        let value = match (&var.value, &var.value_from) {
-            (Some(v), _) => v.clone(),
-            (None, Some(from)) => match from.field_ref.as_ref().map(|f| f.field_path.as_str()) {
-                Some("metadata.name") => pod_name.to_string(),
-                Some("spec.nodeName") => "kwok-node-0".to_string(),
-                _ => String::new(),
-            },
-            _ => String::new(),
-        };
-        let mut expanded = value;
-        for (name, v) in &out {
-            expanded = expanded.replace(&format!("$({name})"), v);
-        }
-        out.push((var.name, expanded));
-    }
-    out
 }
 
 #[tokio::test]

@@ -166,12 +166,18 @@ fn pipeline(processors: &[&str], exporter: &str) -> Value {
     json!({"receivers": ["otlp"], "processors": processors, "exporters": [exporter]})
 }
 
-/// Keep every error trace, every trace slower than the threshold, and `percent` of the rest.
+/// Sampling by the run's outcome, decided when the run ends: the operator exports the trace's root, `workflow.run`
+/// (with the run's status and attempts), at the run's end, after the workload's spans, so the decision waits for
+/// that root (plus a second for stragglers) rather than a fixed window; `decision_wait` only bounds a trace whose
+/// run never reports. Kept: every failed run (an error status anywhere in its trace), every retried run (more than
+/// one attempt), every run slower than the threshold, and `percent` of the rest, chosen by trace id.
 fn tail_sampling(t: &flowtel_crds::telemetry_stack::TailSamplingSpec) -> Value {
     json!({
         "decision_wait": format!("{}s", t.decision_wait_seconds),
+        "decision_wait_after_root_received": "1s",
         "policies": [
             {"name": "errors", "type": "status_code", "status_code": {"status_codes": ["ERROR"]}},
+            {"name": "retried", "type": "numeric_attribute", "numeric_attribute": {"key": "workflow.attempts", "min_value": 2}},
             {"name": "slow", "type": "latency", "latency": {"threshold_ms": t.latency_threshold_ms}},
             {"name": "rest", "type": "probabilistic", "probabilistic": {"sampling_percentage": t.percent}},
         ],
