@@ -28,7 +28,7 @@ const KEPT_PERCENT: i32 = 10;
 const WAIT: Duration = Duration::from_secs(300);
 
 fn failing(i: usize) -> bool {
-    i % 10 == 0
+    i.is_multiple_of(10)
 }
 
 /// A trace in Jaeger: its span names (empty when Jaeger does not have it).
