@@ -24,6 +24,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 
 use crate::runtime::FIELD_MANAGER;
+use crate::runtime::expiring::ExpiringMap;
 use crate::runtime::rates::RunRates;
 use crate::runtime::readiness::{Gate, SyncTracker};
 use crate::runtime::slim::{self, Skips, Slim, Watched};
@@ -173,6 +174,7 @@ pub async fn run(client: Client, namespace: Option<String>, rates: RunRates, syn
         },
         rates,
         recorder: Recorder::new(client.clone(), Reporter { controller: FIELD_MANAGER.into(), instance: None }),
+        applied: ExpiringMap::new(reconcile::APPLIED_MEMORY),
     });
     // A user's admin Secret appearing (or going) concerns the stacks that name it.
     let stacks_for_secrets = stacks.clone();

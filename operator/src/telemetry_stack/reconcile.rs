@@ -27,6 +27,7 @@ use super::build::{self, Component, Kind, Stack, StackObject};
 use super::status::{self, Problem, Workload};
 use super::validate;
 use crate::runtime::FIELD_MANAGER;
+use crate::runtime::expiring::ExpiringMap;
 use crate::runtime::rates::RunRates;
 
 /// How often a stack whose collector minimum follows the run rate looks at the rate again.
@@ -49,7 +50,13 @@ pub struct Context {
     pub caches: Caches,
     pub rates: RunRates,
     pub recorder: Recorder,
+    /// What this process applied lately (kind, namespace, name → applied hash), until the caches show it: a
+    /// reconcile woken before they do (a workload's status changing) would otherwise apply the same object again.
+    pub applied: ExpiringMap<(Kind, String, String), String>,
 }
+
+/// How long an apply is remembered: far longer than the caches take to show it.
+pub const APPLIED_MEMORY: Duration = Duration::from_secs(10);
 
 pub async fn reconcile(stack: Arc<TelemetryStack>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     if stack.metadata.deletion_timestamp.is_some() {
@@ -198,8 +205,10 @@ where
 /// Server-side apply of one object, skipped when the cache shows it applied with the same content.
 async fn apply(ctx: &Context, namespace: &str, object: &StackObject) -> Result<(), ReconcileError> {
     let name = object.name();
-    if object.applied_hash().is_some()
-        && cached_hash(&ctx.caches, object.kind(), namespace, &name).as_deref() == object.applied_hash()
+    let key = (object.kind(), namespace.to_string(), name.clone());
+    if let Some(hash) = object.applied_hash()
+        && (cached_hash(&ctx.caches, object.kind(), namespace, &name).as_deref() == Some(hash)
+            || ctx.applied.get(&key).as_deref() == Some(hash))
     {
         return Ok(());
     }
@@ -213,6 +222,9 @@ async fn apply(ctx: &Context, namespace: &str, object: &StackObject) -> Result<(
         StackObject::DaemonSet(o) => ssa(client, namespace, &name, o).await?,
         StackObject::PodDisruptionBudget(o) => ssa(client, namespace, &name, o).await?,
         StackObject::HorizontalPodAutoscaler(o) => ssa(client, namespace, &name, o).await?,
+    }
+    if let Some(hash) = object.applied_hash() {
+        ctx.applied.insert(key, hash.to_string());
     }
     tracing::debug!(kind = ?object.kind(), %name, %namespace, "applied");
     Ok(())
