@@ -299,3 +299,31 @@ pub async fn prometheus_query(base: &str, query: &str) -> Vec<Value> {
 pub fn sum(result: &[Value]) -> f64 {
     result.iter().filter_map(|s| s["value"][1].as_str()?.parse::<f64>().ok()).sum()
 }
+
+/// Applies a TelemetryStack `name` in `namespace` whose collector is the external `endpoint` (one of these
+/// backends' collectors), every other component off, and waits until its status publishes that endpoint: runs that
+/// name it send it all their telemetry.
+pub async fn external_stack(client: &kube::Client, namespace: &str, name: &str, endpoint: &str) {
+    use flowtel_crds::TelemetryStack;
+    use kube::api::{Api, Patch, PatchParams};
+    let stack = json!({
+        "apiVersion": "flowtel.dev/v1alpha1", "kind": "TelemetryStack", "metadata": {"name": name},
+        "spec": {
+            "collector": {"enabled": false, "externalEndpoint": endpoint},
+            "prometheus": {"enabled": false}, "tempo": {"enabled": false}, "loki": {"enabled": false},
+            "grafana": {"enabled": false},
+        }
+    });
+    let stacks: Api<TelemetryStack> = Api::namespaced(client.clone(), namespace);
+    stacks.patch(name, &PatchParams::apply(crate::TEST_MANAGER), &Patch::Apply(&stack)).await.expect("stack");
+    let serves = |s: Option<&TelemetryStack>| {
+        s.and_then(|s| s.status.as_ref()).is_some_and(|s| s.endpoints.otlp_grpc.as_deref() == Some(endpoint))
+    };
+    tokio::time::timeout(
+        std::time::Duration::from_secs(90),
+        kube::runtime::wait::await_condition(stacks, name, serves),
+    )
+    .await
+    .expect("the stack serves its endpoint")
+    .expect("watch");
+}

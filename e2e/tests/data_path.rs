@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+use flowtel_crds::WorkflowRun;
 use flowtel_crds::workflow_run::WorkflowRunPhase;
-use flowtel_crds::{TelemetryStack, WorkflowRun};
 use flowtel_e2e::backends::{self, prometheus_query, sum};
 use flowtel_e2e::sync_runs::job_environment;
 use flowtel_e2e::{
@@ -43,23 +43,7 @@ async fn a_workflow_run_lands_in_prometheus_jaeger_and_victorialogs_joined_to_it
     let default_collector = Collector::start("data-path-default").await.expect("the default collector");
     let _operator = Operator::start(&ns.name, &default_collector.endpoint, &[]).await.expect("operator");
     let endpoint = format!("http://127.0.0.1:{}", backends.collector_grpc[0]);
-    let stack = json!({
-        "apiVersion": "flowtel.dev/v1alpha1", "kind": "TelemetryStack", "metadata": {"name": "team"},
-        "spec": {
-            "collector": {"enabled": false, "externalEndpoint": endpoint},
-            "prometheus": {"enabled": false}, "tempo": {"enabled": false}, "loki": {"enabled": false},
-            "grafana": {"enabled": false},
-        }
-    });
-    let stacks: Api<TelemetryStack> = Api::namespaced(client.clone(), &ns.name);
-    stacks.patch("team", &PatchParams::apply(TEST_MANAGER), &Patch::Apply(&stack)).await.expect("stack");
-    let serves = |s: Option<&TelemetryStack>| {
-        s.and_then(|s| s.status.as_ref()).is_some_and(|s| s.endpoints.otlp_grpc.as_deref() == Some(endpoint.as_str()))
-    };
-    tokio::time::timeout(WAIT, await_condition(stacks, "team", serves))
-        .await
-        .expect("the stack serves")
-        .expect("watch");
+    backends::external_stack(&client, &ns.name, "team", &endpoint).await;
     let runs: Api<WorkflowRun> = Api::namespaced(client.clone(), &ns.name);
     let jobs: Api<Job> = Api::namespaced(client.clone(), &ns.name);
 

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use flowtel_crds::WorkflowRun;
 use flowtel_crds::workflow_run::WorkflowRunPhase;
-use flowtel_crds::{TelemetryStack, WorkflowRun};
 use flowtel_e2e::backends::{self, Options};
 use flowtel_e2e::sync_runs::job_environment;
 use flowtel_e2e::{
@@ -18,7 +18,6 @@ use flowtel_e2e::{
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::wait::await_condition;
 use serde_json::{Value, json};
 
 const RUNS: usize = 1_000;
@@ -65,23 +64,7 @@ async fn a_thousand_runs_keep_every_failed_trace_whole_and_a_tenth_of_the_rest_d
     let ns = TestNamespace::new(&client, "data-sampling").await.expect("namespace");
     let endpoint = format!("http://127.0.0.1:{}", backends.collector_grpc[0]);
     let _operator = Operator::start(&ns.name, &endpoint, &["--concurrency", "32"]).await.expect("operator");
-    let stack = json!({
-        "apiVersion": "flowtel.dev/v1alpha1", "kind": "TelemetryStack", "metadata": {"name": "team"},
-        "spec": {
-            "collector": {"enabled": false, "externalEndpoint": endpoint},
-            "prometheus": {"enabled": false}, "tempo": {"enabled": false}, "loki": {"enabled": false},
-            "grafana": {"enabled": false},
-        }
-    });
-    let stacks: Api<TelemetryStack> = Api::namespaced(client.clone(), &ns.name);
-    stacks.patch("team", &PatchParams::apply(TEST_MANAGER), &Patch::Apply(&stack)).await.expect("stack");
-    let serves = |s: Option<&TelemetryStack>| {
-        s.and_then(|s| s.status.as_ref()).is_some_and(|s| s.endpoints.otlp_grpc.as_deref() == Some(endpoint.as_str()))
-    };
-    tokio::time::timeout(WAIT, await_condition(stacks, "team", serves))
-        .await
-        .expect("the stack serves")
-        .expect("watch");
+    backends::external_stack(&client, &ns.name, "team", &endpoint).await;
 
     let runs: Api<WorkflowRun> = Api::namespaced(client.clone(), &ns.name);
     let jobs: Api<Job> = Api::namespaced(client.clone(), &ns.name);
