@@ -43,13 +43,11 @@ pub struct Backends {
     pub victorialogs: String,
     /// Each collector replica's OTLP gRPC port.
     pub collector_grpc: Vec<u16>,
-    /// Each collector replica's own metrics (Prometheus text) URL.
-    pub collector_metrics: Vec<String>,
     pub dir: PathBuf,
 }
 
 /// Spawns `bin` with its output appended to `log` and the extra environment `env`.
-pub fn spawn(bin: &Path, args: &[String], env: &[(&str, &str)], log: &Path) -> Process {
+fn spawn(bin: &Path, args: &[String], env: &[(&str, &str)], log: &Path) -> Process {
     let file = std::fs::File::options().create(true).append(true).open(log).expect("log file");
     let child = Command::new(bin)
         .args(args)
@@ -234,9 +232,6 @@ pub async fn start_with(test: &str, options: Options) -> Backends {
         jaeger_query: format!("http://127.0.0.1:{}", ports["jaeger_query"]),
         victorialogs: format!("http://127.0.0.1:{}", ports["vlogs"]),
         collector_grpc: (0..options.collectors).map(|r| ports[&format!("grpc-{r}")]).collect(),
-        collector_metrics: (0..options.collectors)
-            .map(|r| format!("http://127.0.0.1:{}/metrics", ports[&format!("metrics-{r}")]))
-            .collect(),
         dir,
     };
     let names: Vec<String> = backends.processes.keys().cloned().collect();

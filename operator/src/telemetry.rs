@@ -692,19 +692,24 @@ impl<N: Send + Sync + 'static> Worker<N> {
     }
 
     /// The exporters of `endpoint`, opened if need be (closing the least recently used beyond `MAX_ENDPOINTS`).
-    async fn exporters(&mut self, endpoint: &str) -> Result<&mut Exporters, ExportError> {
-        if !self.endpoints.contains_key(endpoint) {
-            let opened = Exporters::build(endpoint, self.export_timeout, &self.resource)
+    async fn exporters<'a>(
+        endpoints: &'a mut HashMap<String, Exporters>,
+        endpoint: &str,
+        timeout: Duration,
+        resource: &Resource,
+    ) -> Result<&'a mut Exporters, ExportError> {
+        if !endpoints.contains_key(endpoint) {
+            let opened = Exporters::build(endpoint, timeout, resource)
                 .map_err(|e| ExportError::InternalFailure(e.to_string()))?;
-            if self.endpoints.len() >= MAX_ENDPOINTS {
-                let oldest = self.endpoints.iter().min_by_key(|(_, e)| e.last_used).map(|(k, _)| k.clone());
-                if let Some(exporters) = oldest.and_then(|k| self.endpoints.remove(&k)) {
+            if endpoints.len() >= MAX_ENDPOINTS {
+                let oldest = endpoints.iter().min_by_key(|(_, e)| e.last_used).map(|(k, _)| k.clone());
+                if let Some(exporters) = oldest.and_then(|k| endpoints.remove(&k)) {
                     exporters.close().await;
                 }
             }
-            self.endpoints.insert(endpoint.to_string(), opened);
+            endpoints.insert(endpoint.to_string(), opened);
         }
-        let exporters = self.endpoints.get_mut(endpoint).ok_or(ExportError::AlreadyShutdown)?;
+        let exporters = endpoints.get_mut(endpoint).ok_or(ExportError::AlreadyShutdown)?;
         exporters.last_used = Instant::now();
         Ok(exporters)
     }
@@ -784,16 +789,11 @@ impl<N: Send + Sync + 'static> Worker<N> {
         if recorded.is_empty() && spans.is_empty() {
             return Ok(());
         }
-        let boundaries = std::mem::take(&mut self.boundaries);
-        let exporters = self.exporters(endpoint).await;
-        let provider = exporters.map(|exporters| {
-            for r in &recorded {
-                exporters.record(&r.report, &boundaries);
-            }
-            exporters.meter_provider.clone()
-        });
-        self.boundaries = boundaries;
-        let provider = provider?;
+        let exporters = Self::exporters(&mut self.endpoints, endpoint, self.export_timeout, &self.resource).await?;
+        for r in &recorded {
+            exporters.record(&r.report, &self.boundaries);
+        }
+        let provider = exporters.meter_provider.clone();
         if !recorded.is_empty() {
             // force_flush blocks on the export; keep it off the async workers.
             tokio::task::spawn_blocking(move || provider.force_flush())
