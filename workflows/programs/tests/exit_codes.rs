@@ -43,9 +43,14 @@ fn transient_once_fails_only_the_first_attempt() {
 }
 
 #[test]
-fn an_unreachable_collector_never_stalls_or_fails_the_workflow() {
-    // Nothing listens on port 9: exports fail, the workflow still succeeds, and says what it could not export.
+fn an_unreachable_collector_never_stalls_or_fails_the_workflow_and_its_telemetry_goes_to_the_console() {
+    // Nothing listens on port 9: the first export fails and opens the breaker; every span, log record and metric
+    // point then goes to the console (the pod's log) instead of being dropped, and the workflow still succeeds.
     let (code, log) = run(env!("CARGO_BIN_EXE_sync"), &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")]);
     assert_eq!(code, 0, "{log}");
-    assert!(log.contains("telemetry not exported") && log.contains("spans_dropped"), "{log}");
+    assert!(log.contains("otel-fallback span name=\"workflow sync\""), "the root span on the console: {log}");
+    assert!(log.contains("otel-fallback log ") && log.contains("workflow started"), "{log}");
+    assert!(log.contains("otel-fallback metric name=workflow.step.status kind=sum"), "{log}");
+    assert!(log.contains("telemetry not exported") && log.contains("spans_dropped: 0, logs_dropped: 0"), "{log}");
+    assert!(!log.contains("spans_to_console: 0,"), "{log}");
 }

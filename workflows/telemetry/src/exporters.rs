@@ -1,24 +1,28 @@
 //! The providers behind the library: OTLP gRPC exporters with bounded queues and timeouts, counted so that
-//! shutdown can say what was lost; a console fallback; the `tracing` bridge that exports logs.
+//! shutdown can say what was lost; the console fallback behind a circuit breaker ([`crate::fallback`]); the
+//! `tracing` bridge that exports logs.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Meter, MeterProvider};
 use opentelemetry::trace::TracerProvider;
 use opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge;
-use opentelemetry_otlp::{LogExporter, MetricExporter, SpanExporter, WithExportConfig};
+use opentelemetry_otlp::{LogExporter, MetricExporter, RetryPolicy, SpanExporter, WithExportConfig, WithTonicConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::logs::{BatchLogProcessor, LogBatch, SdkLoggerProvider};
+use opentelemetry_sdk::metrics::data::ResourceMetrics;
+use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider, Temporality};
 use opentelemetry_sdk::trace::{BatchSpanProcessor, SdkTracerProvider, SpanData, Tracer};
 use tracing_subscriber::Layer;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
+use crate::fallback::{self, Breaker};
 use crate::{InitError, TelemetryOptions};
 
 /// What went out and what did not, per signal.
@@ -26,8 +30,11 @@ use crate::{InitError, TelemetryOptions};
 pub(crate) struct Counts {
     spans_ended: AtomicU64,
     spans_exported: AtomicU64,
+    spans_to_console: AtomicU64,
     logs_emitted: AtomicU64,
     logs_exported: AtomicU64,
+    logs_to_console: AtomicU64,
+    metric_points_to_console: AtomicU64,
 }
 
 impl Counts {
@@ -36,35 +43,49 @@ impl Counts {
     }
 }
 
-/// What `shutdown` could not export: queue overflow, failed or timed-out exports.
+/// What `shutdown` could not export: queue overflow and timed-out exports (dropped), and what the fallback printed on
+/// the console instead (the endpoint was down: the pod's log holds it, one `otel-fallback` line each).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ShutdownReport {
     pub spans_dropped: u64,
     pub logs_dropped: u64,
+    pub spans_to_console: u64,
+    pub logs_to_console: u64,
+    pub metric_points_to_console: u64,
     /// The final metrics flush failed (the backend was down): the last interval's points are lost.
     pub metrics_flush_failed: bool,
     /// Some provider did not finish within the deadline.
     pub timed_out: bool,
 }
 
-/// Counts spans the OTLP exporter delivered.
+/// Counts spans the OTLP exporter delivered; sends them to the console while the breaker is open or when the
+/// endpoint refused them.
 #[derive(Debug)]
 struct CountingSpans {
     inner: SpanExporter,
     counts: Arc<Counts>,
+    breaker: Arc<Breaker>,
 }
 
 impl opentelemetry_sdk::trace::SpanExporter for CountingSpans {
     fn export(&self, batch: Vec<SpanData>) -> impl std::future::Future<Output = OTelSdkResult> + Send {
         let n = batch.len() as u64;
         let counts = self.counts.clone();
-        let export = self.inner.export(batch);
+        let breaker = self.breaker.clone();
+        // Kept to print if the endpoint refuses the batch (the exporter takes it by value).
+        let attempt = breaker.try_endpoint(Instant::now()).then(|| self.inner.export(batch.clone()));
         async move {
-            let result = export.await;
-            if result.is_ok() {
-                counts.spans_exported.fetch_add(n, Ordering::Relaxed);
+            if let Some(export) = attempt {
+                let result = export.await;
+                breaker.record(result.is_ok(), Instant::now());
+                if result.is_ok() {
+                    counts.spans_exported.fetch_add(n, Ordering::Relaxed);
+                    return result;
+                }
             }
-            result
+            fallback::print(&batch.iter().map(fallback::span_line).collect::<Vec<_>>());
+            counts.spans_to_console.fetch_add(n, Ordering::Relaxed);
+            Ok(())
         }
     }
 
@@ -81,24 +102,34 @@ impl opentelemetry_sdk::trace::SpanExporter for CountingSpans {
     }
 }
 
-/// Counts log records the OTLP exporter delivered.
+/// Counts log records the OTLP exporter delivered; like spans, the console takes them while the endpoint is down.
 #[derive(Debug)]
 struct CountingLogs {
     inner: LogExporter,
     counts: Arc<Counts>,
+    breaker: Arc<Breaker>,
 }
 
 impl opentelemetry_sdk::logs::LogExporter for CountingLogs {
     fn export(&self, batch: LogBatch<'_>) -> impl std::future::Future<Output = OTelSdkResult> + Send {
         let n = batch.iter().count() as u64;
         let counts = self.counts.clone();
-        let export = self.inner.export(batch);
+        let breaker = self.breaker.clone();
+        // The batch borrows its records: the console lines are made now, and printed only if needed.
+        let lines: Vec<String> = batch.iter().map(|(record, _)| fallback::log_line(record)).collect();
+        let attempt = breaker.try_endpoint(Instant::now()).then(|| self.inner.export(batch));
         async move {
-            let result = export.await;
-            if result.is_ok() {
-                counts.logs_exported.fetch_add(n, Ordering::Relaxed);
+            if let Some(export) = attempt {
+                let result = export.await;
+                breaker.record(result.is_ok(), Instant::now());
+                if result.is_ok() {
+                    counts.logs_exported.fetch_add(n, Ordering::Relaxed);
+                    return result;
+                }
             }
-            result
+            fallback::print(&lines);
+            counts.logs_to_console.fetch_add(n, Ordering::Relaxed);
+            Ok(())
         }
     }
 
@@ -108,6 +139,42 @@ impl opentelemetry_sdk::logs::LogExporter for CountingLogs {
 
     fn set_resource(&mut self, resource: &Resource) {
         self.inner.set_resource(resource);
+    }
+}
+
+/// The metric exporter behind the same breaker: the points of a refused or skipped export go to the console.
+#[derive(Debug)]
+struct FallbackMetrics {
+    inner: MetricExporter,
+    counts: Arc<Counts>,
+    breaker: Arc<Breaker>,
+}
+
+impl PushMetricExporter for FallbackMetrics {
+    async fn export(&self, metrics: &ResourceMetrics) -> OTelSdkResult {
+        if self.breaker.try_endpoint(Instant::now()) {
+            let result = self.inner.export(metrics).await;
+            self.breaker.record(result.is_ok(), Instant::now());
+            if result.is_ok() {
+                return result;
+            }
+        }
+        let lines = fallback::metric_lines(metrics);
+        fallback::print(&lines);
+        self.counts.metric_points_to_console.fetch_add(lines.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn temporality(&self) -> Temporality {
+        self.inner.temporality()
     }
 }
 
@@ -140,6 +207,17 @@ fn bridge_filter() -> tracing_subscriber::filter::Targets {
         .with_target("opentelemetry_otlp", tracing::level_filters::LevelFilter::OFF)
 }
 
+/// Transient failures are retried, briefly: the SDK's recommended policy (3 retries from 100 ms up to 1.6 s) makes
+/// the first export to a refused endpoint cost the workflow about 0.9 s before the breaker can open; these retries
+/// add at most about 80 ms.
+fn quick_retries() -> RetryPolicy {
+    RetryPolicy::recommended()
+        .with_max_retries(2)
+        .with_initial_delay(Duration::from_millis(20))
+        .with_max_delay(Duration::from_millis(40))
+        .with_max_jitter(Duration::from_millis(10))
+}
+
 fn exporter_error(signal: &'static str, endpoint: &str, e: impl std::fmt::Display) -> InitError {
     InitError::Exporter { signal, endpoint: endpoint.into(), message: e.to_string() }
 }
@@ -164,26 +242,34 @@ pub(crate) fn build(options: &TelemetryOptions) -> Result<(Providers, Tracer, Me
     let endpoint = options.endpoint();
     if let Some(endpoint) = &endpoint {
         let timeout = options.export_timeout;
+        let breaker = Arc::new(Breaker::new(fallback::COOL_DOWN));
         let spans = SpanExporter::builder()
             .with_tonic()
             .with_endpoint(endpoint)
             .with_timeout(timeout)
+            .with_retry_policy(quick_retries())
             .build()
             .map_err(|e| exporter_error("span", endpoint, e))?;
         let span_batches =
             opentelemetry_sdk::trace::BatchConfigBuilder::default().with_max_queue_size(options.queue_size).build();
-        let processor = BatchSpanProcessor::builder(CountingSpans { inner: spans, counts: counts.clone() })
-            .with_batch_config(span_batches)
-            .build();
+        let processor = BatchSpanProcessor::builder(CountingSpans {
+            inner: spans,
+            counts: counts.clone(),
+            breaker: breaker.clone(),
+        })
+        .with_batch_config(span_batches)
+        .build();
         tracer_provider = tracer_provider.with_span_processor(processor);
 
         let metrics = MetricExporter::builder()
             .with_tonic()
             .with_endpoint(endpoint)
             .with_timeout(timeout)
+            .with_retry_policy(quick_retries())
             .with_temporality(Temporality::Delta)
             .build()
             .map_err(|e| exporter_error("metric", endpoint, e))?;
+        let metrics = FallbackMetrics { inner: metrics, counts: counts.clone(), breaker: breaker.clone() };
         meter_provider =
             meter_provider.with_reader(PeriodicReader::builder(metrics).with_interval(Duration::from_secs(10)).build());
 
@@ -191,13 +277,15 @@ pub(crate) fn build(options: &TelemetryOptions) -> Result<(Providers, Tracer, Me
             .with_tonic()
             .with_endpoint(endpoint)
             .with_timeout(timeout)
+            .with_retry_policy(quick_retries())
             .build()
             .map_err(|e| exporter_error("log", endpoint, e))?;
         let log_batches =
             opentelemetry_sdk::logs::BatchConfigBuilder::default().with_max_queue_size(options.queue_size).build();
-        let processor = BatchLogProcessor::builder(CountingLogs { inner: logs, counts: counts.clone() })
-            .with_batch_config(log_batches)
-            .build();
+        let processor =
+            BatchLogProcessor::builder(CountingLogs { inner: logs, counts: counts.clone(), breaker: breaker.clone() })
+                .with_batch_config(log_batches)
+                .build();
         logger = Some(SdkLoggerProvider::builder().with_resource(full).with_log_processor(processor).build());
     }
     let tracer_provider = tracer_provider.build();
@@ -295,12 +383,19 @@ impl Providers {
 /// What `shutdown` could not export, from the counts and the flush's outcome.
 pub(crate) fn report(exporting: bool, counts: &Counts, metrics_flush_failed: bool, timed_out: bool) -> ShutdownReport {
     // Without an endpoint nothing is exported on purpose (the console fallback): nothing counts as dropped.
-    let lost = |done: &AtomicU64, went: &AtomicU64| {
-        if exporting { done.load(Ordering::Relaxed).saturating_sub(went.load(Ordering::Relaxed)) } else { 0 }
+    let lost = |done: &AtomicU64, went: &AtomicU64, printed: &AtomicU64| {
+        if exporting {
+            done.load(Ordering::Relaxed).saturating_sub(went.load(Ordering::Relaxed) + printed.load(Ordering::Relaxed))
+        } else {
+            0
+        }
     };
     ShutdownReport {
-        spans_dropped: lost(&counts.spans_ended, &counts.spans_exported),
-        logs_dropped: lost(&counts.logs_emitted, &counts.logs_exported),
+        spans_dropped: lost(&counts.spans_ended, &counts.spans_exported, &counts.spans_to_console),
+        logs_dropped: lost(&counts.logs_emitted, &counts.logs_exported, &counts.logs_to_console),
+        spans_to_console: counts.spans_to_console.load(Ordering::Relaxed),
+        logs_to_console: counts.logs_to_console.load(Ordering::Relaxed),
+        metric_points_to_console: counts.metric_points_to_console.load(Ordering::Relaxed),
         metrics_flush_failed: exporting && metrics_flush_failed,
         timed_out,
     }

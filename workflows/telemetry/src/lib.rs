@@ -11,8 +11,10 @@
 //!   which counts each run once across restarts: [`record_workflow_run`] then records none of them
 //!   ([`RunMetrics`]).
 //! - `tracing` events are exported as OTLP logs carrying the current trace and span ids.
-//! - It never stalls or crashes the workflow when the backend is down: bounded queues, export timeouts, a
-//!   console fallback, and the number of dropped items reported by [`TelemetryHandle::shutdown`].
+//! - It never stalls or crashes the workflow when the backend is down: bounded queues, export timeouts, a circuit
+//!   breaker that sends every signal to the console (the pod's log) once an export failed, so that the endpoint is
+//!   waited for at most once per cool-down, and what was dropped or printed reported by
+//!   [`TelemetryHandle::shutdown`].
 //! - What was recorded is flushed however the process ends: [`TelemetryHandle::shutdown`], the handle dropped
 //!   without it (an early return), a panic, or SIGTERM (Kubernetes stopping the pod: flushed, then the process exits
 //!   with 143 unless [`TelemetryOptions::exit_on_sigterm`] leaves SIGTERM to the program).
@@ -20,6 +22,7 @@
 mod config;
 mod errors;
 mod exporters;
+mod fallback;
 pub mod metrics;
 mod spans;
 
