@@ -775,6 +775,13 @@ async fn provision_volumes(ready: std::sync::mpsc::Sender<Result<(), String>>) {
                     .and_then(|r| r.requests.as_ref()?.get("storage").cloned())
                     .map_or_else(|| "1Gi".to_string(), |q| q.0);
                 let pv_name = format!("pv-{uid}");
+                // On a real node the directory is the volume: writable by the pod's non-root user, as a provisioner's
+                // fresh volume is (hostPath volumes get no fsGroup ownership change).
+                let path = format!("/tmp/flowtel-e2e-pv/{uid}");
+                if std::fs::create_dir_all(&path).is_ok() {
+                    use std::os::unix::fs::PermissionsExt;
+                    let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777));
+                }
                 let pv = json!({
                     "apiVersion": "v1", "kind": "PersistentVolume",
                     "metadata": {"name": pv_name, "labels": {"flowtel.dev/e2e": "true"}},
@@ -783,7 +790,7 @@ async fn provision_volumes(ready: std::sync::mpsc::Sender<Result<(), String>>) {
                         "accessModes": spec.access_modes.clone().unwrap_or_else(|| vec!["ReadWriteOnce".into()]),
                         "storageClassName": spec.storage_class_name.clone().unwrap_or_else(|| STORAGE_CLASS.into()),
                         "persistentVolumeReclaimPolicy": "Retain",
-                        "hostPath": {"path": format!("/tmp/flowtel-e2e-pv/{uid}")},
+                        "hostPath": {"path": path},
                         "claimRef": {"namespace": ns, "name": name, "uid": uid},
                     }
                 });

@@ -1,0 +1,299 @@
+//! The install journey on a real node (`e2e/cluster node up`: a real kubelet, containerd and runc, the CNI bridge,
+//! kube-proxy, CoreDNS), with flowtel's images built here (`e2e/images`): `helm install` of the chart → the operator
+//! pod Ready and leading → a TelemetryStack whose collector and Prometheus run as real pods (claims bound), with
+//! Jaeger and VictoriaLogs as its trace and log backends → a WorkflowRun of the `sync` image naming that stack → its
+//! container runs with the injected environment and reaches the collector by the Service's DNS name → its trace,
+//! its metrics and its logs queried back from those pods.
+//!
+//! The KWOK nodes are cordoned for the test (so that every pod lands on the real node) and uncordoned after; this
+//! binary's one test runs alone, as cargo runs test binaries one after another.
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use flowtel_crds::WorkflowRun;
+use flowtel_crds::workflow_run::WorkflowRunPhase;
+use flowtel_e2e::backends::{prometheus_query, sum};
+use flowtel_e2e::{
+    TEST_MANAGER, TestNamespace, client, ensure_storage, eventually, helm, http_get, kubectl, repo_root, run,
+};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(180);
+
+fn cluster(args: &[&str]) -> Command {
+    let mut cmd = Command::new(repo_root().join("e2e/cluster"));
+    cmd.args(args);
+    cmd
+}
+
+/// The real node for the test's span; the KWOK nodes cordoned meanwhile.
+struct RealNode;
+
+impl RealNode {
+    fn up() -> Self {
+        run(&mut cluster(&["node", "up"])).expect("e2e/cluster node up");
+        let node = RealNode;
+        run(kubectl().args(["cordon", "-l", "type=kwok"])).expect("cordon the KWOK nodes");
+        node
+    }
+}
+
+impl Drop for RealNode {
+    fn drop(&mut self) {
+        let _ = run(kubectl().args(["uncordon", "-l", "type=kwok"]));
+        if std::env::var_os("FLOWTEL_KEEP_REAL_NODE").is_none() {
+            let _ = run(&mut cluster(&["node", "down"]));
+        }
+    }
+}
+
+fn image(index: usize) -> String {
+    let out = Command::new(repo_root().join("e2e/images")).arg("names").output().expect("e2e/images names");
+    String::from_utf8_lossy(&out.stdout).lines().nth(index).expect("an image name").to_string()
+}
+
+/// `http://<cluster IP>:<port>` of a Service (the host reaches cluster IPs through kube-proxy's rules).
+async fn service_url(services: &Api<Service>, name: &str, port: u16) -> String {
+    let ip = eventually(&format!("Service {name}"), WAIT, async || {
+        services.get_opt(name).await.ok().flatten().and_then(|s| s.spec?.cluster_ip)
+    })
+    .await;
+    format!("http://{ip}:{port}")
+}
+
+fn apply(namespace: &str, manifest: &Value) {
+    let mut child = kubectl()
+        .args(["apply", "--server-side", "--field-manager", TEST_MANAGER, "-n", namespace, "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kubectl apply");
+    use std::io::Write;
+    child.stdin.take().expect("stdin").write_all(manifest.to_string().as_bytes()).expect("write");
+    let out = child.wait_with_output().expect("kubectl apply");
+    assert!(out.status.success(), "kubectl apply: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Jaeger v2 (traces, in memory) and VictoriaLogs (logs), the Apache-2.0 backends built here, as Deployments and
+/// Services: what the stack's collector exports to in place of Tempo and Loki.
+fn backends(namespace: &str) {
+    let jaeger_config = "service:\n  extensions: [jaeger_storage, jaeger_query]\n  pipelines:\n    traces:\n      \
+        receivers: [otlp]\n      exporters: [jaeger_storage_exporter]\n  telemetry:\n    metrics:\n      level: none\n\
+        extensions:\n  jaeger_storage:\n    backends:\n      memstore:\n        memory:\n          max_traces: 10000\n  \
+        jaeger_query:\n    storage:\n      traces: memstore\n    http:\n      endpoint: 0.0.0.0:16686\n\
+        receivers:\n  otlp:\n    protocols:\n      http:\n        endpoint: 0.0.0.0:4318\n\
+        exporters:\n  jaeger_storage_exporter:\n    trace_storage: memstore\n";
+    apply(
+        namespace,
+        &json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "jaeger"}, "data": {"jaeger.yaml": jaeger_config}}),
+    );
+    let locked_down = json!({
+        "runAsNonRoot": true, "readOnlyRootFilesystem": true, "allowPrivilegeEscalation": false,
+        "capabilities": {"drop": ["ALL"]}
+    });
+    for (name, image, args, ports, volume) in [
+        ("jaeger", image(3), json!(["--config=/etc/jaeger/jaeger.yaml"]), json!([4318, 16686]), "config"),
+        ("victorialogs", image(4), json!(["-storageDataPath=/data", "-httpListenAddr=:9428"]), json!([9428]), "data"),
+    ] {
+        let mounts = if volume == "config" {
+            json!([{"name": "config", "mountPath": "/etc/jaeger"}])
+        } else {
+            json!([{"name": "data", "mountPath": "/data"}])
+        };
+        let volumes = if volume == "config" {
+            json!([{"name": "config", "configMap": {"name": "jaeger"}}])
+        } else {
+            json!([{"name": "data", "emptyDir": {}}])
+        };
+        let container_ports: Vec<Value> =
+            ports.as_array().expect("ports").iter().map(|p| json!({"containerPort": p})).collect();
+        apply(
+            namespace,
+            &json!({
+                "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
+                "spec": {
+                    "selector": {"matchLabels": {"app": name}},
+                    "template": {
+                        "metadata": {"labels": {"app": name}},
+                        "spec": {"containers": [{
+                            "name": name, "image": image, "imagePullPolicy": "Never", "args": args,
+                            "ports": container_ports, "securityContext": locked_down, "volumeMounts": mounts,
+                        }], "volumes": volumes}
+                    }
+                }
+            }),
+        );
+        let service_ports: Vec<Value> =
+            ports.as_array().expect("ports").iter().map(|p| json!({"name": format!("p{p}"), "port": p})).collect();
+        apply(
+            namespace,
+            &json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+                    "spec": {"selector": {"app": name}, "ports": service_ports}}),
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn helm_install_to_a_traced_run_on_a_real_node() {
+    let started = Instant::now();
+    let _node = RealNode::up();
+    let node_up = started.elapsed();
+    let client = client().await.expect("client");
+    ensure_storage().expect("the volume provisioner");
+    let ns = TestNamespace::new(&client, "journey").await.expect("namespace");
+    backends(&ns.name);
+
+    // 1. helm install, with the image built here (never pulled: the node has it).
+    let install_started = Instant::now();
+    let install = helm()
+        .args(["install", "flowtel", &repo_root().join("charts/flowtel").display().to_string()])
+        .args(["--namespace", &ns.name, "--set", &format!("watchNamespace={}", ns.name)])
+        .args(["--set", "image.pullPolicy=Never", "--wait", "--timeout", "180s"])
+        .output()
+        .expect("helm install");
+    assert!(install.status.success(), "helm install: {}", String::from_utf8_lossy(&install.stderr));
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let operator = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/name=flowtel"))
+        .await
+        .expect("pods")
+        .items
+        .into_iter()
+        .next()
+        .expect("the operator pod");
+    let operator_name = operator.metadata.name.clone().expect("name");
+    let operator_status = operator.status.clone().expect("status");
+    assert_eq!(operator.spec.as_ref().and_then(|s| s.node_name.as_deref()), Some("flowtel-real-node"));
+    assert!(
+        operator_status
+            .container_statuses
+            .iter()
+            .flatten()
+            .all(|c| c.ready && c.state.as_ref().is_some_and(|s| s.running.is_some())),
+        "the operator container runs and is ready (/readyz): {operator_status:?}"
+    );
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns.name);
+    eventually("the operator pod holds the Lease", WAIT, async || {
+        let lease = leases.get_opt("flowtel").await.ok().flatten()?;
+        (lease.spec?.holder_identity.as_deref() == Some(operator_name.as_str())).then_some(())
+    })
+    .await;
+
+    // 2. A TelemetryStack: the collector and Prometheus as real pods (Prometheus' claim bound by the provisioner),
+    // Jaeger and VictoriaLogs behind it; Grafana, Tempo and Loki have no image built here.
+    let logs_override = format!(
+        "exporters:\n  otlp_http/loki: {{logs_endpoint: \"http://victorialogs.{}.svc:9428/insert/opentelemetry/v1/logs\"}}\n",
+        ns.name
+    );
+    let stack = json!({
+        "apiVersion": "flowtel.dev/v1alpha1", "kind": "TelemetryStack", "metadata": {"name": "team"},
+        "spec": {
+            "collector": {"image": image(1), "configOverride": logs_override},
+            "prometheus": {"image": image(2), "storage": {"size": "1Gi"}},
+            "tempo": {"enabled": false, "externalUrl": format!("http://jaeger.{}.svc:4318", ns.name)},
+            "loki": {"enabled": false, "externalUrl": format!("http://victorialogs.{}.svc:9428", ns.name)},
+            "grafana": {"enabled": false},
+        }
+    });
+    apply(&ns.name, &stack);
+    let stacks: Api<flowtel_crds::TelemetryStack> = Api::namespaced(client.clone(), &ns.name);
+    eventually("the TelemetryStack Ready", WAIT, async || {
+        let s = stacks.get_opt("team").await.ok().flatten()?;
+        s.status?.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True").then_some(())
+    })
+    .await;
+
+    // 3. A WorkflowRun of the sync image naming the stack: a real container, its telemetry through the Service.
+    let run = json!({
+        "apiVersion": "flowtel.dev/v1alpha1", "kind": "WorkflowRun", "metadata": {"name": "sync-1"},
+        "spec": {
+            "workflowName": "sync",
+            "telemetryStackRef": {"name": "team"},
+            "template": {"spec": {"containers": [{
+                "name": "main", "image": image(0), "imagePullPolicy": "Never", "command": ["/usr/local/bin/sync"],
+                "env": [{"name": "WORKFLOW_ITEMS", "value": "3"}, {"name": "WORKFLOW_STEP_MS", "value": "20"}],
+            }]}}
+        }
+    });
+    apply(&ns.name, &run);
+    let runs: Api<WorkflowRun> = Api::namespaced(client.clone(), &ns.name);
+    let trace_id = eventually("the run Succeeded with its telemetry exported", WAIT, async || {
+        let r = runs.get_opt("sync-1").await.ok().flatten()?;
+        let s = r.status?;
+        assert_ne!(s.phase, Some(WorkflowRunPhase::Failed), "the run failed: {:?}", s.attempts);
+        (s.phase == Some(WorkflowRunPhase::Succeeded) && s.telemetry.is_some_and(|t| t.finished)).then_some(s.trace_id?)
+    })
+    .await;
+
+    // 4. Its trace in Jaeger: run → attempt → workflow → steps.
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns.name);
+    let jaeger = service_url(&services, "jaeger", 16686).await;
+    let spans = eventually(&format!("trace {trace_id} in Jaeger"), WAIT, async || {
+        let (code, body) = http_get(&format!("{jaeger}/api/traces/{trace_id}")).await?;
+        let v: Value = serde_json::from_str(&body).ok()?;
+        let spans = v["data"][0]["spans"].as_array().cloned().unwrap_or_default();
+        let names: BTreeSet<String> =
+            spans.iter().filter_map(|s| s["operationName"].as_str().map(str::to_string)).collect();
+        (code == 200
+            && ["workflow.run", "workflow.attempt", "workflow sync"].iter().all(|n| names.contains(*n))
+            && names.iter().any(|n| n.starts_with("step ")))
+        .then_some(spans)
+    })
+    .await;
+    let by_name = |name: &str| spans.iter().find(|s| s["operationName"] == name).cloned().expect(name);
+    let parent_of = |span: &Value| {
+        span["references"].as_array()?.iter().find(|r| r["refType"] == "CHILD_OF")?["spanID"]
+            .as_str()
+            .map(str::to_string)
+    };
+    assert_eq!(parent_of(&by_name("workflow.attempt")).as_deref(), by_name("workflow.run")["spanID"].as_str());
+    assert_eq!(parent_of(&by_name("workflow sync")).as_deref(), by_name("workflow.attempt")["spanID"].as_str());
+
+    // 5. The ten metrics in the stack's Prometheus.
+    let prometheus = service_url(&services, "team-prometheus", 9090).await;
+    for metric in [
+        "workflow_run_total",
+        "workflow_run_duration_ms_bucket",
+        "workflow_run_status",
+        "workflow_step_duration_ms_bucket",
+        "workflow_step_status",
+        "workflow_retry_count",
+        "workflow_image_uploaded",
+        "workflow_image_size_bytes_bucket",
+        "workflow_db_upsert",
+        "workflow_db_upsert_duration_ms_bucket",
+    ] {
+        eventually(&format!("{metric} in the stack's Prometheus"), WAIT, async || {
+            let r = prometheus_query(&prometheus, &format!("{metric}{{workflow_name=\"sync\"}}")).await;
+            (!r.is_empty()).then_some(())
+        })
+        .await;
+    }
+    let runs_counted = sum(&prometheus_query(&prometheus, "sum(workflow_run_total{workflow_name=\"sync\"})").await);
+    assert_eq!(runs_counted, 1.0);
+
+    // 6. Its logs in VictoriaLogs, with the run's trace id.
+    let victorialogs = service_url(&services, "victorialogs", 9428).await;
+    eventually("the workflow's logs in VictoriaLogs", WAIT, async || {
+        let url = flowtel_e2e::with_query(
+            &format!("{victorialogs}/select/logsql/query"),
+            &[("query", &format!("trace_id:{trace_id}"))],
+        );
+        let (code, body) = http_get(&url).await?;
+        (code == 200 && body.contains("workflow started")).then_some(())
+    })
+    .await;
+    let first_traced_run = install_started.elapsed();
+
+    println!(
+        "journey: node up {:.1} s; helm install → first traced run {:.1} s",
+        node_up.as_secs_f64(),
+        first_traced_run.as_secs_f64()
+    );
+}
