@@ -13,7 +13,7 @@ kubelet_port=$((apiserver_port + 10))
 kubelet_healthz_port=$((apiserver_port + 11))
 proxy_metrics_port=$((apiserver_port + 12))
 proxy_healthz_port=$((apiserver_port + 13))
-node_components=(coredns kube-proxy kubelet containerd)
+node_components=(socat coredns kube-proxy kubelet containerd)
 
 ctr_() { ctr --address "$containerd_sock" -n k8s.io "$@"; }
 
@@ -60,7 +60,7 @@ cgroupDriver: cgroupfs
 failCgroupV1: false
 failSwapOn: false
 containerRuntimeEndpoint: unix://$containerd_sock
-address: 127.0.0.1
+address: $node_gateway
 port: $kubelet_port
 readOnlyPort: 0
 healthzBindAddress: 127.0.0.1
@@ -118,20 +118,19 @@ node_ready() {
 }
 
 # The apiserver listens on loopback only; pods reach it as the `kubernetes` Service, whose endpoint is the bridge's
-# address, forwarded to loopback (as kube-proxy does for node ports on localhost).
+# address, where socat forwards to loopback (a DNAT would not do: kube-proxy's DNAT of the Service ends the chain).
 apiserver_for_pods() {
-  sysctl -qw "net.ipv4.conf.$node_bridge.route_localnet=1"
-  iptables -t nat -C PREROUTING -i "$node_bridge" -d "$node_gateway" -p tcp --dport "$apiserver_port" \
-    -j DNAT --to-destination "127.0.0.1:$apiserver_port" 2>/dev/null ||
-    iptables -t nat -A PREROUTING -i "$node_bridge" -d "$node_gateway" -p tcp --dport "$apiserver_port" \
-      -j DNAT --to-destination "127.0.0.1:$apiserver_port"
+  start socat "TCP-LISTEN:$apiserver_port,bind=$node_gateway,reuseaddr,fork" "TCP:127.0.0.1:$apiserver_port"
   kubectl_ apply -f - >/dev/null <<CONF
-apiVersion: v1
-kind: Endpoints
-metadata: {name: kubernetes, namespace: default}
-subsets:
-- addresses: [{ip: $node_gateway}]
-  ports: [{name: https, port: $apiserver_port, protocol: TCP}]
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: kubernetes-real-node
+  namespace: default
+  labels: {kubernetes.io/service-name: kubernetes, endpointslice.kubernetes.io/managed-by: flowtel-e2e-cluster}
+addressType: IPv4
+endpoints: [{addresses: [$node_gateway], conditions: {ready: true}}]
+ports: [{name: https, port: $apiserver_port, protocol: TCP}]
 CONF
 }
 
@@ -146,12 +145,17 @@ load_images() {
 cmd_node_up() {
   [ "$(id -u)" = 0 ] || die "the real node needs root (containerd, CNI, iptables)"
   { [ -f "$state/versions" ] && readyz; } || die "the cluster is not up: e2e/cluster up first"
-  if node_ready && pid_alive kubelet && pid_alive containerd; then log "the real node is up"; return 0; fi
+  if node_ready && pid_alive kubelet && pid_alive containerd; then
+    # Up already: the images are brought up to date (rebuilt from the current binaries, imported again).
+    load_images
+    log "the real node is up; images loaded"
+    return 0
+  fi
   "$here/build-binaries" node
-  if ! { command -v containerd && command -v runc && [ -x /usr/lib/cni/bridge ]; } >/dev/null; then
-    log "installing containerd, runc and the CNI plugins from the Debian archive"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq containerd runc \
-      containernetworking-plugins >/dev/null || die "apt-get install containerd runc containernetworking-plugins failed"
+  if ! { command -v containerd && command -v runc && command -v socat && [ -x /usr/lib/cni/bridge ]; } >/dev/null; then
+    log "installing containerd, runc, socat and the CNI plugins from the Debian archive"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq containerd runc socat \
+      containernetworking-plugins >/dev/null || die "apt-get install containerd runc socat containernetworking-plugins failed"
   fi
   cmd_node_down quiet
   local t0=$SECONDS
@@ -164,7 +168,7 @@ cmd_node_up() {
   wait_for 30 "containerd" ctr_ version
   load_images
   start kubelet --config="$node_dir/kubelet.yaml" --kubeconfig="$kubeconfig" --hostname-override="$node_name" \
-    --node-ip=127.0.0.1 --root-dir="$node_dir/kubelet" --node-labels=flowtel.dev/real-node=true,type=real
+    --node-ip="$node_gateway" --root-dir="$node_dir/kubelet" --node-labels=flowtel.dev/real-node=true,type=real
   start kube-proxy --config="$node_dir/kube-proxy.yaml"
   apiserver_for_pods
   start coredns -conf "$node_dir/Corefile"
@@ -184,8 +188,6 @@ cmd_node_down() {
   for c in "${node_components[@]}"; do stop_component "$c"; done
   pkill -KILL -f "containerd-shim-runc-v2 .*-address $containerd_sock" 2>/dev/null || true
   if [ -x "$(binary kube-proxy)" ]; then "$(binary kube-proxy)" --cleanup >/dev/null 2>&1 || true; fi
-  iptables -t nat -D PREROUTING -i "$node_bridge" -d "$node_gateway" -p tcp --dport "$apiserver_port" \
-    -j DNAT --to-destination "127.0.0.1:$apiserver_port" 2>/dev/null || true
   # A bridge left behind keeps its route, and Services then answer nothing.
   ip link del "$node_bridge" 2>/dev/null || true
   if [ -d "$node_dir" ]; then

@@ -20,7 +20,7 @@ use flowtel_e2e::{
 };
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Service};
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, ListParams};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(180);
@@ -154,7 +154,8 @@ async fn helm_install_to_a_traced_run_on_a_real_node() {
     let install = helm()
         .args(["install", "flowtel", &repo_root().join("charts/flowtel").display().to_string()])
         .args(["--namespace", &ns.name, "--set", &format!("watchNamespace={}", ns.name)])
-        .args(["--set", "image.pullPolicy=Never", "--wait", "--timeout", "180s"])
+        .args(["--set", "image.pullPolicy=Never", "--set", "aggregatedRoles=false"])
+        .args(["--set-string", "nodeSelector.flowtel\\.dev/real-node=true", "--wait", "--timeout", "180s"])
         .output()
         .expect("helm install");
     assert!(install.status.success(), "helm install: {}", String::from_utf8_lossy(&install.stderr));
@@ -181,7 +182,7 @@ async fn helm_install_to_a_traced_run_on_a_real_node() {
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns.name);
     eventually("the operator pod holds the Lease", WAIT, async || {
         let lease = leases.get_opt("flowtel").await.ok().flatten()?;
-        (lease.spec?.holder_identity.as_deref() == Some(operator_name.as_str())).then_some(())
+        lease.spec?.holder_identity?.starts_with(&format!("{operator_name}_")).then_some(())
     })
     .await;
 
@@ -217,7 +218,11 @@ async fn helm_install_to_a_traced_run_on_a_real_node() {
             "telemetryStackRef": {"name": "team"},
             "template": {"spec": {"containers": [{
                 "name": "main", "image": image(0), "imagePullPolicy": "Never", "command": ["/usr/local/bin/sync"],
-                "env": [{"name": "WORKFLOW_ITEMS", "value": "3"}, {"name": "WORKFLOW_STEP_MS", "value": "20"}],
+                // Seed 7 with 40 % flaky calls retries some (workflow.retry.count has points).
+                "env": [
+                    {"name": "WORKFLOW_ITEMS", "value": "3"}, {"name": "WORKFLOW_STEP_MS", "value": "20"},
+                    {"name": "WORKFLOW_FLAKY_PERCENT", "value": "40"}, {"name": "WORKFLOW_SEED", "value": "7"},
+                ],
             }]}}
         }
     });
@@ -291,9 +296,47 @@ async fn helm_install_to_a_traced_run_on_a_real_node() {
     .await;
     let first_traced_run = install_started.elapsed();
 
+    // Memory, from the containers' cgroups on this node: the operator's, and the collector's against its limit.
+    let operator_memory = container_memory(&operator);
+    let collector = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/name=collector,flowtel.dev/stack=team"))
+        .await
+        .expect("pods")
+        .items
+        .into_iter()
+        .next()
+        .expect("the collector pod");
+    let collector_memory = container_memory(&collector);
     println!(
-        "journey: node up {:.1} s; helm install → first traced run {:.1} s",
+        "journey: node up {:.1} s; helm install → first traced run {:.1} s; operator {operator_memory}; \
+         collector {collector_memory}",
         node_up.as_secs_f64(),
         first_traced_run.as_secs_f64()
     );
+}
+
+/// `rss X MiB, peak Y MiB, limit Z MiB` of a pod's first container, from its memory cgroup (v1, cgroupfs driver).
+fn container_memory(pod: &Pod) -> String {
+    let uid = pod.metadata.uid.clone().expect("uid");
+    let id = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref()?.first()?.container_id.clone())
+        .and_then(|id| id.strip_prefix("containerd://").map(str::to_string))
+        .expect("container id");
+    let root = std::path::Path::new("/sys/fs/cgroup/memory/kubepods");
+    let dir = ["", "burstable", "besteffort"]
+        .iter()
+        .map(|qos| root.join(qos).join(format!("pod{uid}")).join(&id))
+        .find(|d| d.exists())
+        .unwrap_or_else(|| panic!("the memory cgroup of {id}"));
+    let read = |file: &str| std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+    let mib = |bytes: u64| bytes as f64 / 1048576.0;
+    let rss = read("memory.stat")
+        .lines()
+        .find_map(|l| l.strip_prefix("total_rss ")?.trim().parse::<u64>().ok())
+        .unwrap_or_default();
+    let peak = read("memory.max_usage_in_bytes").trim().parse::<u64>().unwrap_or_default();
+    let limit = read("memory.limit_in_bytes").trim().parse::<u64>().unwrap_or_default();
+    format!("rss {:.1} MiB, peak {:.1} MiB, limit {:.0} MiB", mib(rss), mib(peak), mib(limit))
 }
