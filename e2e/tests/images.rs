@@ -23,7 +23,11 @@ fn names() -> Vec<String> {
     String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
 }
 
+/// One build at a time: builds share the base images and prune the layers they leave.
+static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn build(what: &str) {
+    let _one = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
     let out = images_script().args(["build", what]).output().expect("e2e/images build");
     assert!(out.status.success(), "e2e/images build {what}: {}", text(&out));
 }

@@ -236,6 +236,21 @@ async fn helm_install_to_a_traced_run_on_a_real_node() {
     })
     .await;
 
+    // The container got the stack's collector by its Service's DNS name (it resolved: the data below arrived).
+    let pod = pods
+        .list(&ListParams::default().labels("job-name=sync-1-1"))
+        .await
+        .expect("pods")
+        .items
+        .into_iter()
+        .next()
+        .expect("the attempt's pod");
+    assert_eq!(pod.spec.as_ref().and_then(|s| s.node_name.as_deref()), Some("flowtel-real-node"));
+    let endpoint = pod.spec.as_ref().and_then(|s| {
+        s.containers[0].env.as_ref()?.iter().find(|e| e.name == "OTEL_EXPORTER_OTLP_ENDPOINT")?.value.clone()
+    });
+    assert_eq!(endpoint, Some(format!("http://team-collector.{}.svc:4317", ns.name)));
+
     // 4. Its trace in Jaeger: run → attempt → workflow → steps.
     let services: Api<Service> = Api::namespaced(client.clone(), &ns.name);
     let jaeger = service_url(&services, "jaeger", 16686).await;
