@@ -155,6 +155,10 @@ impl TestNamespace {
 
 impl Drop for TestNamespace {
     fn drop(&mut self) {
+        // Kept for a look around (`e2e/demo --real`).
+        if std::env::var_os("FLOWTEL_KEEP_NAMESPACE").is_some() {
+            return;
+        }
         // A task spawned here would die with the test's runtime before it ran: delete synchronously instead.
         let _ = run(kubectl().args(["delete", "namespace", &self.name, "--wait=false", "--ignore-not-found"]));
     }

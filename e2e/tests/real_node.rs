@@ -322,6 +322,8 @@ async fn helm_install_to_a_traced_run_on_a_real_node() {
         .next()
         .expect("the collector pod");
     let collector_memory = container_memory(&collector);
+    println!("journey: namespace {}; Jaeger {jaeger}, Prometheus {prometheus}, VictoriaLogs {victorialogs}", ns.name);
+    println!("journey: the run's trace: {jaeger}/api/traces/{trace_id}");
     println!(
         "journey: node up {:.1} s; helm install → first traced run {:.1} s; operator {operator_memory}; \
          collector {collector_memory}",
