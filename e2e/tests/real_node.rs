@@ -311,6 +311,33 @@ async fn helm_install_to_a_traced_run_on_a_real_node() {
     .await;
     let first_traced_run = install_started.elapsed();
 
+    // Load on the collector pod: 200 more `sync` processes (on the host, 20 at a time) exporting to its cluster IP.
+    let collector_ip = service_url(&services, "team-collector", 4317).await;
+    let sync = flowtel_e2e::flowtel_binary().expect("flowtel").with_file_name("sync");
+    let load_started = Instant::now();
+    for wave in 0..10 {
+        let children: Vec<_> = (0..20)
+            .map(|i| {
+                Command::new(&sync)
+                    .env_clear()
+                    .env("OTEL_EXPORTER_OTLP_ENDPOINT", &collector_ip)
+                    .env("OTEL_RESOURCE_ATTRIBUTES", format!("workflow.run_id=load-{wave}-{i}"))
+                    .env("WORKFLOW_ITEMS", "5")
+                    .env("WORKFLOW_STEP_MS", "1")
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .expect("sync")
+            })
+            .collect();
+        for child in children {
+            let out = child.wait_with_output().expect("sync");
+            let log = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success() && !log.contains("otel-fallback"), "sync under load: {log}");
+        }
+    }
+    let load_seconds = load_started.elapsed().as_secs_f64();
+
     // Memory, from the containers' cgroups on this node: the operator's, and the collector's against its limit.
     let operator_memory = container_memory(&operator);
     let collector = pods
@@ -322,18 +349,37 @@ async fn helm_install_to_a_traced_run_on_a_real_node() {
         .next()
         .expect("the collector pod");
     let collector_memory = container_memory(&collector);
+    // The memory limiter read the container's real limit (cgroup), so its percentages are of that limit. Read with
+    // `kubectl logs`: through the apiserver to the real kubelet.
+    let collector_name = collector.metadata.name.clone().expect("name");
+    let collector_log = run(kubectl().args(["logs", "-n", &ns.name, &collector_name])).expect("kubectl logs");
+    let total = format!("\"total_memory_mib\": {}", collector_memory.limit_mib);
+    assert!(collector_log.contains(&total), "the memory limiter sees the container's limit ({total}): {collector_log}");
     println!("journey: namespace {}; Jaeger {jaeger}, Prometheus {prometheus}, VictoriaLogs {victorialogs}", ns.name);
     println!("journey: the run's trace: {jaeger}/api/traces/{trace_id}");
     println!(
         "journey: node up {:.1} s; helm install → first traced run {:.1} s; operator {operator_memory}; \
-         collector {collector_memory}",
+         collector after 200 more runs in {load_seconds:.1} s: {collector_memory}",
         node_up.as_secs_f64(),
         first_traced_run.as_secs_f64()
     );
 }
 
-/// `rss X MiB, peak Y MiB, limit Z MiB` of a pod's first container, from its memory cgroup (v1, cgroupfs driver).
-fn container_memory(pod: &Pod) -> String {
+/// A container's memory, from its cgroup (v1, cgroupfs driver), in MiB.
+struct Memory {
+    rss_mib: f64,
+    peak_mib: f64,
+    limit_mib: u64,
+}
+
+impl std::fmt::Display for Memory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "rss {:.1} MiB, peak {:.1} MiB, limit {} MiB", self.rss_mib, self.peak_mib, self.limit_mib)
+    }
+}
+
+/// The memory of a pod's first container.
+fn container_memory(pod: &Pod) -> Memory {
     let uid = pod.metadata.uid.clone().expect("uid");
     let id = pod
         .status
@@ -348,12 +394,11 @@ fn container_memory(pod: &Pod) -> String {
         .find(|d| d.exists())
         .unwrap_or_else(|| panic!("the memory cgroup of {id}"));
     let read = |file: &str| std::fs::read_to_string(dir.join(file)).unwrap_or_default();
-    let mib = |bytes: u64| bytes as f64 / 1048576.0;
-    let rss = read("memory.stat")
-        .lines()
-        .find_map(|l| l.strip_prefix("total_rss ")?.trim().parse::<u64>().ok())
-        .unwrap_or_default();
-    let peak = read("memory.max_usage_in_bytes").trim().parse::<u64>().unwrap_or_default();
-    let limit = read("memory.limit_in_bytes").trim().parse::<u64>().unwrap_or_default();
-    format!("rss {:.1} MiB, peak {:.1} MiB, limit {:.0} MiB", mib(rss), mib(peak), mib(limit))
+    let number = |text: &str| text.trim().parse::<u64>().unwrap_or_default();
+    let rss = read("memory.stat").lines().find_map(|l| l.strip_prefix("total_rss ").map(number)).unwrap_or_default();
+    Memory {
+        rss_mib: rss as f64 / 1048576.0,
+        peak_mib: number(&read("memory.max_usage_in_bytes")) as f64 / 1048576.0,
+        limit_mib: number(&read("memory.limit_in_bytes")) / 1048576,
+    }
 }

@@ -142,7 +142,7 @@ impl opentelemetry_sdk::logs::LogExporter for CountingLogs {
     }
 }
 
-/// The metric exporter behind the same breaker: the points of a refused or skipped export go to the console.
+/// The metric exporter behind its breaker: the points of a refused or skipped export go to the console.
 #[derive(Debug)]
 struct FallbackMetrics {
     inner: MetricExporter,
@@ -242,7 +242,9 @@ pub(crate) fn build(options: &TelemetryOptions) -> Result<(Providers, Tracer, Me
     let endpoint = options.endpoint();
     if let Some(endpoint) = &endpoint {
         let timeout = options.export_timeout;
-        let breaker = Arc::new(Breaker::new(fallback::COOL_DOWN));
+        // One breaker per signal: an endpoint may serve one signal and refuse another (a collector without a logs
+        // pipeline answers Unimplemented), and that must not send the others to the console.
+        let breaker = || Arc::new(Breaker::new(fallback::COOL_DOWN));
         let spans = SpanExporter::builder()
             .with_tonic()
             .with_endpoint(endpoint)
@@ -252,13 +254,10 @@ pub(crate) fn build(options: &TelemetryOptions) -> Result<(Providers, Tracer, Me
             .map_err(|e| exporter_error("span", endpoint, e))?;
         let span_batches =
             opentelemetry_sdk::trace::BatchConfigBuilder::default().with_max_queue_size(options.queue_size).build();
-        let processor = BatchSpanProcessor::builder(CountingSpans {
-            inner: spans,
-            counts: counts.clone(),
-            breaker: breaker.clone(),
-        })
-        .with_batch_config(span_batches)
-        .build();
+        let processor =
+            BatchSpanProcessor::builder(CountingSpans { inner: spans, counts: counts.clone(), breaker: breaker() })
+                .with_batch_config(span_batches)
+                .build();
         tracer_provider = tracer_provider.with_span_processor(processor);
 
         let metrics = MetricExporter::builder()
@@ -269,7 +268,7 @@ pub(crate) fn build(options: &TelemetryOptions) -> Result<(Providers, Tracer, Me
             .with_temporality(Temporality::Delta)
             .build()
             .map_err(|e| exporter_error("metric", endpoint, e))?;
-        let metrics = FallbackMetrics { inner: metrics, counts: counts.clone(), breaker: breaker.clone() };
+        let metrics = FallbackMetrics { inner: metrics, counts: counts.clone(), breaker: breaker() };
         meter_provider =
             meter_provider.with_reader(PeriodicReader::builder(metrics).with_interval(Duration::from_secs(10)).build());
 
@@ -283,7 +282,7 @@ pub(crate) fn build(options: &TelemetryOptions) -> Result<(Providers, Tracer, Me
         let log_batches =
             opentelemetry_sdk::logs::BatchConfigBuilder::default().with_max_queue_size(options.queue_size).build();
         let processor =
-            BatchLogProcessor::builder(CountingLogs { inner: logs, counts: counts.clone(), breaker: breaker.clone() })
+            BatchLogProcessor::builder(CountingLogs { inner: logs, counts: counts.clone(), breaker: breaker() })
                 .with_batch_config(log_batches)
                 .build();
         logger = Some(SdkLoggerProvider::builder().with_resource(full).with_log_processor(processor).build());

@@ -1,7 +1,8 @@
 //! The runtime fallback when the collector stays down (the user's "circuit breaker" and "console export when OTLP
-//! is unavailable"): after an export fails, the breaker opens and every signal's exports go to the console (the
-//! pod's log, which the cluster keeps) at once, without touching the network, until a cool-down has passed; then one
-//! export tries the endpoint again (half-open), and its success closes the breaker.
+//! is unavailable"), one breaker per signal: after a signal's export fails, its breaker opens and that signal's
+//! exports go to the console (the pod's log, which the cluster keeps) at once, without touching the network, until a
+//! cool-down has passed; then one export tries the endpoint again (half-open), and its success closes the breaker.
+//! Per signal, because an endpoint may take metrics and refuse logs (a collector without a logs pipeline).
 //!
 //! Why: a workflow never waits on a dead endpoint more than once. Without the breaker every batch, and the final
 //! flush of each signal, waits for its own connection failure or export timeout; with it, a shutdown while the
