@@ -211,7 +211,7 @@ async fn helm_install_to_a_traced_run_on_a_real_node() {
     .await;
 
     // 3. A WorkflowRun of the sync image naming the stack: a real container, its telemetry through the Service.
-    let run = json!({
+    let workflow_run = json!({
         "apiVersion": "flowtel.dev/v1alpha1", "kind": "WorkflowRun", "metadata": {"name": "sync-1"},
         "spec": {
             "workflowName": "sync",
@@ -226,7 +226,7 @@ async fn helm_install_to_a_traced_run_on_a_real_node() {
             }]}}
         }
     });
-    apply(&ns.name, &run);
+    apply(&ns.name, &workflow_run);
     let runs: Api<WorkflowRun> = Api::namespaced(client.clone(), &ns.name);
     let trace_id = eventually("the run Succeeded with its telemetry exported", WAIT, async || {
         let r = runs.get_opt("sync-1").await.ok().flatten()?;
