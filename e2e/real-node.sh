@@ -13,7 +13,7 @@ kubelet_port=$((apiserver_port + 10))
 kubelet_healthz_port=$((apiserver_port + 11))
 proxy_metrics_port=$((apiserver_port + 12))
 proxy_healthz_port=$((apiserver_port + 13))
-node_components=(socat coredns kube-proxy kubelet containerd)
+node_components=(volumes socat coredns kube-proxy kubelet containerd)
 
 ctr_() { ctr --address "$containerd_sock" -n k8s.io "$@"; }
 
@@ -172,6 +172,11 @@ cmd_node_up() {
   start kube-proxy --config="$node_dir/kube-proxy.yaml"
   apiserver_for_pods
   start coredns -conf "$node_dir/Corefile"
+  # The volume provisioner (e2e/src/bin/volumes.rs): claims of pods on this node get real directories.
+  if [ -z "${FLOWTEL_VOLUMES_BIN:-}" ]; then
+    cargo build --locked -q --manifest-path "$here/../Cargo.toml" -p flowtel-e2e --bin volumes
+  fi
+  start volumes
   wait_for 60 "the real node Ready" node_ready
   log "the real node $node_name is up in $((SECONDS - t0)) s (pods in $node_cidr, DNS at $node_gateway)"
 }

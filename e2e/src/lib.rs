@@ -731,7 +731,9 @@ pub fn ensure_storage() -> Result<(), HarnessError> {
         .map_err(|e| HarnessError::Timeout(format!("the storage provisioner: {e}")))
 }
 
-async fn provision_volumes(ready: std::sync::mpsc::Sender<Result<(), String>>) {
+/// The provisioner itself (also run as a process: `src/bin/volumes.rs`, started by `e2e/cluster node up`): applies
+/// the default StorageClass, says so on `ready`, then binds pending claims until the process ends.
+pub async fn provision_volumes(ready: std::sync::mpsc::Sender<Result<(), String>>) {
     use futures::StreamExt;
     use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
     use k8s_openapi::api::storage::v1::StorageClass;

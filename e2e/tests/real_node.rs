@@ -15,9 +15,7 @@ use std::time::{Duration, Instant};
 use flowtel_crds::WorkflowRun;
 use flowtel_crds::workflow_run::WorkflowRunPhase;
 use flowtel_e2e::backends::{prometheus_query, sum};
-use flowtel_e2e::{
-    TEST_MANAGER, TestNamespace, client, ensure_storage, eventually, helm, http_get, kubectl, repo_root, run,
-};
+use flowtel_e2e::{TEST_MANAGER, TestNamespace, client, eventually, helm, http_get, kubectl, repo_root, run};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{Api, ListParams};
@@ -36,7 +34,8 @@ struct RealNode;
 
 impl RealNode {
     fn up() -> Self {
-        run(&mut cluster(&["node", "up"])).expect("e2e/cluster node up");
+        // The node's volume provisioner is this package's `volumes` binary (cargo built it for this test).
+        run(cluster(&["node", "up"]).env("FLOWTEL_VOLUMES_BIN", env!("CARGO_BIN_EXE_volumes"))).expect("node up");
         let node = RealNode;
         run(kubectl().args(["cordon", "-l", "type=kwok"])).expect("cordon the KWOK nodes");
         node
@@ -145,7 +144,6 @@ async fn helm_install_to_a_traced_run_on_a_real_node() {
     let _node = RealNode::up();
     let node_up = started.elapsed();
     let client = client().await.expect("client");
-    ensure_storage().expect("the volume provisioner");
     let ns = TestNamespace::new(&client, "journey").await.expect("namespace");
     backends(&ns.name);
 
