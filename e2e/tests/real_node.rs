@@ -158,14 +158,7 @@ async fn helm_install_to_a_traced_run_on_a_real_node() {
         .expect("helm install");
     assert!(install.status.success(), "helm install: {}", String::from_utf8_lossy(&install.stderr));
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
-    let operator = pods
-        .list(&ListParams::default().labels("app.kubernetes.io/name=flowtel"))
-        .await
-        .expect("pods")
-        .items
-        .into_iter()
-        .next()
-        .expect("the operator pod");
+    let operator = first_pod(&pods, "app.kubernetes.io/name=flowtel", "the operator pod").await;
     let operator_name = operator.metadata.name.clone().expect("name");
     let operator_status = operator.status.clone().expect("status");
     assert_eq!(operator.spec.as_ref().and_then(|s| s.node_name.as_deref()), Some("flowtel-real-node"));
@@ -235,14 +228,7 @@ async fn helm_install_to_a_traced_run_on_a_real_node() {
     .await;
 
     // The container got the stack's collector by its Service's DNS name (it resolved: the data below arrived).
-    let pod = pods
-        .list(&ListParams::default().labels("job-name=sync-1-1"))
-        .await
-        .expect("pods")
-        .items
-        .into_iter()
-        .next()
-        .expect("the attempt's pod");
+    let pod = first_pod(&pods, "job-name=sync-1-1", "the attempt's pod").await;
     assert_eq!(pod.spec.as_ref().and_then(|s| s.node_name.as_deref()), Some("flowtel-real-node"));
     let endpoint = pod.spec.as_ref().and_then(|s| {
         s.containers[0].env.as_ref()?.iter().find(|e| e.name == "OTEL_EXPORTER_OTLP_ENDPOINT")?.value.clone()
@@ -338,14 +324,8 @@ async fn helm_install_to_a_traced_run_on_a_real_node() {
 
     // Memory, from the containers' cgroups on this node: the operator's, and the collector's against its limit.
     let operator_memory = container_memory(&operator);
-    let collector = pods
-        .list(&ListParams::default().labels("app.kubernetes.io/name=collector,flowtel.dev/stack=team"))
-        .await
-        .expect("pods")
-        .items
-        .into_iter()
-        .next()
-        .expect("the collector pod");
+    let collector =
+        first_pod(&pods, "app.kubernetes.io/name=collector,flowtel.dev/stack=team", "the collector pod").await;
     let collector_memory = container_memory(&collector);
     // The memory limiter read the container's real limit (cgroup), so its percentages are of that limit. Read with
     // `kubectl logs`: through the apiserver to the real kubelet.
@@ -361,6 +341,12 @@ async fn helm_install_to_a_traced_run_on_a_real_node() {
         node_up.as_secs_f64(),
         first_traced_run.as_secs_f64()
     );
+}
+
+/// The first pod with these labels.
+async fn first_pod(pods: &Api<Pod>, labels: &str, what: &str) -> Pod {
+    let list = pods.list(&ListParams::default().labels(labels)).await.expect("pods");
+    list.items.into_iter().next().unwrap_or_else(|| panic!("{what} ({labels})"))
 }
 
 /// A container's memory, from its cgroup (v1, cgroupfs driver), in MiB.
