@@ -302,14 +302,25 @@ impl Default for PrometheusSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[x_kube(validation = Rule::new("!has(self.externalUrl) || !self.enabled")
     .message("externalUrl replaces the deployed backend: set enabled to false").field_path(".externalUrl").reason(Reason::FieldValueInvalid))]
+#[x_kube(validation = Rule::new("has(self.externalUrl) || (!has(self.externalApi) && !has(self.externalQueryUrl))")
+    .message("externalApi and externalQueryUrl describe an external backend: set externalUrl").field_path(".externalUrl").reason(Reason::FieldValueRequired))]
 #[serde(rename_all = "camelCase")]
 pub struct TempoSpec {
     /// Whether Tempo is deployed.
     #[serde(default = "enabled")]
     pub enabled: bool,
-    /// Base URL of a Tempo run elsewhere (with `enabled: false`): the collector exports to it and Grafana reads it.
+    /// Base URL of a trace backend run elsewhere (with `enabled: false`): the collector exports OTLP/HTTP to
+    /// `<externalUrl>/v1/traces`, and Grafana reads it unless `externalQueryUrl` says otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_url: Option<String>,
+    /// Which API the external backend serves: `Tempo` (when unset), or `Jaeger` (v2), which Grafana reads with its
+    /// Jaeger datasource.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_api: Option<TraceApi>,
+    /// Where Grafana reads traces when that is not `externalUrl` (Tempo's HTTP API on 3200, Jaeger's query
+    /// service on 16686, while OTLP arrives on 4318).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_query_url: Option<String>,
     /// Tempo image.
     #[serde(default = "default_tempo_image")]
     #[schemars(length(min = 1))]
@@ -331,6 +342,8 @@ impl Default for TempoSpec {
         Self {
             enabled: true,
             external_url: None,
+            external_api: None,
+            external_query_url: None,
             image: default_tempo_image(),
             resources: None,
             storage: StorageSpec::default(),
@@ -343,14 +356,22 @@ impl Default for TempoSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[x_kube(validation = Rule::new("!has(self.externalUrl) || !self.enabled")
     .message("externalUrl replaces the deployed backend: set enabled to false").field_path(".externalUrl").reason(Reason::FieldValueInvalid))]
+#[x_kube(validation = Rule::new("has(self.externalUrl) || !has(self.externalApi)")
+    .message("externalApi describes an external backend: set externalUrl").field_path(".externalUrl").reason(Reason::FieldValueRequired))]
 #[serde(rename_all = "camelCase")]
 pub struct LokiSpec {
     /// Whether Loki is deployed.
     #[serde(default = "enabled")]
     pub enabled: bool,
-    /// Base URL of a Loki run elsewhere (with `enabled: false`): the collector exports to it and Grafana reads it.
+    /// Base URL of a log backend run elsewhere (with `enabled: false`): the collector exports OTLP/HTTP to it (at
+    /// the path its API takes) and Grafana reads it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_url: Option<String>,
+    /// Which API the external backend serves: `Loki` (when unset; OTLP at `/otlp/v1/logs`), or `VictoriaLogs` (OTLP at
+    /// `/insert/opentelemetry/v1/logs`, read by Grafana's VictoriaLogs datasource plugin, which Grafana installs at
+    /// start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_api: Option<LogApi>,
     /// Loki image.
     #[serde(default = "default_loki_image")]
     #[schemars(length(min = 1))]
@@ -372,12 +393,33 @@ impl Default for LokiSpec {
         Self {
             enabled: true,
             external_url: None,
+            external_api: None,
             image: default_loki_image(),
             resources: None,
             storage: StorageSpec::default(),
             retention: default_logs_retention(),
         }
     }
+}
+
+/// The API of an external trace backend.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum TraceApi {
+    /// Grafana Tempo.
+    #[default]
+    Tempo,
+    /// Jaeger v2 (Apache-2.0; OTLP in, its query API out).
+    Jaeger,
+}
+
+/// The API of an external log backend.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum LogApi {
+    /// Grafana Loki.
+    #[default]
+    Loki,
+    /// VictoriaLogs (Apache-2.0; OTLP in, LogsQL out).
+    VictoriaLogs,
 }
 
 /// Grafana, with the stack's backends as datasources and flowtel's dashboards.

@@ -63,12 +63,12 @@ fn spawn(bin: &Path, args: &[String], env: &[(&str, &str)], log: &Path) -> Proce
 /// configuration with the real collector.
 pub fn render(dir: &Path, stack: &Value) -> Vec<Value> {
     let file = dir.join(format!("stack-{}.yaml", stack["metadata"]["name"].as_str().unwrap_or("stack")));
-    std::fs::write(&file, serde_yaml::to_string(stack).expect("yaml")).expect("write");
+    std::fs::write(&file, serde_yaml_ng::to_string(stack).expect("yaml")).expect("write");
     let out = Command::new(flowtel_binary().expect("flowtel")).args(["render", "--check", "-f"]).arg(&file).output();
     let out = out.expect("flowtel render");
     assert!(out.status.success(), "flowtel render --check: {}", String::from_utf8_lossy(&out.stderr));
     let rendered = String::from_utf8_lossy(&out.stdout).into_owned();
-    serde_yaml::Deserializer::from_str(&rendered)
+    serde_yaml_ng::Deserializer::from_str(&rendered)
         .filter_map(|doc| <Value as serde::Deserialize>::deserialize(doc).ok())
         .collect()
 }
@@ -85,13 +85,11 @@ fn generated_collector_config(dir: &Path, ports: &BTreeMap<String, u16>, replica
     let mut override_ = format!(
         "receivers:\n  otlp:\n    protocols:\n      grpc: {{endpoint: \"127.0.0.1:{}\"}}\n      http: {{endpoint: \"127.0.0.1:{}\"}}\n\
          extensions:\n  health_check: {{endpoint: \"127.0.0.1:{}\"}}\n\
-         exporters:\n  otlp_http/loki: {{logs_endpoint: \"http://127.0.0.1:{}/insert/opentelemetry/v1/logs\"}}\n\
          service:\n  telemetry:\n    metrics:\n      readers:\n        - pull:\n            exporter:\n              \
          prometheus: {{host: \"127.0.0.1\", port: {}}}\n",
         port("grpc"),
         port("http"),
         port("health"),
-        ports["vlogs"],
         port("metrics"),
     );
     let mut collector = json!({});
@@ -117,8 +115,14 @@ fn generated_collector_config(dir: &Path, ports: &BTreeMap<String, u16>, replica
         "spec": {
             "collector": collector,
             "prometheus": {"enabled": false, "externalUrl": format!("http://127.0.0.1:{}", ports["prometheus"])},
-            "tempo": {"enabled": false, "externalUrl": format!("http://127.0.0.1:{}", ports["jaeger_otlp"])},
-            "loki": {"enabled": false, "externalUrl": format!("http://127.0.0.1:{}", ports["vlogs"])},
+            "tempo": {
+                "enabled": false, "externalApi": "Jaeger",
+                "externalUrl": format!("http://127.0.0.1:{}", ports["jaeger_otlp"]),
+            },
+            "loki": {
+                "enabled": false, "externalApi": "VictoriaLogs",
+                "externalUrl": format!("http://127.0.0.1:{}", ports["vlogs"]),
+            },
             "grafana": {"enabled": false},
         }
     });

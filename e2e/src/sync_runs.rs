@@ -22,8 +22,8 @@ fn workspace_binary(name: &str) -> PathBuf {
     flowtel_binary().expect("flowtel binary").with_file_name(name)
 }
 
-/// What one `sync` process records, worked out from its knobs the way `flowtel_workflows` draws them (xorshift from
-/// `WORKFLOW_SEED`: one draw per external call attempt, then one per uploaded image's size).
+/// What one `sync` process records, worked out from its knobs the way `flowtel_workflows` draws them (fastrand seeded
+/// by `WORKFLOW_SEED`: one draw per external call attempt, then one per uploaded image's size).
 #[derive(Default)]
 pub struct Recorded(pub BTreeMap<&'static str, f64>);
 
@@ -33,7 +33,7 @@ impl Recorded {
     }
 
     pub fn of_sync(seed: u64) -> Self {
-        let mut sim = Sim { state: seed.max(1), r: Recorded::default() };
+        let mut sim = Sim { rng: fastrand::Rng::with_seed(seed), r: Recorded::default() };
         // The steps of `sync`, in order; the first that fails ends the run.
         let ok = 'run: {
             let fetched = sim.call();
@@ -74,16 +74,13 @@ impl Recorded {
 
 /// `sync` replayed: its random draws and what it records.
 struct Sim {
-    state: u64,
+    rng: fastrand::Rng,
     r: Recorded,
 }
 
 impl Sim {
     fn next(&mut self) -> u64 {
-        self.state ^= self.state << 13;
-        self.state ^= self.state >> 7;
-        self.state ^= self.state << 17;
-        self.state
+        self.rng.u64(..)
     }
 
     /// An external call: attempts until one passes or the policy's attempts are used; each failure but the last is
@@ -128,12 +125,64 @@ const CHECKS: [(&str, &str); 13] = [
     ("workflow_db_upsert_duration_ms_count", "workflow_db_upsert_duration_ms_count{workflow_name=\"sync\"}"),
 ];
 
+/// What the library's shutdown reports said it could not deliver, summed over processes: printed on the console by
+/// its fallback (the endpoint was down), or dropped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Undelivered {
+    /// Processes whose report was not empty.
+    pub processes: u64,
+    pub spans_to_console: u64,
+    pub spans_dropped: u64,
+    pub logs_to_console: u64,
+    pub logs_dropped: u64,
+    pub metric_points_to_console: u64,
+}
+
+impl Undelivered {
+    /// Adds a process's `telemetry not exported: ShutdownReport { .. }` line, if it printed one.
+    fn add_report(&mut self, stderr: &str) {
+        let Some(report) = stderr.split("telemetry not exported: ").nth(1) else { return };
+        let field = |name: &str| -> u64 {
+            report
+                .split(&format!("{name}: "))
+                .nth(1)
+                .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0)
+        };
+        self.processes += 1;
+        self.spans_to_console += field("spans_to_console");
+        self.spans_dropped += field("spans_dropped");
+        self.logs_to_console += field("logs_to_console");
+        self.logs_dropped += field("logs_dropped");
+        self.metric_points_to_console += field("metric_points_to_console");
+    }
+
+    pub fn add(&mut self, other: &Undelivered) {
+        self.processes += other.processes;
+        self.spans_to_console += other.spans_to_console;
+        self.spans_dropped += other.spans_dropped;
+        self.logs_to_console += other.logs_to_console;
+        self.logs_dropped += other.logs_dropped;
+        self.metric_points_to_console += other.metric_points_to_console;
+    }
+}
+
 /// Runs the `sync` processes `from..to` at once, each with its own run's environment (as flowtel injects it) and
-/// the OTLP endpoint of collector replica `i % replicas` (what a Service's connection balancing gives a pod).
+/// the OTLP endpoint of collector replica `i % replicas` (what a Service's connection balancing gives a pod); every
+/// process must deliver all its telemetry.
 pub fn run_processes(backends: &Backends, from: u64, to: u64) -> Recorded {
+    let (recorded, undelivered) = run_processes_on(&backends.collector_grpc, from, to);
+    assert_eq!(undelivered, Undelivered::default(), "processes {from}..{to} lost telemetry");
+    recorded
+}
+
+/// Runs the `sync` processes `from..to` at once against the collector gRPC `ports` (process `i` on
+/// `ports[i % len]`): what they recorded, and what their shutdown reports say they could not deliver.
+pub fn run_processes_on(ports: &[u16], from: u64, to: u64) -> (Recorded, Undelivered) {
     let children: Vec<_> = (from..to)
         .map(|i| {
-            let port = backends.collector_grpc[i as usize % backends.collector_grpc.len()];
+            let port = ports[i as usize % ports.len()];
             Command::new(workspace_binary("sync"))
                 .env_clear()
                 .env("OTEL_SERVICE_NAME", "sync")
@@ -145,7 +194,7 @@ pub fn run_processes(backends: &Backends, from: u64, to: u64) -> Recorded {
                          k8s.namespace.name=concurrency,k8s.job.name=sync-{i}-1,k8s.pod.name=sync-{i}-1-pod"
                     ),
                 )
-                .env("TRACEPARENT", format!("00-{:032x}-{:016x}-01", 0xabc0_0000_0000u64 + i, 0x5000 + i))
+                .env("TRACEPARENT", traceparent(i))
                 // Outside an operator's count, the library records the run-level metrics too: all ten in play.
                 .env("FLOWTEL_RUN_METRICS", "library")
                 .env("WORKFLOW_ITEMS", ITEMS.to_string())
@@ -159,15 +208,26 @@ pub fn run_processes(backends: &Backends, from: u64, to: u64) -> Recorded {
         })
         .collect();
     let mut recorded = Recorded::default();
-    for (i, child) in (from..to).zip(children) {
+    let mut undelivered = Undelivered::default();
+    for child in children {
         let out = child.wait_with_output().expect("sync ran");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!stderr.contains("not exported"), "process {i} lost telemetry: {stderr}");
+        undelivered.add_report(&String::from_utf8_lossy(&out.stderr));
+    }
+    for i in from..to {
         for (metric, n) in Recorded::of_sync(i + 1).0 {
             recorded.add(metric, n);
         }
     }
-    recorded
+    (recorded, undelivered)
+}
+
+/// The W3C traceparent process `i` runs under: its trace id is `trace_id(i)`.
+pub fn traceparent(i: u64) -> String {
+    format!("00-{}-{:016x}-01", trace_id(i), 0x5000 + i)
+}
+
+pub fn trace_id(i: u64) -> String {
+    format!("{:032x}", 0xabc0_0000_0000u64 + i)
 }
 
 /// Each check's sum: of the series' latest samples (an instant query looks back five minutes), or, with
@@ -181,6 +241,24 @@ pub async fn values(prom: &str, within: Option<&str>) -> BTreeMap<&'static str, 
             Some(range) => format!("last_over_time({selector}[{range}])"),
         };
         out.insert(key, sum(&prometheus_query(prom, &format!("sum({series})")).await));
+    }
+    out
+}
+
+/// Each check's total over the last `range` with counter resets undone (a collector restarted starts its totals
+/// from zero under the same series): per series, the value before each drop plus the last value, from the raw
+/// samples.
+pub async fn totals_across_resets(prom: &str, range: &str) -> BTreeMap<&'static str, f64> {
+    let mut out = BTreeMap::new();
+    for (key, selector) in CHECKS {
+        let mut total = 0.0;
+        for series in prometheus_query(prom, &format!("{selector}[{range}]")).await {
+            let values: Vec<f64> =
+                series["values"].as_array().into_iter().flatten().filter_map(|v| v[1].as_str()?.parse().ok()).collect();
+            total += values.windows(2).filter(|w| w[1] < w[0]).map(|w| w[0]).sum::<f64>();
+            total += values.last().copied().unwrap_or(0.0);
+        }
+        out.insert(key, total);
     }
     out
 }

@@ -158,7 +158,7 @@ async fn the_rendered_chart_is_accepted_and_installs_and_upgrades() {
 /// A kubeconfig for the local control plane that authenticates with `token` (and nothing else).
 fn token_kubeconfig(token: &str, path: &std::path::Path) {
     let admin: serde_json::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(cluster_kubeconfig()).expect("kubeconfig")).expect("yaml");
+        serde_yaml_ng::from_str(&std::fs::read_to_string(cluster_kubeconfig()).expect("kubeconfig")).expect("yaml");
     let cluster = admin["clusters"][0]["cluster"].clone();
     let config = serde_json::json!({
         "apiVersion": "v1", "kind": "Config",
@@ -167,7 +167,7 @@ fn token_kubeconfig(token: &str, path: &std::path::Path) {
         "contexts": [{"name": "flowtel", "context": {"cluster": "local", "user": "flowtel"}}],
         "current-context": "flowtel",
     });
-    std::fs::write(path, serde_yaml::to_string(&config).expect("yaml")).expect("write");
+    std::fs::write(path, serde_yaml_ng::to_string(&config).expect("yaml")).expect("write");
 }
 
 /// The RBAC the chart grants is enough: the operator, authenticated as the chart's ServiceAccount (a token from the

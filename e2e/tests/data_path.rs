@@ -203,7 +203,7 @@ async fn a_workflow_run_lands_in_prometheus_jaeger_and_victorialogs_joined_to_it
         .output()
         .expect("render");
     let rendered = String::from_utf8_lossy(&out.stdout).into_owned();
-    let dashboard: Value = serde_yaml::Deserializer::from_str(&rendered)
+    let dashboard: Value = serde_yaml_ng::Deserializer::from_str(&rendered)
         .find_map(|doc| {
             let v = <Value as serde::Deserialize>::deserialize(doc).ok()?;
             serde_json::from_str(v["data"]["workflow-runs.json"].as_str()?).ok()

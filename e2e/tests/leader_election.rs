@@ -76,7 +76,7 @@ async fn a_killed_leader_is_replaced_within_a_lease_duration_and_runs_in_flight_
     let killed_at = SystemTime::now();
     first.kill();
     let (next, acquired) = new_holder(&leases, Some(&leader), Duration::from_secs(60)).await;
-    let takeover = acquired.duration_since(killed_at).unwrap_or_default();
+    let takeover = acquired.duration_since(killed_at).expect("the Lease was acquired after the kill, not before");
     // The standby takes over once it has seen the Lease unchanged for a lease duration, checking every retry
     // period (so up to one retry period late), and it may have seen the dead leader's last renewal up to one retry
     // period after it was written.
@@ -141,8 +141,8 @@ async fn a_leader_cut_off_from_the_apiserver_exits_before_the_standby_leads() {
         exited_at < acquired,
         "the old leader exited at {exited_at:?}, before {next} acquired the Lease at {acquired:?}"
     );
-    let gap = acquired.duration_since(exited_at).unwrap_or_default();
-    let stopped = exited_at.duration_since(cut_at).unwrap_or_default();
+    let gap = acquired.duration_since(exited_at).expect("acquired after the old leader exited");
+    let stopped = exited_at.duration_since(cut_at).expect("the old leader exited after the cut, not before");
     println!("cut-off leader stopped {stopped:?} after the cut; the standby led {gap:?} later");
     assert!(stopped <= RENEW_DEADLINE + RETRY_PERIOD, "stopped {stopped:?} after the cut");
 
@@ -172,7 +172,7 @@ async fn a_leader_stopped_by_sigterm_releases_the_lease_and_the_standby_leads_at
     let status = first.terminate(Duration::from_secs(30)).await.expect("the leader stops on SIGTERM");
     assert!(status.success(), "a graceful stop exits 0: {status:?}");
     let (_, acquired) = new_holder(&leases, Some(&leader), Duration::from_secs(60)).await;
-    let handover = acquired.duration_since(stopped_at).unwrap_or_default();
+    let handover = acquired.duration_since(stopped_at).expect("the Lease was acquired after the SIGTERM, not before");
     println!("handover after SIGTERM: {handover:?}");
     // Without the release the standby would wait out a whole lease duration.
     assert!(handover < LEASE_DURATION / 2, "handover {handover:?} after SIGTERM");

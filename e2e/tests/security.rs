@@ -144,7 +144,7 @@ fn pods_of(doc: &Value) -> Vec<(String, Value)> {
 }
 
 fn documents(yaml: &str) -> Vec<Value> {
-    yaml.split("\n---").filter_map(|d| serde_yaml::from_str::<Value>(d).ok()).filter(|d| d.is_object()).collect()
+    yaml.split("\n---").filter_map(|d| serde_yaml_ng::from_str::<Value>(d).ok()).filter(|d| d.is_object()).collect()
 }
 
 #[tokio::test]

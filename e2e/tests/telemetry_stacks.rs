@@ -430,7 +430,7 @@ fn render(stack: &str, check: bool) -> (bool, String, String) {
 
 /// The collector configuration among rendered objects.
 fn collector_config(rendered: &str) -> Option<String> {
-    serde_yaml::Deserializer::from_str(rendered).find_map(|doc| {
+    serde_yaml_ng::Deserializer::from_str(rendered).find_map(|doc| {
         let v = <Value as serde::Deserialize>::deserialize(doc).ok()?;
         (v["kind"] == "ConfigMap").then(|| v["data"]["collector.yaml"].as_str().map(str::to_string)).flatten()
     })
@@ -453,10 +453,10 @@ fn every_golden_collector_config_passes_otelcol_validate() {
     let mut checked = 0;
     for entry in std::fs::read_dir(&dir).expect("testdata") {
         let path = entry.expect("entry").path();
-        if !path.to_string_lossy().ends_with(".golden.yaml") {
+        if !path.to_string_lossy().ends_with(".snap") {
             continue;
         }
-        let text = std::fs::read_to_string(&path).expect("golden");
+        let text = snapshot_body(&std::fs::read_to_string(&path).expect("golden"));
         let config = collector_config(&text).unwrap_or_else(|| panic!("{}: no collector config", path.display()));
         let (ok, message) = otelcol_validate(&config);
         assert!(ok, "{}: otelcol validate refused it: {message}", path.display());
@@ -465,17 +465,25 @@ fn every_golden_collector_config_passes_otelcol_validate() {
     assert_eq!(checked, 5, "every golden stack has a collector");
 }
 
+/// The rendered objects of an insta snapshot file (`operator/src/telemetry_stack/testdata/<stack>.snap`): what
+/// follows its `---`-fenced header.
+fn snapshot_body(text: &str) -> String {
+    text.strip_prefix("---\n")
+        .and_then(|rest| rest.split_once("\n---\n"))
+        .map_or_else(|| text.to_string(), |(_, body)| body.to_string())
+}
+
 /// Every object of every golden stack, as JSON.
 fn golden_objects() -> Vec<(String, Value)> {
     let dir = repo_root().join("operator/src/telemetry_stack/testdata");
     let mut out = Vec::new();
     for entry in std::fs::read_dir(&dir).expect("testdata") {
         let path = entry.expect("entry").path();
-        if !path.to_string_lossy().ends_with(".golden.yaml") {
+        if !path.to_string_lossy().ends_with(".snap") {
             continue;
         }
-        let text = std::fs::read_to_string(&path).expect("golden");
-        for doc in serde_yaml::Deserializer::from_str(&text) {
+        let text = snapshot_body(&std::fs::read_to_string(&path).expect("golden"));
+        for doc in serde_yaml_ng::Deserializer::from_str(&text) {
             let value = <Value as serde::Deserialize>::deserialize(doc).expect("a YAML document");
             out.push((path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string(), value));
         }
@@ -512,7 +520,7 @@ fn every_golden_prometheus_config_and_dashboard_query_passes_promtool() {
             assert_eq!(rules.len(), 13, "{file}: every query");
             let path = dir.join("rules.yml");
             let doc = json!({"groups": [{"name": "dashboard", "rules": rules}]});
-            std::fs::write(&path, serde_yaml::to_string(&doc).expect("yaml")).expect("write");
+            std::fs::write(&path, serde_yaml_ng::to_string(&doc).expect("yaml")).expect("write");
             let out = Command::new(&promtool).args(["check", "rules"]).arg(&path).output().expect("promtool");
             assert!(out.status.success(), "{file}: {}", String::from_utf8_lossy(&out.stderr));
             queries += 1;

@@ -8,7 +8,7 @@ use kube::CustomResourceExt;
 #[derive(Debug, thiserror::Error)]
 pub enum CrdGenError {
     #[error("cannot render CRD {name} as YAML: {source}")]
-    Yaml { name: String, source: serde_yaml::Error },
+    Yaml { name: String, source: serde_yaml_ng::Error },
 }
 
 /// Every CRD flowtel installs, with the file name it is checked in under in `crds/`.
@@ -22,7 +22,7 @@ pub fn all() -> Vec<(&'static str, CustomResourceDefinition)> {
 /// One CRD as the YAML document that is checked in.
 pub fn to_yaml(crd: &CustomResourceDefinition) -> Result<String, CrdGenError> {
     let name = crd.metadata.name.clone().unwrap_or_default();
-    serde_yaml::to_string(crd).map_err(|source| CrdGenError::Yaml { name, source })
+    serde_yaml_ng::to_string(crd).map_err(|source| CrdGenError::Yaml { name, source })
 }
 
 /// Both CRDs as one multi-document YAML stream, as `flowtel crds` prints it.

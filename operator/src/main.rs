@@ -289,7 +289,7 @@ fn render(file: &std::path::Path, check: bool) -> anyhow::Result<()> {
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
     };
     let mut stack: flowtel_crds::TelemetryStack =
-        serde_yaml::from_str(&text).with_context(|| format!("{} is not a TelemetryStack", file.display()))?;
+        serde_yaml_ng::from_str(&text).with_context(|| format!("{} is not a TelemetryStack", file.display()))?;
     stack.metadata.namespace.get_or_insert_with(|| "default".into());
     let output = telemetry_stack::render(&stack, check).map_err(|errors| anyhow::anyhow!(errors.join("\n")))?;
     print!("{output}");
@@ -301,6 +301,15 @@ fn render(file: &std::path::Path, check: bool) -> anyhow::Result<()> {
 /// threads (`BENCHMARKS.md`).
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
+    #[cfg(feature = "failpoints")]
+    if let Ok(point) = std::env::var("FLOWTEL_CRASH_AT") {
+        let at = point.clone();
+        fail::cfg_callback(point, move || {
+            eprintln!("FLOWTEL_CRASH_AT={at}: aborting");
+            std::process::abort();
+        })
+        .map_err(anyhow::Error::msg)?;
+    }
     match Cli::parse().command {
         Command::Crds { out_dir: None } => print!("{}", flowtel::crdgen::all_yaml()?),
         Command::Crds { out_dir: Some(dir) } => {

@@ -20,7 +20,7 @@
 //! in a cumulative counter to surface later. A backend that wants cumulative series converts (the collector's
 //! `deltatocumulative` processor, Prometheus' `otlp-deltatocumulative`).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -37,6 +37,7 @@ use prometheus_client::metrics::counter::Counter as PromCounter;
 use prometheus_client::registry::Registry;
 use tokio::sync::{Notify, mpsc, watch};
 
+use crate::runtime::expiring::Expiring;
 use crate::runtime::readiness::Gate;
 
 pub mod journal;
@@ -142,28 +143,20 @@ struct Entry {
     metrics_exported: bool,
 }
 
-/// Report outcomes by key, forgotten in insertion order once they can no longer be asked for.
+/// Report outcomes by key, forgotten in the order they joined once they can no longer be asked for.
 #[derive(Default)]
 struct Ledger {
-    entries: HashMap<String, Entry>,
-    inserted: VecDeque<(Instant, String)>,
+    entries: Expiring<String, Entry>,
 }
 
 impl Ledger {
     fn expire(&mut self, keep: Duration) {
-        while let Some((at, _)) = self.inserted.front() {
-            if at.elapsed() < keep {
-                break;
-            }
-            if let Some((_, key)) = self.inserted.pop_front() {
-                self.entries.remove(&key);
-            }
-        }
+        self.entries.expire(keep);
     }
 
     fn insert(&mut self, key: String, entry: Entry) {
-        self.inserted.push_back((entry.first_try, key.clone()));
-        self.entries.insert(key, entry);
+        let at = entry.first_try;
+        self.entries.insert_at(key, entry, at);
     }
 
     /// Takes in what the journal recalled (oldest first): an exported report answers `Exported` at once; one whose
@@ -890,7 +883,7 @@ mod tests {
             ReportState::Failing { reason: "ExportInterrupted".into() }
         );
         assert_eq!(rx.try_recv().map(|r| r.key).ok().as_deref(), Some("metrics-only"));
-        assert!(shared.ledger().entries["metrics-only"].metrics_exported);
+        assert!(shared.ledger().entries.get("metrics-only").is_some_and(|e| e.metrics_exported));
         let facts: Vec<(String, Fact)> = shared.ledger().facts().into_iter().map(|f| (f.key, f.fact)).collect();
         assert_eq!(facts, [("metrics-only".into(), Fact::MetricsExported), ("exported".into(), Fact::Exported)]);
     }
@@ -980,8 +973,8 @@ mod tests {
             ledger.insert(key.into(), entry);
         }
         ledger.expire(Duration::from_secs(50));
-        assert!(!ledger.entries.contains_key("old"));
-        assert!(ledger.entries.contains_key("new"));
+        assert!(ledger.entries.get("old").is_none());
+        assert!(ledger.entries.get("new").is_some());
     }
 
     #[test]

@@ -45,6 +45,33 @@ const BUDGET: Duration = Duration::from_secs(12 * 60);
 /// How long the cleanup waits for the operators to let the runs go before it removes the finalizers itself.
 const CLEANUP: Duration = Duration::from_secs(60);
 
+/// e2e/bench: bare Jobs, then WorkflowRuns with the same pod, at rising offered rates (see the header above).
+#[derive(clap::Parser)]
+#[command(name = "e2e/bench")]
+struct Cli {
+    /// Offered rates in runs per second, one step each, lowest first.
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = [10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 80.0])]
+    rates: Vec<f64>,
+    /// How long each rate is offered.
+    #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u64).range(1..))]
+    step_seconds: u64,
+    /// A step keeps up when its last run ends within this lag of its offered time.
+    #[arg(long, default_value_t = 5)]
+    max_lag_seconds: u64,
+    /// Runs kept in the cluster for the retained-objects stage, one stage each.
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = [10_000, 50_000])]
+    retained: Vec<usize>,
+    /// Also offer this rate to two operator shards.
+    #[arg(long)]
+    shard_rate: Option<f64>,
+    /// Offer the floor (a run kept with no operator) from this rate up.
+    #[arg(long = "floor")]
+    floor_from: Option<f64>,
+    /// Where the figures go, as JSON.
+    #[arg(long, default_value = "target/bench.json")]
+    out: std::path::PathBuf,
+}
+
 struct Args {
     rates: Vec<f64>,
     step: Duration,
@@ -55,35 +82,25 @@ struct Args {
     out: std::path::PathBuf,
 }
 
+/// The command line; a malformed or unknown flag ends the bench with clap's message naming it.
 fn args() -> Args {
-    let mut a = Args {
-        rates: vec![10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 80.0],
-        step: Duration::from_secs(40),
-        max_lag: Duration::from_secs(5),
-        retained: vec![10_000, 50_000],
-        shard_rate: None,
-        floor_from: None,
-        out: std::path::PathBuf::from("target/bench.json"),
-    };
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    for pair in argv.chunks(2) {
-        let (flag, value) = (pair[0].as_str(), pair.get(1).map(String::as_str).unwrap_or_default());
-        let list = || value.split(',').filter_map(|v| v.trim().parse().ok());
-        match flag {
-            "--rates" => a.rates = list().collect(),
-            "--step-seconds" => a.step = Duration::from_secs(value.parse().unwrap_or(40)),
-            "--max-lag-seconds" => a.max_lag = Duration::from_secs(value.parse().unwrap_or(5)),
-            "--retained" => a.retained = value.split(',').filter_map(|v| v.trim().parse().ok()).collect(),
-            "--shard-rate" => a.shard_rate = value.parse().ok(),
-            "--floor" => a.floor_from = value.parse().ok(),
-            "--out" => a.out = value.into(),
-            other => {
-                eprintln!("unknown flag {other}; see the header of e2e/src/bin/bench.rs");
-                std::process::exit(2);
-            }
-        }
+    let cli = <Cli as clap::Parser>::parse();
+    if let Some(bad) =
+        cli.rates.iter().chain(&cli.shard_rate).chain(&cli.floor_from).find(|r| !(r.is_finite() && **r > 0.0))
+    {
+        <Cli as clap::CommandFactory>::command()
+            .error(clap::error::ErrorKind::ValueValidation, format!("a rate must be a positive number, got {bad}"))
+            .exit();
     }
-    a
+    Args {
+        rates: cli.rates,
+        step: Duration::from_secs(cli.step_seconds),
+        max_lag: Duration::from_secs(cli.max_lag_seconds),
+        retained: cli.retained,
+        shard_rate: cli.shard_rate,
+        floor_from: cli.floor_from,
+        out: cli.out,
+    }
 }
 
 /// When the bench saw each object's milestones (its own clock, from its own watches).
@@ -475,21 +492,10 @@ fn print_step(kind: &str, s: &StepResult) {
 
 /// Audit entries (writes, and GETs) in `ns`: (user agent is flowtel's, verb, resource[/subresource]) → count.
 fn audit(ns: &str) -> BTreeMap<(bool, String, String), u64> {
-    let dir = cluster_kubeconfig().parent().map(|d| d.join("logs")).unwrap_or_default();
-    let needle = format!("\"namespace\":\"{ns}\"");
     let mut counts = BTreeMap::new();
-    let files = std::fs::read_dir(&dir).into_iter().flatten().flatten().map(|e| e.path());
-    for path in files.filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("audit"))) {
-        for line in std::fs::read_to_string(&path).unwrap_or_default().lines().filter(|l| l.contains(&needle)) {
-            let Ok(e) = serde_json::from_str::<Value>(line) else { continue };
-            if e["stage"] != "ResponseComplete" || e["objectRef"]["namespace"] != ns {
-                continue;
-            }
-            let ours = e["userAgent"].as_str().is_some_and(|ua| ua.starts_with("flowtel/"));
-            let sub = e["objectRef"]["subresource"].as_str().map(|s| format!("/{s}")).unwrap_or_default();
-            let resource = format!("{}{sub}", e["objectRef"]["resource"].as_str().unwrap_or("?"));
-            *counts.entry((ours, e["verb"].as_str().unwrap_or("?").to_string(), resource)).or_insert(0) += 1;
-        }
+    for e in flowtel_e2e::audit::audit_entries(&flowtel_e2e::audit::audit_logs(), ns) {
+        let sub = e.subresource.as_deref().map(|s| format!("/{s}")).unwrap_or_default();
+        *counts.entry((e.by_operator, e.verb.clone(), format!("{}{sub}", e.resource))).or_insert(0) += 1;
     }
     counts
 }

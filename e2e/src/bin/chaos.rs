@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::future::Future;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,9 +35,44 @@ const MANAGER: &str = "flowtel-chaos";
 /// At most this many names are listed for any finding; the JSON file has the same lists.
 const EXAMPLES: usize = 10;
 
-const USAGE: &str = "usage: e2e/chaos [--runs 1000] [--seed N] [--out FILE.json] [--rate RUNS_PER_S (20)] \
-                     [--faults-scale F (1: 10 operator kills, 2 apiserver and 1 etcd restarts, 2 collector kills)] \
-                     [--settle-secs S (180)]";
+/// e2e/chaos: WorkflowRuns of mixed outcomes while the operator, the control plane and the collector fail (see the
+/// header above).
+#[derive(clap::Parser)]
+#[command(name = "e2e/chaos")]
+struct Cli {
+    /// Runs submitted.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    runs: u64,
+    /// Seed of the workload mix and the fault schedule (default: the clock).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Where the result goes, as JSON (default: target/chaos.json).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Runs submitted per second.
+    #[arg(long, default_value_t = 20.0, value_parser = positive)]
+    rate: f64,
+    /// Scales the faults (1: 10 operator kills, 2 apiserver and 1 etcd restarts, 2 collector kills).
+    #[arg(long, default_value_t = 1.0, value_parser = not_negative)]
+    faults_scale: f64,
+    /// How long to wait for every run to finish after the faults.
+    #[arg(long, default_value_t = 180)]
+    settle_secs: u64,
+}
+
+fn positive(value: &str) -> std::result::Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("must be a positive number, got {value}")),
+    }
+}
+
+fn not_negative(value: &str) -> std::result::Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("must be a number not below 0, got {value}")),
+    }
+}
 
 struct Args {
     runs: usize,
@@ -48,61 +83,36 @@ struct Args {
     settle: Duration,
 }
 
-fn parse_args() -> Result<Args> {
-    let mut args = Args {
-        runs: 1000,
-        seed: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1),
-        out: flowtel_e2e::repo_root().join("target/chaos.json"),
-        rate: 20.0,
-        faults_scale: 1.0,
-        settle: Duration::from_secs(180),
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        if flag == "-h" || flag == "--help" {
-            println!("{USAGE}");
-            std::process::exit(0);
-        }
-        let value = it.next().ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
-        let bad = |e: &dyn std::fmt::Display| format!("{flag} {value}: {e}\n{USAGE}");
-        match flag.as_str() {
-            "--runs" => args.runs = value.parse().map_err(|e| bad(&e))?,
-            "--seed" => args.seed = value.parse().map_err(|e| bad(&e))?,
-            "--out" => args.out = PathBuf::from(&value),
-            "--rate" => args.rate = value.parse().map_err(|e| bad(&e))?,
-            "--faults-scale" => args.faults_scale = value.parse().map_err(|e| bad(&e))?,
-            "--settle-secs" => args.settle = Duration::from_secs(value.parse().map_err(|e| bad(&e))?),
-            _ => return Err(format!("unknown argument {flag}\n{USAGE}").into()),
-        }
+/// The command line; a malformed or unknown flag ends the run with clap's message naming it.
+fn parse_args() -> Args {
+    let cli = <Cli as clap::Parser>::parse();
+    Args {
+        runs: cli.runs as usize,
+        seed: cli
+            .seed
+            .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)),
+        out: cli.out.unwrap_or_else(|| flowtel_e2e::repo_root().join("target/chaos.json")),
+        rate: cli.rate,
+        faults_scale: cli.faults_scale,
+        settle: Duration::from_secs(cli.settle_secs),
     }
-    if args.runs == 0 || args.rate <= 0.0 || !args.rate.is_finite() || args.faults_scale < 0.0 {
-        return Err(format!("--runs and --rate must be positive, --faults-scale not negative\n{USAGE}").into());
-    }
-    Ok(args)
 }
 
-/// xorshift64*: tiny and seeded, so one seed gives the same workload mix and fault schedule (not the same system
-/// timing), without a dependency for a few hundred random numbers.
-struct Rng(u64);
+/// Seeded, so one seed gives the same workload mix and fault schedule (not the same system timing).
+struct Rng(fastrand::Rng);
 
 impl Rng {
     fn new(seed: u64) -> Self {
-        // The state must never be zero, and nearby seeds should not start on nearby states.
-        Self((seed ^ 0x9E37_79B9_7F4A_7C15) | 1)
+        Self(fastrand::Rng::with_seed(seed))
     }
 
     fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        self.0.u64(..)
     }
 
     /// Uniform in [0, 1).
     fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        self.0.f64()
     }
 
     fn range(&mut self, lo: f64, hi: f64) -> f64 {
@@ -794,58 +804,30 @@ struct AuditCounts {
     errors: u64,
 }
 
-/// Reads the apiserver's audit log (and its rotated files) for one namespace.
+/// Counts the operator's requests in one namespace from the apiserver's audit log (and its rotated files).
 fn audit(logs: &Path, namespace: &str) -> Result<AuditCounts> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(logs)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            name.starts_with("audit") && name.ends_with(".log")
-        })
-        .collect();
-    files.sort();
     let mut out = AuditCounts::default();
-    let needle = format!("\"namespace\":\"{namespace}\"");
-    for path in files {
-        for line in BufReader::new(std::fs::File::open(&path)?).lines() {
-            let line = line?;
-            // Most lines are about other namespaces: skip them before parsing.
-            if !line.contains(&needle) {
-                continue;
-            }
-            let Ok(e) = serde_json::from_str::<Value>(&line) else { continue };
-            let object = &e["objectRef"];
-            if e["stage"] != "ResponseComplete" || object["namespace"] != namespace {
-                continue;
-            }
-            let verb = e["verb"].as_str().unwrap_or_default();
-            let resource = object["resource"].as_str().unwrap_or_default();
-            let name = object["name"].as_str().unwrap_or_default();
-            let code = e["responseStatus"]["code"].as_i64().unwrap_or_default();
-            let subresource = object["subresource"].as_str();
-            if resource == "jobs" && subresource.is_none() && code == 201 {
-                *out.job_creates.entry(name.to_string()).or_default() += 1;
-            }
-            let ours = e["userAgent"].as_str().is_some_and(|ua| ua.starts_with("flowtel/"));
-            if !ours || !matches!(verb, "create" | "update" | "patch" | "delete") {
-                continue;
-            }
-            if resource == "events" {
-                out.events += 1;
-                continue;
-            }
-            out.writes += 1;
-            *out.writes_by_code.entry(code).or_default() += 1;
-            match code {
-                409 => out.conflicts += 1,
-                200..=299 => {}
-                _ => out.errors += 1,
-            }
-            let sub = subresource.map(|s| format!("/{s}")).unwrap_or_default();
-            *out.writes_by_request.entry(format!("{verb} {resource}{sub}")).or_default() += 1;
-            let run = if resource == "jobs" { run_of_job(name).0 } else { name };
-            *out.writes_by_run.entry(run.to_string()).or_default() += 1;
+    for e in flowtel_e2e::audit::audit_entries(logs, namespace) {
+        if e.resource == "jobs" && e.subresource.is_none() && e.code == 201 {
+            *out.job_creates.entry(e.name.clone()).or_default() += 1;
         }
+        if !e.by_operator || !e.is_write() {
+            continue;
+        }
+        if e.resource == "events" {
+            out.events += 1;
+            continue;
+        }
+        out.writes += 1;
+        *out.writes_by_code.entry(e.code).or_default() += 1;
+        match e.code {
+            409 => out.conflicts += 1,
+            200..=299 => {}
+            _ => out.errors += 1,
+        }
+        *out.writes_by_request.entry(e.request()).or_default() += 1;
+        let run = if e.resource == "jobs" { run_of_job(&e.name).0 } else { e.name.as_str() };
+        *out.writes_by_run.entry(run.to_string()).or_default() += 1;
     }
     Ok(out)
 }
@@ -1375,7 +1357,7 @@ async fn main() {
 }
 
 async fn main_inner() -> Result<()> {
-    let args = parse_args()?;
+    let args = parse_args();
     let t0 = Instant::now();
     let clock = Clock(t0);
     let mut rng = Rng::new(args.seed);

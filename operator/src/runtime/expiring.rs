@@ -1,53 +1,100 @@
-//! A map whose entries leave a fixed time after they were first inserted, in insertion order: O(1) amortized, no
-//! scans. For what only matters for a while (cache lag, a create's watch event still to come).
+//! Entries that leave a fixed time after they joined, in the order they joined: O(1) amortized, no scans. For what
+//! only matters for a while: cache lag and a create's watch event still to come (`ExpiringMap`, locked), and the
+//! export ledger's outcomes (`Expiring`, under the ledger's own lock).
 
+use std::borrow::Borrow;
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// The entries, and when each key joined, oldest first.
-type Entries<K, V> = (HashMap<K, V>, VecDeque<(Instant, K)>);
-
-pub struct ExpiringMap<K, V> {
-    ttl: Duration,
-    inner: Mutex<Entries<K, V>>,
+/// The entries, and when each key joined, oldest first. Not locked.
+pub struct Expiring<K, V> {
+    map: HashMap<K, V>,
+    order: VecDeque<(Instant, K)>,
 }
 
-impl<K: Hash + Eq + Clone, V: Clone> ExpiringMap<K, V> {
-    pub fn new(ttl: Duration) -> Self {
-        Self { ttl, inner: Mutex::new((HashMap::new(), VecDeque::new())) }
+impl<K, V> Default for Expiring<K, V> {
+    fn default() -> Self {
+        Self { map: HashMap::new(), order: VecDeque::new() }
     }
+}
 
-    fn expire(ttl: Duration, (map, order): &mut Entries<K, V>) {
-        while order.front().is_some_and(|(at, _)| at.elapsed() >= ttl) {
-            if let Some((_, key)) = order.pop_front() {
-                map.remove(&key);
+impl<K: Hash + Eq + Clone, V> Expiring<K, V> {
+    /// Drops the entries that joined `keep` ago or longer.
+    pub fn expire(&mut self, keep: Duration) {
+        while self.order.front().is_some_and(|(at, _)| at.elapsed() >= keep) {
+            if let Some((_, key)) = self.order.pop_front() {
+                self.map.remove(&key);
             }
         }
     }
 
-    /// Inserts or replaces; a replaced entry keeps its original expiry.
-    pub fn insert(&self, key: K, value: V) {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        Self::expire(self.ttl, &mut inner);
-        if inner.0.insert(key.clone(), value).is_none() {
-            inner.1.push_back((Instant::now(), key));
+    /// Inserts or replaces; a new key joins at `at` (callers insert in time order: a recalled entry at its age), a
+    /// replaced entry keeps the time it joined.
+    pub fn insert_at(&mut self, key: K, value: V, at: Instant) {
+        if self.map.insert(key.clone(), value).is_none() {
+            self.order.push_back((at, key));
         }
     }
 
-    /// Removes and returns the entry (its place in the expiry order stays until it expires: a key taken and
-    /// inserted again may leave early).
-    pub fn take(&self, key: &K) -> Option<V> {
+    /// Removes and returns the entry (its place in the order stays until it expires: a key removed and inserted
+    /// again may leave early).
+    pub fn remove<Q: Hash + Eq + ?Sized>(&mut self, key: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+    {
+        self.map.remove(key)
+    }
+
+    pub fn get<Q: Hash + Eq + ?Sized>(&self, key: &Q) -> Option<&V>
+    where
+        K: Borrow<Q>,
+    {
+        self.map.get(key)
+    }
+
+    pub fn get_mut<Q: Hash + Eq + ?Sized>(&mut self, key: &Q) -> Option<&mut V>
+    where
+        K: Borrow<Q>,
+    {
+        self.map.get_mut(key)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
+        self.map.iter()
+    }
+}
+
+/// An `Expiring` map with a fixed time to live, shared behind a lock.
+pub struct ExpiringMap<K, V> {
+    ttl: Duration,
+    inner: Mutex<Expiring<K, V>>,
+}
+
+impl<K: Hash + Eq + Clone, V: Clone> ExpiringMap<K, V> {
+    pub fn new(ttl: Duration) -> Self {
+        Self { ttl, inner: Mutex::new(Expiring::default()) }
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, Expiring<K, V>> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        Self::expire(self.ttl, &mut inner);
-        inner.0.remove(key)
+        inner.expire(self.ttl);
+        inner
+    }
+
+    /// Inserts or replaces; a replaced entry keeps its original expiry.
+    pub fn insert(&self, key: K, value: V) {
+        self.entries().insert_at(key, value, Instant::now());
+    }
+
+    /// Removes and returns the entry.
+    pub fn take(&self, key: &K) -> Option<V> {
+        self.entries().remove(key)
     }
 
     pub fn get(&self, key: &K) -> Option<V> {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        Self::expire(self.ttl, &mut inner);
-        inner.0.get(key).cloned()
+        self.entries().get(key).cloned()
     }
 }
 
@@ -69,5 +116,15 @@ mod tests {
             std::hint::spin_loop();
         }
         assert_eq!(map.get(&"a"), None);
+    }
+
+    #[test]
+    fn entries_leave_in_the_order_they_joined_at_the_time_given() {
+        let mut entries = Expiring::default();
+        let now = Instant::now();
+        entries.insert_at("old", 1, now - Duration::from_secs(100));
+        entries.insert_at("new", 2, now);
+        entries.expire(Duration::from_secs(50));
+        assert_eq!((entries.get("old"), entries.get("new")), (None, Some(&2)));
     }
 }

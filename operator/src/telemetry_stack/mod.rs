@@ -213,8 +213,9 @@ pub async fn run(client: Client, namespace: Option<String>, rates: RunRates, syn
 mod tests {
     use super::*;
 
-    /// Golden files: every stack under `testdata/stacks/` rendered (and checked) as flowtel applies it.
-    /// Regenerate with `FLOWTEL_UPDATE_GOLDEN=1 cargo test -p flowtel-operator`.
+    /// Golden files: every stack under `testdata/stacks/` rendered (and checked) as flowtel applies it (insta: a
+    /// drift fails with a diff and leaves a `.snap.new` beside the file; `cargo insta review`, or
+    /// `INSTA_UPDATE=always`, accepts it).
     #[test]
     fn every_golden_stack_renders_to_its_checked_in_objects() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/telemetry_stack/testdata");
@@ -224,19 +225,12 @@ mod tests {
         assert_eq!(inputs.len(), 5, "every golden stack is listed and runs");
         for input in inputs {
             let stack: TelemetryStack =
-                serde_yaml::from_str(&std::fs::read_to_string(&input).expect("read")).expect("a TelemetryStack");
+                serde_yaml_ng::from_str(&std::fs::read_to_string(&input).expect("read")).expect("a TelemetryStack");
             let rendered = render(&stack, true).unwrap_or_else(|e| panic!("{}: {e:?}", input.display()));
-            let golden = dir.join(format!("{}.golden.yaml", input.file_stem().and_then(|s| s.to_str()).unwrap_or("")));
-            if std::env::var_os("FLOWTEL_UPDATE_GOLDEN").is_some() {
-                std::fs::write(&golden, &rendered).expect("write golden");
-            }
-            let expected = std::fs::read_to_string(&golden).unwrap_or_default();
-            assert!(
-                rendered == expected,
-                "{} differs from {}; FLOWTEL_UPDATE_GOLDEN=1 regenerates",
-                input.display(),
-                golden.display()
-            );
+            let name = input.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+            insta::with_settings!({snapshot_path => "testdata", prepend_module_to_snapshot => false, omit_expression => true}, {
+                insta::assert_snapshot!(name, rendered);
+            });
         }
     }
 }

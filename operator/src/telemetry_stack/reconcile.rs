@@ -124,7 +124,7 @@ pub fn error_policy(stack: Arc<TelemetryStack>, error: &ReconcileError, _ctx: Ar
 
 /// The collector configuration, validated; the override is named when there is one (it is what broke it).
 pub fn check_collector_config(stack: &TelemetryStack, config: &str) -> Option<Problem> {
-    let parsed: serde_json::Value = match serde_yaml::from_str(config) {
+    let parsed: serde_json::Value = match serde_yaml_ng::from_str(config) {
         Ok(v) => v,
         Err(e) => return Some(Problem { reason: "InvalidCollectorConfig".into(), message: e.to_string() }),
     };

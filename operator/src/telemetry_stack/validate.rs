@@ -69,6 +69,16 @@ pub fn spec(spec: &TelemetryStackSpec) -> Vec<Invalid> {
             out.push(invalid(&format!("spec.{name}.externalUrl"), "set enabled to false to use an external backend"));
         }
     }
+    let external_only = [
+        ("spec.tempo.externalApi", spec.tempo.external_api.is_some(), spec.tempo.external_url.is_none()),
+        ("spec.tempo.externalQueryUrl", spec.tempo.external_query_url.is_some(), spec.tempo.external_url.is_none()),
+        ("spec.loki.externalApi", spec.loki.external_api.is_some(), spec.loki.external_url.is_none()),
+    ];
+    for (field, set, no_url) in external_only {
+        if set && no_url {
+            out.push(invalid(field, "describes an external backend: set externalUrl (and enabled: false)"));
+        }
+    }
     let any_backend = backends.iter().any(|(_, enabled, external)| *enabled || *external);
     if spec.grafana.enabled && !any_backend {
         out.push(invalid(
@@ -344,6 +354,17 @@ mod tests {
                 "{path}: expected an error containing {expected:?}, got {verdict:?}"
             );
         }
+    }
+
+    #[test]
+    fn an_external_backends_api_without_its_url_names_the_field() {
+        let stack: TelemetryStackSpec = serde_json::from_value(json!({
+            "tempo": {"externalQueryUrl": "http://jaeger:16686"},
+            "loki": {"enabled": false, "externalApi": "VictoriaLogs"},
+        }))
+        .expect("spec");
+        let fields: Vec<String> = spec(&stack).into_iter().map(|i| i.field).collect();
+        assert_eq!(fields, ["spec.tempo.externalQueryUrl", "spec.loki.externalApi"]);
     }
 
     #[test]

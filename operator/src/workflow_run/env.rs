@@ -65,24 +65,15 @@ fn field_ref(name: &str, path: &str) -> EnvVar {
 }
 
 /// Merges `OTEL_RESOURCE_ATTRIBUTES` values: the user's `key=value` pairs first and winning, then ours for keys
-/// the user did not set.
+/// the user did not set (read and written by the library's parser: values percent-encoded, as the spec has them).
 fn merge_resource_attributes(user: Option<&str>, ours: &[(&'static str, String)]) -> String {
-    let user_pairs: Vec<(String, String)> = user
-        .unwrap_or_default()
-        .split(',')
-        .filter_map(|kv| {
-            let (k, v) = kv.split_once('=')?;
-            let k = k.trim();
-            (!k.is_empty()).then(|| (k.to_string(), v.trim().to_string()))
-        })
-        .collect();
-    let mut out: Vec<String> = user_pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let mut pairs = flowtel_telemetry::resource_attributes::parse(user.unwrap_or_default());
     for (k, v) in ours {
-        if !user_pairs.iter().any(|(uk, _)| uk == k) {
-            out.push(format!("{k}={v}"));
+        if !pairs.iter().any(|(uk, _)| uk == k) {
+            pairs.push((k.to_string(), v.clone()));
         }
     }
-    out.join(",")
+    flowtel_telemetry::resource_attributes::format(&pairs)
 }
 
 /// A container's environment with flowtel's variables added.

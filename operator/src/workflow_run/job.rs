@@ -223,20 +223,17 @@ mod tests {
         assert_ne!(a, b);
     }
 
-    /// Golden file: regenerate with `FLOWTEL_UPDATE_GOLDEN=1 cargo test -p flowtel-operator`.
+    /// Golden file (insta: a drift fails with a diff and leaves `testdata/job-attempt-2.snap.new`; `cargo insta
+    /// review`, or `INSTA_UPDATE=always`, accepts it).
     #[test]
     fn job_of_attempt_two_matches_golden() {
         let target =
             OtlpTarget { endpoint: Some("http://otel-collector.telemetry:4317".into()), protocol: "grpc".into() };
         let job = build_job(&sample_run(), 2, started(), &target, Some(540)).expect("job builds");
-        let yaml = serde_yaml::to_string(&job).expect("yaml");
-        let path =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/workflow_run/testdata/job-attempt-2.yaml");
-        if std::env::var_os("FLOWTEL_UPDATE_GOLDEN").is_some() {
-            std::fs::write(&path, &yaml).expect("write golden");
-        }
-        let golden = std::fs::read_to_string(&path).expect("golden file exists");
-        assert_eq!(yaml, golden, "Job drifted from {}", path.display());
+        let yaml = serde_yaml_ng::to_string(&job).expect("yaml");
+        insta::with_settings!({snapshot_path => "testdata", prepend_module_to_snapshot => false, omit_expression => true}, {
+            insta::assert_snapshot!("job-attempt-2", yaml);
+        });
     }
 
     #[test]

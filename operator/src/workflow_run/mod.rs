@@ -6,6 +6,8 @@ pub mod env;
 pub mod index;
 pub mod job;
 pub mod metrics;
+#[cfg(test)]
+mod mocked;
 pub mod plan;
 pub mod reconcile;
 pub mod report;

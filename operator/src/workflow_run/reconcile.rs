@@ -38,15 +38,12 @@ const PENDING_RECHECK: Duration = Duration::from_secs(10);
 /// event of its own.
 const CONFLICT_RECHECK: Duration = Duration::from_secs(1);
 
-/// Test hook: `FLOWTEL_CRASH_AT=<point>` aborts the process at that point, as a crash would, so the end-to-end
-/// tests can show that a restart never double-counts. Points: `after-job-create`, `after-terminal-status`,
-/// `during-backoff`.
+/// Crash points (the `failpoints` feature, tests only: `FLOWTEL_CRASH_AT=<point>` aborts the process there, as a
+/// crash would, so the end-to-end tests can show that a restart never double-counts; see `main.rs`). Without the
+/// feature they compile to nothing.
+#[cfg_attr(not(feature = "failpoints"), allow(unused_variables))]
 fn crash_point(point: &str) {
-    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    if AT.get_or_init(|| std::env::var("FLOWTEL_CRASH_AT").ok()).as_deref() == Some(point) {
-        tracing::error!(point, "FLOWTEL_CRASH_AT: aborting");
-        std::process::abort();
-    }
+    fail::fail_point!(point);
 }
 
 /// Errors of one reconcile.

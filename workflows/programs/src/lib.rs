@@ -15,7 +15,6 @@
 
 use std::future::Future;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use flowtel_telemetry::{
@@ -41,7 +40,7 @@ pub struct Knobs {
     pub flaky_percent: u64,
     pub fail: Option<ErrorKind>,
     pub fail_step: Option<String>,
-    seed: std::sync::Arc<AtomicU64>,
+    rng: std::sync::Arc<std::sync::Mutex<fastrand::Rng>>,
 }
 
 fn env(name: &str) -> Option<String> {
@@ -50,9 +49,7 @@ fn env(name: &str) -> Option<String> {
 
 fn attempt() -> u32 {
     env("OTEL_RESOURCE_ATTRIBUTES")
-        .and_then(|attrs| {
-            attrs.split(',').find_map(|kv| kv.strip_prefix("workflow.attempt=").and_then(|v| v.trim().parse().ok()))
-        })
+        .and_then(|attrs| flowtel_telemetry::resource_attributes::get(&attrs, "workflow.attempt")?.parse().ok())
         .unwrap_or(1)
 }
 
@@ -71,18 +68,13 @@ impl Knobs {
             flaky_percent: number("WORKFLOW_FLAKY_PERCENT", 0).min(100),
             fail,
             fail_step: env("WORKFLOW_FAIL_STEP"),
-            seed: std::sync::Arc::new(AtomicU64::new(number("WORKFLOW_SEED", 1).max(1))),
+            rng: std::sync::Arc::new(std::sync::Mutex::new(fastrand::Rng::with_seed(number("WORKFLOW_SEED", 1)))),
         }
     }
 
-    /// A deterministic pseudo-random number (xorshift), for flaky calls and sizes.
+    /// A deterministic pseudo-random number (fastrand, seeded by `WORKFLOW_SEED`), for flaky calls and sizes.
     pub fn next(&self) -> u64 {
-        let mut x = self.seed.load(Ordering::Relaxed);
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.seed.store(x, Ordering::Relaxed);
-        x
+        self.rng.lock().unwrap_or_else(|e| e.into_inner()).u64(..)
     }
 
     /// Simulated work of one call; fails transiently `flaky_percent` of the time.

@@ -84,15 +84,7 @@ impl TelemetryOptions {
 
     /// `OTEL_RESOURCE_ATTRIBUTES` as pairs (the `$(VAR)` references Kubernetes expands are already expanded).
     pub fn resource_attributes(&self) -> Vec<(String, String)> {
-        self.var("OTEL_RESOURCE_ATTRIBUTES")
-            .unwrap_or_default()
-            .split(',')
-            .filter_map(|kv| {
-                let (k, v) = kv.split_once('=')?;
-                let k = k.trim();
-                (!k.is_empty()).then(|| (k.to_string(), v.trim().to_string()))
-            })
-            .collect()
+        crate::resource_attributes::parse(self.var("OTEL_RESOURCE_ATTRIBUTES").unwrap_or_default())
     }
 
     /// The run id flowtel injected (`workflow.run_id`), if any.

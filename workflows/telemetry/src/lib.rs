@@ -24,6 +24,7 @@ mod errors;
 mod exporters;
 mod fallback;
 pub mod metrics;
+pub mod resource_attributes;
 mod spans;
 
 pub use config::{RunMetrics, TelemetryOptions};

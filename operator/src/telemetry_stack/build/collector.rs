@@ -62,14 +62,14 @@ pub fn generated_config(stack: &Stack) -> Value {
     let mut exporters = serde_json::Map::new();
     let mut pipelines = serde_json::Map::new();
 
-    // Traces → Tempo (OTLP gRPC when deployed, OTLP HTTP at an external URL).
-    let traces_exporter = match (stack.tempo_otlp_grpc(), stack.tempo_url()) {
+    // Traces → Tempo (OTLP gRPC when deployed), or an external backend over OTLP HTTP (Tempo or Jaeger).
+    let traces_exporter = match (stack.tempo_otlp_grpc(), stack.traces_otlp_http()) {
         (Some(grpc), _) => {
             exporters.insert("otlp_grpc/tempo".into(), queue(json!({"endpoint": grpc, "tls": {"insecure": true}})));
             Some("otlp_grpc/tempo")
         }
-        (None, Some(url)) => {
-            exporters.insert("otlp_http/tempo".into(), queue(json!({"traces_endpoint": format!("{url}/v1/traces")})));
+        (None, Some(endpoint)) => {
+            exporters.insert("otlp_http/tempo".into(), queue(json!({"traces_endpoint": endpoint})));
             Some("otlp_http/tempo")
         }
         (None, None) => None,
@@ -109,9 +109,9 @@ pub fn generated_config(stack: &Stack) -> Value {
         pipelines.insert("metrics".into(), pipeline(&chain, "otlp_http/prometheus"));
     }
 
-    // Logs → Loki's OTLP endpoint.
-    if let Some(url) = stack.loki_url() {
-        exporters.insert("otlp_http/loki".into(), queue(json!({"logs_endpoint": format!("{url}/otlp/v1/logs")})));
+    // Logs → the log backend's OTLP endpoint (Loki's, or VictoriaLogs').
+    if let Some(endpoint) = stack.logs_otlp_http() {
+        exporters.insert("otlp_http/loki".into(), queue(json!({"logs_endpoint": endpoint})));
         pipelines.insert("logs".into(), pipeline(&["memory_limiter", "batch"], "otlp_http/loki"));
     }
 
@@ -219,7 +219,7 @@ pub fn merge(base: &mut Value, overlay: Value) {
 pub fn config(stack: &Stack) -> Result<Value, BuildError> {
     let mut config = generated_config(stack);
     if let Some(text) = &stack.stack.spec.collector.config_override {
-        let overlay: Value = serde_yaml::from_str(text).map_err(|e| BuildError::Invalid {
+        let overlay: Value = serde_yaml_ng::from_str(text).map_err(|e| BuildError::Invalid {
             field: "spec.collector.configOverride".into(),
             message: format!("not valid YAML: {e}"),
         })?;

@@ -13,6 +13,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::{Value, json};
 
+use flowtel_crds::telemetry_stack::{LogApi, TraceApi};
+
 use super::{Component, Stack, StackObject};
 
 pub const HTTP_PORT: i32 = 3000;
@@ -46,28 +48,57 @@ pub fn admin_secret(stack: &Stack, password: &str) -> Secret {
     }
 }
 
+/// The trace datasource's uid and Grafana type for the stack's trace API.
+fn trace_datasource(api: TraceApi) -> (&'static str, &'static str) {
+    match api {
+        TraceApi::Tempo => ("tempo", "tempo"),
+        TraceApi::Jaeger => ("jaeger", "jaeger"),
+    }
+}
+
+/// The log datasource's uid and Grafana type for the stack's log API.
+fn log_datasource(api: LogApi) -> (&'static str, &'static str) {
+    match api {
+        LogApi::Loki => ("loki", "loki"),
+        LogApi::VictoriaLogs => ("victorialogs", VICTORIALOGS_PLUGIN),
+    }
+}
+
+/// Grafana's VictoriaLogs datasource: a plugin, installed when Grafana starts (an air-gapped Grafana needs an
+/// image with it).
+const VICTORIALOGS_PLUGIN: &str = "victoriametrics-logs-datasource";
+
 /// The provisioned datasources, each only when its backend is deployed or external.
 pub fn datasources(stack: &Stack) -> Value {
     let mut list = Vec::new();
-    let (prometheus, tempo, loki) = (stack.prometheus_url(), stack.tempo_url(), stack.loki_url());
+    let (prometheus, traces, logs) = (stack.prometheus_url(), stack.tempo_url(), stack.loki_url());
+    let (trace_uid, trace_type) = trace_datasource(stack.trace_api());
+    let (log_uid, log_type) = log_datasource(stack.log_api());
     if let Some(url) = &prometheus {
         let mut json_data = json!({"httpMethod": "POST"});
-        if tempo.is_some() {
-            json_data["exemplarTraceIdDestinations"] = json!([{"name": "trace_id", "datasourceUid": "tempo"}]);
+        if traces.is_some() {
+            json_data["exemplarTraceIdDestinations"] = json!([{"name": "trace_id", "datasourceUid": trace_uid}]);
         }
         list.push(json!({
             "name": "Prometheus", "uid": "prometheus", "type": "prometheus", "access": "proxy",
             "url": url, "isDefault": true, "editable": false, "jsonData": json_data,
         }));
     }
-    if let Some(url) = &tempo {
+    if let Some(url) = &traces {
         let mut json_data = json!({"nodeGraph": {"enabled": true}});
-        if loki.is_some() {
+        if logs.is_some() {
             json_data["tracesToLogsV2"] = json!({
-                "datasourceUid": "loki", "filterByTraceID": true, "spanStartTimeShift": "-1h",
+                "datasourceUid": log_uid, "filterByTraceID": true, "spanStartTimeShift": "-1h",
                 "spanEndTimeShift": "1h",
             });
-            json_data["lokiSearch"] = json!({"datasourceUid": "loki"});
+            if stack.log_api() == LogApi::VictoriaLogs {
+                // LogsQL, not LogQL: the trace id is a field of every OTLP log record.
+                json_data["tracesToLogsV2"]["customQuery"] = json!(true);
+                json_data["tracesToLogsV2"]["query"] = json!("trace_id:\"$${__trace.traceId}\"");
+            }
+            if stack.trace_api() == TraceApi::Tempo && stack.log_api() == LogApi::Loki {
+                json_data["lokiSearch"] = json!({"datasourceUid": log_uid});
+            }
         }
         if prometheus.is_some() {
             json_data["tracesToMetrics"] = json!({
@@ -75,24 +106,35 @@ pub fn datasources(stack: &Stack) -> Value {
                 "tags": [{"key": "service.name", "value": "service_name"}],
                 "queries": [{"name": "Run rate", "query": "sum(rate(workflow_run_total{$$__tags}[5m]))"}],
             });
-            json_data["serviceMap"] = json!({"datasourceUid": "prometheus"});
+            if stack.trace_api() == TraceApi::Tempo {
+                json_data["serviceMap"] = json!({"datasourceUid": "prometheus"});
+            }
         }
+        let name = match stack.trace_api() {
+            TraceApi::Tempo => "Tempo",
+            TraceApi::Jaeger => "Jaeger",
+        };
         list.push(json!({
-            "name": "Tempo", "uid": "tempo", "type": "tempo", "access": "proxy", "url": url,
+            "name": name, "uid": trace_uid, "type": trace_type, "access": "proxy", "url": url,
             "editable": false, "jsonData": json_data,
         }));
     }
-    if let Some(url) = &loki {
+    if let Some(url) = &logs {
         let mut json_data = json!({"maxLines": 1000});
-        if tempo.is_some() {
-            // OTLP logs keep trace_id as structured metadata, which Grafana matches like a label.
+        if traces.is_some() {
+            // OTLP logs keep trace_id as structured metadata (Loki) or a field (VictoriaLogs), which Grafana
+            // matches like a label.
             json_data["derivedFields"] = json!([{
                 "name": "trace_id", "matcherType": "label", "matcherRegex": "trace_id",
-                "datasourceUid": "tempo", "url": "$${__value.raw}", "urlDisplayLabel": "Trace",
+                "datasourceUid": trace_uid, "url": "$${__value.raw}", "urlDisplayLabel": "Trace",
             }]);
         }
+        let name = match stack.log_api() {
+            LogApi::Loki => "Loki",
+            LogApi::VictoriaLogs => "VictoriaLogs",
+        };
         list.push(json!({
-            "name": "Loki", "uid": "loki", "type": "loki", "access": "proxy", "url": url,
+            "name": name, "uid": log_uid, "type": log_type, "access": "proxy", "url": url,
             "editable": false, "jsonData": json_data,
         }));
     }
@@ -141,6 +183,18 @@ pub fn build(stack: &Stack) -> Vec<StackObject> {
         empty_dir: Some(EmptyDirVolumeSource::default()),
         ..Volume::default()
     };
+    let mut env = vec![
+        from_secret("GF_SECURITY_ADMIN_USER", ADMIN_USER_KEY),
+        from_secret("GF_SECURITY_ADMIN_PASSWORD", ADMIN_PASSWORD_KEY),
+        plain("GF_USERS_ALLOW_SIGN_UP", "false"),
+        plain("GF_AUTH_ANONYMOUS_ENABLED", "false"),
+        plain("GF_ANALYTICS_REPORTING_ENABLED", "false"),
+        plain("GF_PATHS_DATA", "/var/lib/grafana"),
+        plain("GF_PATHS_LOGS", "/var/log/grafana"),
+    ];
+    if stack.loki_url().is_some() && stack.log_api() == LogApi::VictoriaLogs {
+        env.push(plain("GF_PLUGINS_PREINSTALL", VICTORIALOGS_PLUGIN));
+    }
     let ports = [("http", HTTP_PORT)];
     let deployment = Deployment {
         metadata: stack.metadata(Component::Grafana, stack.object_name(Component::Grafana, None)),
@@ -163,15 +217,7 @@ pub fn build(stack: &Stack) -> Vec<StackObject> {
                         name: "grafana".into(),
                         image: Some(g.image.clone()),
                         ports: Some(super::container_ports(&ports)),
-                        env: Some(vec![
-                            from_secret("GF_SECURITY_ADMIN_USER", ADMIN_USER_KEY),
-                            from_secret("GF_SECURITY_ADMIN_PASSWORD", ADMIN_PASSWORD_KEY),
-                            plain("GF_USERS_ALLOW_SIGN_UP", "false"),
-                            plain("GF_AUTH_ANONYMOUS_ENABLED", "false"),
-                            plain("GF_ANALYTICS_REPORTING_ENABLED", "false"),
-                            plain("GF_PATHS_DATA", "/var/lib/grafana"),
-                            plain("GF_PATHS_LOGS", "/var/log/grafana"),
-                        ]),
+                        env: Some(env),
                         resources: Some(super::resources(&g.resources, "100m", "256Mi", "512Mi")),
                         readiness_probe: Some(Probe {
                             http_get: Some(HTTPGetAction {
@@ -250,6 +296,36 @@ mod tests {
         let ds = datasources(&Stack::new(&stack, 0.0).expect("view"));
         let text = ds.to_string();
         assert!(!text.contains("\"loki\""), "{text}");
+    }
+
+    #[test]
+    fn jaeger_and_victorialogs_get_their_own_datasources_wired_to_each_other() {
+        let stack = view(json!({
+            "tempo": {"enabled": false, "externalUrl": "http://jaeger:4318/", "externalApi": "Jaeger",
+                      "externalQueryUrl": "http://jaeger:16686"},
+            "loki": {"enabled": false, "externalUrl": "http://victorialogs:9428", "externalApi": "VictoriaLogs"},
+        }));
+        let stack = Stack::new(&stack, 0.0).expect("view");
+        let ds = datasources(&stack);
+        let list = ds["datasources"].as_array().expect("list");
+        let by = |uid: &str| list.iter().find(|d| d["uid"] == uid).expect("datasource").clone();
+        assert_eq!(
+            list.iter().filter_map(|d| d["uid"].as_str()).collect::<Vec<_>>(),
+            ["prometheus", "jaeger", "victorialogs"]
+        );
+        assert_eq!(by("jaeger")["type"], "jaeger");
+        assert_eq!(by("jaeger")["url"], "http://jaeger:16686", "Grafana reads the query service, not OTLP");
+        assert_eq!(by("victorialogs")["type"], VICTORIALOGS_PLUGIN);
+        assert_eq!(by("prometheus")["jsonData"]["exemplarTraceIdDestinations"][0]["datasourceUid"], "jaeger");
+        assert_eq!(by("jaeger")["jsonData"]["tracesToLogsV2"]["datasourceUid"], "victorialogs");
+        assert_eq!(by("jaeger")["jsonData"]["tracesToLogsV2"]["query"], "trace_id:\"$${__trace.traceId}\"");
+        assert_eq!(by("victorialogs")["jsonData"]["derivedFields"][0]["datasourceUid"], "jaeger");
+        assert!(!ds.to_string().contains("\"tempo\""), "nothing links to a Tempo that is not there");
+        assert_eq!(stack.traces_otlp_http().as_deref(), Some("http://jaeger:4318/v1/traces"));
+        assert_eq!(stack.logs_otlp_http().as_deref(), Some("http://victorialogs:9428/insert/opentelemetry/v1/logs"));
+        let objects = build(&stack);
+        let text = serde_json::to_string(&objects.iter().map(StackObject::to_value).collect::<Vec<_>>()).expect("json");
+        assert!(text.contains(&format!("\"GF_PLUGINS_PREINSTALL\",\"value\":\"{VICTORIALOGS_PLUGIN}\"")), "{text}");
     }
 
     #[test]

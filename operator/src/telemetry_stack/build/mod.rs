@@ -11,7 +11,7 @@ pub mod tempo;
 use std::collections::BTreeMap;
 
 use flowtel_crds::TelemetryStack;
-use flowtel_crds::telemetry_stack::{Endpoints, StorageSpec};
+use flowtel_crds::telemetry_stack::{Endpoints, LogApi, StorageSpec, TraceApi};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{
@@ -165,8 +165,20 @@ impl<'a> Stack<'a> {
         if t.enabled {
             Some(format!("http://{}:{}", self.service_host(Component::Tempo), tempo::HTTP_PORT))
         } else {
-            t.external_url.as_ref().map(|u| u.trim_end_matches('/').to_string())
+            t.external_query_url.as_ref().or(t.external_url.as_ref()).map(|u| trim(u))
         }
+    }
+
+    /// Which API the trace backend serves (a deployed one is Tempo).
+    pub fn trace_api(&self) -> TraceApi {
+        let t = &self.stack.spec.tempo;
+        if t.enabled { TraceApi::Tempo } else { t.external_api.unwrap_or_default() }
+    }
+
+    /// Where the collector sends traces over OTLP/HTTP: an external backend's OTLP traces path.
+    pub fn traces_otlp_http(&self) -> Option<String> {
+        let t = &self.stack.spec.tempo;
+        if t.enabled { None } else { t.external_url.as_ref().map(|u| format!("{}/v1/traces", trim(u))) }
     }
 
     /// Where the collector sends traces over OTLP gRPC: the deployed Tempo's distributor, else None (an external
@@ -179,14 +191,29 @@ impl<'a> Stack<'a> {
             .then(|| format!("{}:{}", self.service_host(Component::Tempo), tempo::OTLP_GRPC_PORT))
     }
 
-    /// Loki's HTTP API (deployed or external).
+    /// The log backend's HTTP API (a deployed Loki, or the external backend).
     pub fn loki_url(&self) -> Option<String> {
         let l = &self.stack.spec.loki;
         if l.enabled {
             Some(format!("http://{}:{}", self.service_host(Component::Loki), loki::HTTP_PORT))
         } else {
-            l.external_url.as_ref().map(|u| u.trim_end_matches('/').to_string())
+            l.external_url.as_ref().map(|u| trim(u))
         }
+    }
+
+    /// Which API the log backend serves (a deployed one is Loki).
+    pub fn log_api(&self) -> LogApi {
+        let l = &self.stack.spec.loki;
+        if l.enabled { LogApi::Loki } else { l.external_api.unwrap_or_default() }
+    }
+
+    /// Where the collector sends logs over OTLP/HTTP: the path the log backend's API takes them at.
+    pub fn logs_otlp_http(&self) -> Option<String> {
+        let path = match self.log_api() {
+            LogApi::Loki => "/otlp/v1/logs",
+            LogApi::VictoriaLogs => "/insert/opentelemetry/v1/logs",
+        };
+        self.loki_url().map(|url| format!("{url}{path}"))
     }
 
     /// The stack's endpoints, as WorkflowRuns and people reach them (in-cluster URLs or the external ones).
@@ -365,11 +392,16 @@ pub fn desired(stack: &Stack) -> Result<Desired, BuildError> {
 }
 
 /// The YAML documents of `objects`, as `flowtel render` prints them.
+/// A user's URL without its trailing slashes, so paths can be appended.
+fn trim(url: &str) -> String {
+    url.trim_end_matches('/').to_string()
+}
+
 pub fn to_yaml_documents(objects: &[StackObject]) -> String {
     let mut out = String::new();
     for o in objects {
         out.push_str("---\n");
-        out.push_str(&serde_yaml::to_string(&o.to_value()).unwrap_or_default());
+        out.push_str(&serde_yaml_ng::to_string(&o.to_value()).unwrap_or_default());
     }
     out
 }
@@ -495,7 +527,7 @@ pub(crate) fn hash_annotation(config: &str) -> BTreeMap<String, String> {
 
 /// `value` rendered as YAML (configuration files are generated as JSON values, then written as YAML).
 pub(crate) fn yaml(value: &serde_json::Value) -> String {
-    serde_yaml::to_string(value).unwrap_or_default()
+    serde_yaml_ng::to_string(value).unwrap_or_default()
 }
 
 /// What a backend StatefulSet (Prometheus, Tempo, Loki) is made of.
