@@ -358,7 +358,7 @@ async fn invalid_objects_are_rejected_naming_the_field_and_accepted_once_fixed()
     let ns = TestNamespace::new(&client, "crd-invalid").await.expect("namespace");
 
     let cases = invalid_cases();
-    assert_eq!(cases.len(), 17, "every invalid case is listed and runs");
+    assert_eq!(cases.len(), 19, "every invalid case is listed and runs");
     for (i, case) in cases.iter().enumerate() {
         let name = format!("invalid-{i}");
         let mut obj = match case.kind {
