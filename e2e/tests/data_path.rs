@@ -62,7 +62,7 @@ async fn a_workflow_run_lands_in_prometheus_jaeger_and_victorialogs_joined_to_it
             .env("WORKFLOW_ITEMS", "3")
             .env("WORKFLOW_STEP_MS", "5")
             .env("WORKFLOW_FLAKY_PERCENT", "40")
-            .env("WORKFLOW_SEED", if name == "sync-1" { "7" } else { "11" })
+            .env("WORKFLOW_SEED", if name == "sync-1" { "1" } else { "11" })
             .output()
             .expect("the sync workflow");
         assert!(output.status.success(), "sync: {}", String::from_utf8_lossy(&output.stderr));
