@@ -286,6 +286,22 @@ impl Backends {
     }
 }
 
+/// Span count by trace id of `service`'s traces in Jaeger (`jaeger`: its query API) from the last two hours; ids as
+/// 32 hex digits (Jaeger drops the leading zeros of an id whose high half is zero). Empty while Jaeger is not
+/// answering.
+pub async fn jaeger_traces(jaeger: &str, service: &str) -> BTreeMap<String, usize> {
+    let url =
+        with_query(&format!("{jaeger}/api/traces"), &[("service", service), ("limit", "5000"), ("lookback", "2h")]);
+    let Some((200, body)) = http_get(&url).await else { return BTreeMap::new() };
+    let v: Value = serde_json::from_str(&body).unwrap_or_default();
+    v["data"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| Some((format!("{:0>32}", t["traceID"].as_str()?), t["spans"].as_array()?.len())))
+        .collect()
+}
+
 /// The result vector of an instant PromQL query (empty when Prometheus is not answering yet).
 pub async fn prometheus_query(base: &str, query: &str) -> Vec<Value> {
     let url = with_query(&format!("{base}/api/v1/query"), &[("query", query)]);

@@ -11,9 +11,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use flowtel_e2e::backends::{self, Options};
+use flowtel_e2e::eventually;
 use flowtel_e2e::sync_runs::{Recorded, Undelivered, expected, run_processes_on, totals_across_resets, trace_id};
-use flowtel_e2e::{eventually, http_get, with_query};
-use serde_json::Value;
 
 const WAVE: u64 = 50;
 /// Waves started after the restart before the burst ends.
@@ -23,19 +22,9 @@ const DOWN: Duration = Duration::from_secs(5);
 /// What the collector holds in memory before its persistent queue: one batch (the stack's default `batchSize`).
 const BATCH: usize = 1000;
 
-/// Span count by trace id of `sync`'s traces in Jaeger (ids as 32 hex digits: Jaeger drops the leading zeros of an
-/// id whose high half is zero).
+/// Traces of `sync` in Jaeger: span count by trace id.
 async fn traces(jaeger: &str) -> BTreeMap<String, usize> {
-    let url =
-        with_query(&format!("{jaeger}/api/traces"), &[("service", "sync"), ("limit", "5000"), ("lookback", "1h")]);
-    let Some((200, body)) = http_get(&url).await else { return BTreeMap::new() };
-    let v: Value = serde_json::from_str(&body).unwrap_or_default();
-    v["data"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|t| Some((format!("{:0>32}", t["traceID"].as_str()?), t["spans"].as_array()?.len())))
-        .collect()
+    backends::jaeger_traces(jaeger, "sync").await
 }
 
 /// One wave of the burst: its first process, whether it started after the restart, what it recorded and what its

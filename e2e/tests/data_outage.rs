@@ -6,9 +6,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use flowtel_e2e::backends::{self, Options};
+use flowtel_e2e::eventually;
 use flowtel_e2e::sync_runs::{Recorded, exact, expected, run_processes};
-use flowtel_e2e::{eventually, http_get, with_query};
-use serde_json::Value;
 
 const RUNS: u64 = 1_000;
 const WAVE: u64 = 50;
@@ -22,16 +21,7 @@ fn outage() -> Duration {
 
 /// Traces of `sync` in Jaeger: span count by trace id.
 async fn traces(jaeger: &str) -> BTreeMap<String, usize> {
-    let url =
-        with_query(&format!("{jaeger}/api/traces"), &[("service", "sync"), ("limit", "5000"), ("lookback", "2h")]);
-    let Some((200, body)) = http_get(&url).await else { return BTreeMap::new() };
-    let v: Value = serde_json::from_str(&body).unwrap_or_default();
-    v["data"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|t| Some((t["traceID"].as_str()?.to_string(), t["spans"].as_array()?.len())))
-        .collect()
+    backends::jaeger_traces(jaeger, "sync").await
 }
 
 #[tokio::test]
