@@ -391,12 +391,12 @@ pub fn desired(stack: &Stack) -> Result<Desired, BuildError> {
     Ok(out)
 }
 
-/// The YAML documents of `objects`, as `flowtel render` prints them.
 /// A user's URL without its trailing slashes, so paths can be appended.
 fn trim(url: &str) -> String {
     url.trim_end_matches('/').to_string()
 }
 
+/// The YAML documents of `objects`, as `flowtel render` prints them.
 pub fn to_yaml_documents(objects: &[StackObject]) -> String {
     let mut out = String::new();
     for o in objects {
