@@ -1,6 +1,6 @@
 # The real node of the local cluster (sourced by e2e/cluster; uses its variables and helpers): containerd and runc
 # from Debian, the CNI bridge, a real kubelet and kube-proxy, CoreDNS for cluster.local, flowtel's images loaded.
-# What it took on these machines is in ../shared/notes/container-runtime-facts.md and README "Real nodes".
+# What it took on these machines is in ../shared/notes/container-runtime-facts.md and docs/development.md.
 # shellcheck shell=bash
 
 node_dir=$state/node

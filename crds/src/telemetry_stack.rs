@@ -433,7 +433,9 @@ pub struct GrafanaSpec {
     #[serde(default = "default_grafana_image")]
     #[schemars(length(min = 1))]
     pub image: String,
-    /// Grafana replicas.
+    /// Grafana replicas. Each keeps its users and sessions in its own SQLite database on its pod's disk, so with more
+    /// than one a login works on one pod and not on the next: keep 1 (datasources and dashboards are provisioned, so
+    /// a restart loses nothing flowtel configures).
     #[serde(default = "one")]
     #[schemars(range(min = 0, max = 10))]
     pub replicas: i32,

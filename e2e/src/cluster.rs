@@ -123,3 +123,26 @@ impl Drop for TestNamespace {
         let _ = run(kubectl().args(["delete", "namespace", &self.name, "--wait=false", "--ignore-not-found"]));
     }
 }
+
+/// `kubectl flowtel ARGS -n NAMESPACE`, the plugin on PATH; (success, stdout, stderr).
+pub fn kubectl_flowtel(namespace: &str, args: &[&str]) -> (bool, String, String) {
+    let plugin_dir = crate::flowtel_binary().expect("flowtel").parent().expect("dir").to_path_buf();
+    assert!(plugin_dir.join("kubectl-flowtel").exists(), "kubectl-flowtel is built beside flowtel");
+    let kubeconfig = cluster_kubeconfig();
+    let kubectl = kubeconfig.parent().expect("state").join("bin/kubectl");
+    let path = format!("{}:{}", plugin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    // kubectl refuses flags before a plugin's name: the kubeconfig comes from the environment.
+    let out = Command::new(kubectl)
+        .env("KUBECONFIG", &kubeconfig)
+        .env("PATH", path)
+        .arg("flowtel")
+        .args(args)
+        .args(["-n", namespace])
+        .output()
+        .expect("kubectl flowtel");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

@@ -2,7 +2,8 @@
 //! (`cluster`), processes and cached binaries (`process`), the operator as a process (`operator`), the collector as
 //! a test endpoint and its OTLP JSON output (`collector`), Helm (`helm`), the audit log (`audit`), the storage
 //! provisioner (`storage`), plain HTTP (`http`), a cuttable apiserver path (`proxy`), Argo CD's health checks
-//! (`argocd`), the data-path backends (`backends`) and many `sync` processes at once (`sync_runs`). Everything a test
+//! (`argocd`), the data-path backends (`backends`), many `sync` processes at once (`sync_runs`) and the one
+//! WorkflowRun builder (`runs`). Everything a test
 //! uses is re-exported here.
 
 pub mod argocd;
@@ -15,6 +16,7 @@ pub mod http;
 pub mod operator;
 pub mod process;
 pub mod proxy;
+pub mod runs;
 pub mod storage;
 pub mod sync_runs;
 
@@ -24,13 +26,14 @@ use std::time::Duration;
 
 pub use argocd::argocd_health;
 pub use audit::operator_writes;
-pub use cluster::{TestNamespace, client, cluster_kubeconfig, install_crds, kubectl};
+pub use cluster::{TestNamespace, client, cluster_kubeconfig, install_crds, kubectl, kubectl_flowtel};
 pub use collector::{Collector, attribute, otlp_documents};
 pub use helm::{apply_chart_template, helm};
 pub use http::{http_get, with_query};
 pub use operator::{Operator, burst, simple_run};
 pub use process::{Process, cached_binary, collector_bin, flowtel_binary, free_port, free_ports, wait_for_port};
 pub use proxy::ApiserverProxy;
+pub use runs::RunBuilder;
 pub use storage::{STORAGE_CLASS, ensure_storage, provision_volumes};
 
 /// Field manager of every object the tests write.

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
-use serde_json::json;
 
 use crate::cluster::cluster_kubeconfig;
 use crate::process::{Process, flowtel_binary, free_port};
@@ -170,22 +169,31 @@ impl Operator {
     /// A counter (or any unlabelled sample) from `/metrics`.
     pub async fn counter(&self, name: &str) -> Option<u64> {
         let (_, body) = self.get("/metrics").await?;
-        body.lines().find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok())
+        // Counters are whole numbers; the cast only drops a fraction a counter never has.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        unlabelled_samples(&body).get(name).map(|v| *v as u64)
     }
+}
+
+/// The unlabelled samples of a Prometheus text exposition, by name as exposed (a counter's `_total`, a histogram's
+/// `_sum` and `_count`), parsed by `prometheus-parse`.
+pub fn unlabelled_samples(body: &str) -> std::collections::BTreeMap<String, f64> {
+    use prometheus_parse::{Scrape, Value};
+    let Ok(scrape) = Scrape::parse(body.lines().map(|l| Ok(l.to_string()))) else { return Default::default() };
+    scrape
+        .samples
+        .into_iter()
+        .filter(|s| s.labels.is_empty())
+        .filter_map(|s| match s.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => Some((s.metric, v)),
+            Value::Histogram(_) | Value::Summary(_) => None,
+        })
+        .collect()
 }
 
 /// A WorkflowRun whose pod KWOK completes after `duration`.
 pub fn simple_run(name: &str, workflow: &str, duration: &str) -> serde_json::Value {
-    json!({
-        "apiVersion": "flowtel.dev/v1alpha1", "kind": "WorkflowRun", "metadata": {"name": name},
-        "spec": {
-            "workflowName": workflow,
-            "template": {
-                "metadata": {"annotations": {"sim.flowtel.dev/duration": duration}},
-                "spec": {"containers": [{"name": "main", "image": "registry.example/app:1.0"}]}
-            }
-        }
-    })
+    crate::runs::RunBuilder::new(name, workflow).runs_for(duration).json()
 }
 
 /// Submits `count` runs at once into `namespace` and waits (up to `timeout`) until every one is terminal with its
@@ -231,4 +239,25 @@ pub async fn burst(
         let finished = reader.state().iter().filter(|r| done(r)).count();
         HarnessError::Timeout(format!("{count} runs terminal and exported ({finished} were)"))
     })?
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn unlabelled_samples_of_the_operators_openmetrics_text() {
+        let body = "# HELP flowtel_reconciles Reconciles.\n# TYPE flowtel_reconciles counter\n\
+                    flowtel_reconciles_total 12\n\
+                    # TYPE flowtel_reconcile_errors counter\nflowtel_reconcile_errors_total{error=\"api\"} 1\n\
+                    # TYPE flowtel_reconcile_duration_seconds histogram\n\
+                    flowtel_reconcile_duration_seconds_sum 0.5\nflowtel_reconcile_duration_seconds_count 12\n\
+                    flowtel_reconcile_duration_seconds_bucket{le=\"0.1\"} 11\n\
+                    flowtel_reconcile_duration_seconds_bucket{le=\"+Inf\"} 12\n# EOF\n";
+        let samples = super::unlabelled_samples(body);
+        let expected = [
+            ("flowtel_reconcile_duration_seconds_count", 12.0),
+            ("flowtel_reconcile_duration_seconds_sum", 0.5),
+            ("flowtel_reconciles_total", 12.0),
+        ];
+        assert_eq!(samples, expected.into_iter().map(|(k, v)| (k.to_string(), v)).collect());
+    }
 }

@@ -64,6 +64,9 @@ fn versions_and_the_image_agree_across_chart_dockerfile_and_crate() {
 fn the_chart_lints_strictly_and_a_wrong_value_fails_naming_it() {
     let out = helm().args(["lint", "--strict", &chart()]).output().expect("helm lint");
     assert!(out.status.success(), "helm lint --strict: {}", String::from_utf8_lossy(&out.stdout));
+    // Offline, as a user runs it first: Helm's built-in Kubernetes version satisfies the chart's kubeVersion.
+    let out = helm().args(["template", "flowtel", &chart()]).output().expect("helm template");
+    assert!(out.status.success(), "helm template: {}", String::from_utf8_lossy(&out.stderr));
     for (set, named) in [
         ("replicas=11", "replicas"),
         ("shards=0", "shards"),
@@ -188,6 +191,7 @@ async fn the_operator_runs_on_the_charts_service_account_without_a_403() {
         .output()
         .expect("helm install");
     assert!(install.status.success(), "helm install: {}", String::from_utf8_lossy(&install.stderr));
+    let _uninstall = Uninstall { release, namespace: ns.name.clone() };
     let token = run(kubectl().args(["create", "token", release, "-n", &ns.name, "--duration", "1h"])).expect("token");
     let kubeconfig = std::env::temp_dir().join(format!("flowtel-sa-{}.kubeconfig", ns.name));
     token_kubeconfig(token.trim(), &kubeconfig);
@@ -210,6 +214,19 @@ async fn the_operator_runs_on_the_charts_service_account_without_a_403() {
     let stack = serde_json::json!({"apiVersion": "flowtel.dev/v1alpha1", "kind": "TelemetryStack",
         "metadata": {"name": "rbac"}, "spec": {}});
     stacks.patch("rbac", &PatchParams::apply(TEST_MANAGER), &Patch::Apply(stack)).await.expect("stack");
+    // A stack naming the user's admin Secret, absent: found missing without reading Secrets (a dry-run create).
+    let byo = serde_json::json!({"apiVersion": "flowtel.dev/v1alpha1", "kind": "TelemetryStack",
+        "metadata": {"name": "byo"}, "spec": {"grafana": {"adminCredentialsSecretRef": {"name": "byo-login"}}}});
+    stacks.patch("byo", &PatchParams::apply(TEST_MANAGER), &Patch::Apply(byo)).await.expect("stack");
+    eventually("the stack naming a missing Secret Degraded", std::time::Duration::from_secs(60), async || {
+        let s = stacks.get("byo").await.ok()?.status?;
+        s.conditions.iter().any(|c| c.type_ == "Degraded" && c.reason == "AdminSecretNotFound").then_some(())
+    })
+    .await;
+    let login = serde_json::json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "byo-login"},
+        "stringData": {"admin-user": "ops", "admin-password": "a-long-test-password"}});
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns.name);
+    secrets.patch("byo-login", &PatchParams::apply(TEST_MANAGER), &Patch::Apply(login)).await.expect("secret");
     eventually("the run Succeeded with its telemetry exported", std::time::Duration::from_secs(90), async || {
         let r = runs.get("rbac").await.ok()?;
         let s = r.status?;
@@ -217,9 +234,21 @@ async fn the_operator_runs_on_the_charts_service_account_without_a_403() {
             .then_some(())
     })
     .await;
-    eventually("the stack Ready", std::time::Duration::from_secs(90), async || {
-        let s = stacks.get("rbac").await.ok()?.status?;
-        s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True").then_some(())
+    for name in ["rbac", "byo"] {
+        eventually(&format!("the stack {name} Ready"), std::time::Duration::from_secs(90), async || {
+            let s = stacks.get(name).await.ok()?.status?;
+            s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True").then_some(())
+        })
+        .await;
+    }
+    let generated = secrets.get("rbac-grafana-admin").await.expect("the generated admin Secret");
+    assert!(generated.data.is_some_and(|d| d.contains_key("admin-password")), "created by the operator");
+    // Grafana turned off: its generated Secret is pruned by name (never listed).
+    let off = serde_json::json!({"apiVersion": "flowtel.dev/v1alpha1", "kind": "TelemetryStack",
+        "metadata": {"name": "rbac"}, "spec": {"grafana": {"enabled": false}}});
+    stacks.patch("rbac", &PatchParams::apply(TEST_MANAGER), &Patch::Apply(off)).await.expect("stack");
+    eventually("the generated Secret pruned", std::time::Duration::from_secs(60), async || {
+        secrets.get_opt("rbac-grafana-admin").await.ok()?.is_none().then_some(())
     })
     .await;
     let lease: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client.clone(), &ns.name);
@@ -228,6 +257,171 @@ async fn the_operator_runs_on_the_charts_service_account_without_a_403() {
     // A refused request reads "... is forbidden: User ... cannot ..." (the Forbidden status), whatever logs it.
     let log = std::fs::read_to_string(&operator.log).unwrap_or_default();
     assert!(!log.to_lowercase().contains("forbidden"), "the operator was refused; log: {}", operator.log.display());
-    let uninstall = helm().args(["uninstall", release, "--namespace", &ns.name]).output().expect("uninstall");
-    assert!(uninstall.status.success());
+}
+
+/// Uninstalls a release when dropped, so a failed test leaves no cluster-scoped ClusterRole behind to refuse the
+/// next install ("exists and cannot be imported into the current release").
+struct Uninstall<'a> {
+    release: &'a str,
+    namespace: String,
+}
+
+impl Drop for Uninstall<'_> {
+    fn drop(&mut self) {
+        let uninstall = helm().args(["uninstall", self.release, "--namespace", &self.namespace]).output();
+        if !std::thread::panicking() {
+            assert!(uninstall.is_ok_and(|o| o.status.success()), "helm uninstall");
+        }
+    }
+}
+
+/// The rendered chart's documents of `kind`.
+fn documents(rendered: &str, kind: &str) -> Vec<serde_json::Value> {
+    rendered
+        .split("\n---")
+        .filter_map(|d| serde_yaml_ng::from_str::<serde_json::Value>(d).ok())
+        .filter(|d| d["kind"] == kind)
+        .collect()
+}
+
+#[test]
+fn the_charts_knobs_reach_the_operator_and_its_alerts_pass_promtool() {
+    // Buckets from a file: `--set` reads 2.5 as a string.
+    let values = std::env::temp_dir().join(format!("flowtel-chart-values-{}.yaml", std::process::id()));
+    std::fs::write(&values, "operator: {durationBuckets: [10, 2500.5]}\n").expect("values");
+    let rendered = template(&[
+        "-f",
+        &values.display().to_string(),
+        "--set",
+        "operator.exportTimeoutSeconds=7,operator.writeEconomy=false",
+        "--set",
+        "extraArgs={--normal-events},extraEnv[0].name=X,extraEnv[0].value=y,priorityClassName=high",
+        "--set",
+        "metrics.serviceMonitor.enabled=true,metrics.prometheusRule.enabled=true,podSecurityContext.runAsUser=null",
+    ])
+    .expect("template");
+    let deployment = &documents(&rendered, "Deployment")[0];
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let args: Vec<&str> = container["args"].as_array().expect("args").iter().filter_map(|a| a.as_str()).collect();
+    for flag in ["--export-timeout-seconds=7", "--write-economy=off", "--duration-buckets=10,2500.5", "--normal-events"]
+    {
+        assert!(args.contains(&flag), "{flag} in {args:?}");
+    }
+    assert_eq!(container["env"].as_array().expect("env").last().expect("env")["name"], "X");
+    assert_eq!(pod["priorityClassName"], "high");
+    assert!(pod["securityContext"].get("runAsUser").is_none(), "OpenShift assigns its own UID");
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(documents(&rendered, "Service").len(), 1, "the metrics Service");
+    assert_eq!(documents(&rendered, "ServiceMonitor").len(), 1);
+    // The alerts' expressions through Prometheus' own parser.
+    let rule = &documents(&rendered, "PrometheusRule")[0];
+    let status = std::process::Command::new(repo_root().join("e2e/build-binaries")).arg("prometheus").status();
+    assert!(status.expect("build").success());
+    let promtool = flowtel_e2e::cached_binary("promtool", "PROMETHEUS_VERSION");
+    let path = std::env::temp_dir().join(format!("flowtel-chart-rules-{}.yml", std::process::id()));
+    std::fs::write(&path, serde_yaml_ng::to_string(&rule["spec"]).expect("yaml")).expect("write");
+    let out = std::process::Command::new(&promtool).args(["check", "rules"]).arg(&path).output().expect("promtool");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("4 rules found"), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+/// Secrets are never read: in either scope, no rule of the operator's grants get, list or watch on them (a list
+/// returns every Secret's data), and none grants `*`.
+#[test]
+fn the_operator_may_create_and_delete_secrets_but_never_read_them() {
+    for args in [&[][..], &["--set", "watchNamespace=team-a"][..]] {
+        let rendered = template(args).expect("rendered");
+        let roles: Vec<_> =
+            documents(&rendered, "ClusterRole").into_iter().chain(documents(&rendered, "Role")).collect();
+        let operator_role = roles.iter().find(|r| r["metadata"]["name"] == "flowtel" && r["rules"].is_array());
+        let rules = operator_role.expect("the operator's role")["rules"].as_array().cloned().unwrap_or_default();
+        let on_secrets: Vec<String> = rules
+            .iter()
+            .filter(|r| r["resources"].as_array().is_some_and(|rs| rs.iter().any(|x| x == "secrets" || x == "*")))
+            .flat_map(|r| r["verbs"].as_array().cloned().unwrap_or_default())
+            .filter_map(|v| v.as_str().map(String::from))
+            .collect();
+        assert_eq!(on_secrets, ["create", "delete"], "{args:?}");
+    }
+}
+
+/// The values table of the chart's README, generated from values.yaml (defaults) and values.schema.json (types and
+/// descriptions), as helm-docs would: every key, nested ones dotted.
+fn values_table(values: &serde_json::Value, schema: &serde_json::Value) -> Result<String, String> {
+    fn rows(
+        value: &serde_json::Value,
+        schema: &serde_json::Value,
+        key: &str,
+        out: &mut Vec<String>,
+    ) -> Result<(), String> {
+        let description = schema["description"].as_str().ok_or(format!("{key}: no description in the schema"))?;
+        let kind = match &schema["type"] {
+            serde_json::Value::String(t) => t.clone(),
+            serde_json::Value::Array(ts) => ts.iter().filter_map(|t| t.as_str()).collect::<Vec<_>>().join(" or "),
+            _ => String::new(),
+        };
+        let nested = value.as_object().filter(|o| !o.is_empty() && schema["properties"].is_object());
+        let default = match nested {
+            Some(_) => String::new(),
+            None => format!("`{}`", serde_json::to_string(value).map_err(|e| e.to_string())?),
+        };
+        out.push(format!("| `{key}` | {kind} | {default} | {} |", description.replace('|', "\\|")));
+        for (k, v) in nested.into_iter().flatten() {
+            rows(v, &schema["properties"][k], &format!("{key}.{k}"), out)?;
+        }
+        Ok(())
+    }
+    let mut out = vec!["| Key | Type | Default | Description |".to_string(), "|---|---|---|---|".to_string()];
+    for (k, v) in values.as_object().ok_or("values.yaml is a mapping")? {
+        if schema["properties"][k].is_null() {
+            return Err(format!("{k}: not in the schema"));
+        }
+        rows(v, &schema["properties"][k], k, &mut out)?;
+    }
+    Ok(out.join("\n") + "\n")
+}
+
+/// charts/flowtel/README.md lists every value with its default and description, generated: a drift fails here with
+/// both tables; `FLOWTEL_UPDATE_CHART_README=1` rewrites the generated part.
+#[test]
+fn the_chart_readme_lists_every_value_as_the_schema_describes_it() {
+    const START: &str = "<!-- values: generated by e2e/tests/chart.rs, FLOWTEL_UPDATE_CHART_README=1 -->\n";
+    const END: &str = "<!-- end of values -->";
+    let dir = std::path::Path::new(&chart()).to_path_buf();
+    let values: serde_json::Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(dir.join("values.yaml")).expect("values")).expect("yaml");
+    let schema: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("values.schema.json")).expect("schema")).expect("json");
+    let table = values_table(&values, &schema).unwrap_or_else(|e| panic!("{e}"));
+    let path = dir.join("README.md");
+    let readme = std::fs::read_to_string(&path).expect("charts/flowtel/README.md");
+    let start = readme.find(START).expect("the values marker") + START.len();
+    let end = readme[start..].find(END).expect("the end marker") + start;
+    if readme[start..end] != table {
+        if std::env::var_os("FLOWTEL_UPDATE_CHART_README").is_some() {
+            std::fs::write(&path, format!("{}{table}{}", &readme[..start], &readme[end..])).expect("write");
+        } else {
+            panic!(
+                "charts/flowtel/README.md is out of date (FLOWTEL_UPDATE_CHART_README=1 rewrites it)\n--- checked in\n{}\n--- generated\n{table}",
+                &readme[start..end]
+            );
+        }
+    }
+}
+
+#[test]
+fn the_values_table_needs_a_description_for_every_key() {
+    let values = serde_json::json!({"a": {"b": 1}});
+    let schema = serde_json::json!({"properties": {"a": {"type": "object", "description": "A.",
+        "properties": {"b": {"type": "integer"}}}}});
+    assert_eq!(values_table(&values, &schema), Err("a.b: no description in the schema".into()));
+    let schema = serde_json::json!({"properties": {"a": {"type": "object", "description": "A.",
+        "properties": {"b": {"type": "integer", "description": "B | b."}}}}});
+    assert_eq!(
+        values_table(&values, &schema).as_deref(),
+        Ok(
+            "| Key | Type | Default | Description |\n|---|---|---|---|\n| `a` | object |  | A. |\n| `a.b` | integer | `1` | B \\| b. |\n"
+        )
+    );
 }

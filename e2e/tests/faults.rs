@@ -98,33 +98,35 @@ async fn runs_across_a_collector_restart_and_an_operator_kill_are_counted_once()
     submit(&runs, "before", 10, "wf-faults", "2s").await;
     // Killed once what it received is on file: a collector's in-memory buffers die with it, which is the
     // collector's durability (a persistent queue), not the operator's counting.
-    eventually("the first runs' starts on file", Duration::from_secs(60), async || {
+    eventually("the first runs' reports on file", Duration::from_secs(60), async || {
         (collector.total_across_processes("workflow.run.total", "wf-faults") >= 10).then_some(())
     })
     .await;
     collector.kill();
-    // These start while nothing can be exported, and still run when the collector is back.
-    submit(&runs, "during", 10, "wf-faults", "10s").await;
-    eventually("the runs started during the outage", Duration::from_secs(60), async || {
+    // These end while nothing can be exported: each run's one report (at its end) waits, retried, for the collector.
+    submit(&runs, "during", 10, "wf-faults", "1s").await;
+    eventually("the runs that ended during the outage, their reports not out", Duration::from_secs(60), async || {
         let list = runs.list(&ListParams::default()).await.ok()?.items;
-        let started = list.iter().filter(|r| r.status.as_ref().is_some_and(|s| s.start_time.is_some())).count();
-        (started == 20).then_some(())
+        let during = list.iter().filter(|r| r.metadata.name.as_deref().is_some_and(|n| n.starts_with("during-")));
+        let ended = during.filter(|r| r.status.as_ref().is_some_and(|s| s.completion_time.is_some()));
+        (ended.filter(|r| !exported(r)).count() == 10).then_some(())
     })
     .await;
+    eventually("the operator's exports failing", Duration::from_secs(30), async || {
+        (operator.counter("flowtel_telemetry_export_failures_total").await? >= 1).then_some(())
+    })
+    .await;
+    assert_eq!(collector.total_across_processes("workflow.run.status", "wf-faults"), 10, "nothing got through");
     collector.restart().await.expect("collector restarted");
-    // The operator exports again (the first runs' end reports arrive) while the others still run; then it is
-    // killed. A start retried on its own here would have gone out unrecorded and be counted again by the next
-    // process; carried by the end report, it is counted once.
-    eventually("the first runs' end reports after the outage", Duration::from_secs(60), async || {
-        (collector.total_across_processes("workflow.run.status", "wf-faults") >= 10).then_some(())
+    eventually("the outage's reports out after it", Duration::from_secs(60), async || {
+        (collector.total_across_processes("workflow.run.status", "wf-faults") >= 20).then_some(())
     })
     .await;
-    // Killed once those end reports are recorded too: a kill between an export and the status write recording
-    // it is the one window a restart re-counts (README, "The run's own telemetry"), not what this test is about.
-    eventually("the first runs' end reports recorded", Duration::from_secs(60), async || {
+    // Killed once those reports are recorded too: a kill between an export and the status write recording it is
+    // the one window a restart re-counts (docs/workflow-runs.md, "The run's own telemetry"), not what this test is about.
+    eventually("the outage's reports recorded", Duration::from_secs(60), async || {
         let list = runs.list(&ListParams::default()).await.ok()?.items;
-        let recorded = list.iter().filter(|r| r.metadata.name.as_deref().is_some_and(|n| n.starts_with("before-")));
-        (recorded.filter(|r| exported(r)).count() == 10).then_some(())
+        (list.iter().filter(|r| exported(r)).count() == 20).then_some(())
     })
     .await;
     operator.kill();

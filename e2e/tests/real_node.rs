@@ -157,6 +157,12 @@ async fn helm_install_to_a_traced_run_on_a_real_node() {
         .output()
         .expect("helm install");
     assert!(install.status.success(), "helm install: {}", String::from_utf8_lossy(&install.stderr));
+    // `helm test`: a pod of the same image asks the operator's /readyz through a Service (`flowtel probe`).
+    let test = helm().args(["test", "flowtel", "--namespace", &ns.name, "--logs", "--timeout", "120s"]).output();
+    let test = test.expect("helm test");
+    let said = String::from_utf8_lossy(&test.stdout);
+    assert!(test.status.success(), "helm test: {said}{}", String::from_utf8_lossy(&test.stderr));
+    assert!(said.contains("/readyz: 200 OK"), "the probe's answer in the test pod's log: {said}");
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
     let operator = first_pod(&pods, "app.kubernetes.io/name=flowtel", "the operator pod").await;
     let operator_name = operator.metadata.name.clone().expect("name");
@@ -216,6 +222,8 @@ async fn helm_install_to_a_traced_run_on_a_real_node() {
                 "env": [
                     {"name": "WORKFLOW_ITEMS", "value": "3"}, {"name": "WORKFLOW_STEP_MS", "value": "20"},
                     {"name": "WORKFLOW_FLAKY_PERCENT", "value": "40"}, {"name": "WORKFLOW_SEED", "value": "1"},
+                    // Its logs on the console too, for `kubectl flowtel logs` (they also go to the stack).
+                    {"name": "WORKFLOW_CONSOLE", "value": "1"},
                 ],
             }]}}
         }
@@ -297,6 +305,16 @@ async fn helm_install_to_a_traced_run_on_a_real_node() {
     })
     .await;
     let first_traced_run = install_started.elapsed();
+
+    // 7. `kubectl flowtel`: the attempt's logs from the real kubelet, and the trace's page in the stack's backend.
+    let (ok, logs, stderr) = flowtel_e2e::kubectl_flowtel(&ns.name, &["logs", "sync-1"]);
+    assert!(ok && logs.contains("workflow started"), "kubectl flowtel logs: {stderr}\n{logs}");
+    let (ok, same, _) = flowtel_e2e::kubectl_flowtel(&ns.name, &["logs", "sync-1", "--attempt", "1"]);
+    assert!(ok && same == logs, "the only attempt is the latest");
+    let (ok, links, stderr) = flowtel_e2e::kubectl_flowtel(&ns.name, &["trace", "sync-1"]);
+    assert!(ok, "kubectl flowtel trace: {stderr}");
+    let jaeger_page = format!("jaeger  http://jaeger.{}.svc:16686/trace/{trace_id}", ns.name);
+    assert_eq!(links, format!("trace   {trace_id}\n{jaeger_page}\n"));
 
     // Load on the collector pod: 200 more `sync` processes (on the host, 20 at a time) exporting to its cluster IP.
     let collector_ip = service_url(&services, "team-collector", 4317).await;

@@ -96,17 +96,17 @@ impl Env {
     }
 }
 
+/// A run from the one builder; `extra_spec` (JSON) overrides spec fields, for the inputs a typed spec cannot hold.
 fn run_json(name: &str, workflow: &str, labels: Value, annotations: Value, extra_spec: Value) -> Value {
-    let mut run = json!({
-        "apiVersion": "flowtel.dev/v1alpha1", "kind": "WorkflowRun", "metadata": {"name": name},
-        "spec": {
-            "workflowName": workflow,
-            "template": {
-                "metadata": {"labels": labels, "annotations": annotations},
-                "spec": {"containers": [{"name": "main", "image": "registry.example/app:2.1"}]}
-            }
-        }
-    });
+    let text = |v: &Value| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
+    let mut run = flowtel_e2e::RunBuilder::new(name, workflow).image("registry.example/app:2.1");
+    for (k, v) in labels.as_object().into_iter().flatten() {
+        run = run.label(k, &text(v));
+    }
+    for (k, v) in annotations.as_object().into_iter().flatten() {
+        run = run.annotation(k, &text(v));
+    }
+    let mut run = run.json();
     if let (Some(spec), Some(extra)) = (run["spec"].as_object_mut(), extra_spec.as_object()) {
         spec.extend(extra.clone());
     }

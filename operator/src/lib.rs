@@ -1,5 +1,6 @@
 //! The flowtel operator.
 
+pub mod cli;
 pub mod crdgen;
 pub mod runtime;
 pub mod telemetry;

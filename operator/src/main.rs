@@ -31,6 +31,9 @@ enum Command {
         /// Write each CRD to its own file in this directory instead (the checked-in layout of crds/).
         #[arg(long)]
         out_dir: Option<std::path::PathBuf>,
+        /// Print the field reference (Markdown, docs/reference.md) instead.
+        #[arg(long, conflicts_with = "out_dir")]
+        reference: bool,
     },
     /// Run the operator.
     Run(Box<RunArgs>),
@@ -42,6 +45,14 @@ enum Command {
         /// Also validate: the spec's rules and the collector configuration; exits non-zero naming the field.
         #[arg(long)]
         check: bool,
+    },
+    /// GET a URL over HTTP and exit 0 on a 2xx answer, else 1 (the chart's `helm test`: the image has no shell).
+    Probe {
+        /// e.g. http://flowtel-probe:8080/readyz
+        url: String,
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = 10)]
+        timeout_seconds: u64,
     },
 }
 
@@ -73,6 +84,10 @@ struct RunArgs {
     /// is created.
     #[arg(long, env = "FLOWTEL_RUNNING_STATUS_DELAY", default_value = "3s", value_parser = parse_duration)]
     running_status_delay: Duration,
+    /// The write economy (`on`, the default): fewer status writes, reconciles and watch echoes for the same outcome
+    /// of every run. `off` is the correctness reference: every change written when planned, every event reconciled.
+    #[arg(long, env = "FLOWTEL_WRITE_ECONOMY", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
+    write_economy: bool,
     /// Reconciles running at once.
     #[arg(long, env = "FLOWTEL_CONCURRENCY", default_value_t = 16)]
     concurrency: u16,
@@ -126,6 +141,14 @@ struct ElectionArgs {
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let d: jiff::SignedDuration = text.parse().map_err(|e| format!("{text:?} is not a duration like 15s: {e}"))?;
     Duration::try_from(d).map_err(|_| format!("{text:?} is negative"))
+}
+
+fn parse_on_off(text: &str) -> Result<bool, String> {
+    match text {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("{text:?} is neither on nor off")),
+    }
 }
 
 /// SIGTERM (a rolling update) or Ctrl-C.
@@ -229,7 +252,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     });
     let stacks = async {
         if let Some(stacks) = stacks {
-            stacks.await
+            stacks.await;
         }
     };
     let runs = workflow_run::run(
@@ -245,6 +268,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             },
             default_otlp_endpoint: args.otlp_endpoint,
             concurrency: args.concurrency,
+            write_economy: args.write_economy,
             normal_events: args.normal_events,
         },
         metrics,
@@ -311,8 +335,9 @@ async fn main() -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)?;
     }
     match Cli::parse().command {
-        Command::Crds { out_dir: None } => print!("{}", flowtel::crdgen::all_yaml()?),
-        Command::Crds { out_dir: Some(dir) } => {
+        Command::Crds { reference: true, .. } => print!("{}", flowtel::crdgen::reference_markdown()),
+        Command::Crds { out_dir: None, .. } => print!("{}", flowtel::crdgen::all_yaml()?),
+        Command::Crds { out_dir: Some(dir), .. } => {
             for (file, crd) in flowtel::crdgen::all() {
                 let path = dir.join(file);
                 std::fs::write(&path, flowtel::crdgen::to_yaml(&crd)?)
@@ -321,6 +346,34 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Run(args) => run(*args).await?,
         Command::Render { file, check } => render(&file, check)?,
+        Command::Probe { url, timeout_seconds } => probe(&url, std::time::Duration::from_secs(timeout_seconds)).await?,
     }
     Ok(())
+}
+
+/// Asks `url` until it answers 2xx or `timeout` passes: a Service created with the test pod may take a moment to
+/// route (kube-proxy), so one refused connection is not yet an answer.
+async fn probe(url: &str, timeout: std::time::Duration) -> anyhow::Result<()> {
+    use http_body_util::Empty;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Empty<hyper::body::Bytes>>();
+    let uri: hyper::Uri = url.parse().with_context(|| format!("{url}: not a URL"))?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let answer = tokio::time::timeout_at(deadline, client.get(uri.clone())).await;
+        let last = match answer {
+            Ok(Ok(response)) if response.status().is_success() => {
+                println!("{url}: {}", response.status());
+                return Ok(());
+            }
+            Ok(Ok(response)) => anyhow::anyhow!("{url}: {}", response.status()),
+            Ok(Err(e)) => anyhow::Error::new(e).context(format!("{url}: unreachable")),
+            Err(_) => anyhow::anyhow!("{url}: no answer within {} s", timeout.as_secs()),
+        };
+        if tokio::time::Instant::now() + std::time::Duration::from_secs(1) >= deadline {
+            return Err(last);
+        }
+        eprintln!("{last:#}; asking again");
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
 }

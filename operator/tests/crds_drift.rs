@@ -25,3 +25,19 @@ fn checked_in_crds_match_flowtel_crds_output() {
         );
     }
 }
+
+#[test]
+fn the_field_reference_matches_the_schemas() {
+    let out = Command::new(env!("CARGO_BIN_EXE_flowtel")).args(["crds", "--reference"]).output().expect("run");
+    assert!(out.status.success(), "flowtel crds --reference failed: {}", String::from_utf8_lossy(&out.stderr));
+    let printed = String::from_utf8(out.stdout).expect("utf-8");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/reference.md");
+    let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
+    if printed != checked_in {
+        let first_diff = printed.lines().zip(checked_in.lines()).position(|(a, b)| a != b);
+        panic!(
+            "docs/reference.md drifted from the CRDs (first differing line: {first_diff:?}); regenerate with \
+             `cargo run -p flowtel-operator -- crds --reference > docs/reference.md`"
+        );
+    }
+}

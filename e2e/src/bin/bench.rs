@@ -138,11 +138,7 @@ fn bare_job(name: &str) -> Job {
 }
 
 fn workflow_run(name: &str) -> WorkflowRun {
-    serde_json::from_value(json!({
-        "apiVersion": "flowtel.dev/v1alpha1", "kind": "WorkflowRun", "metadata": {"name": name},
-        "spec": {"workflowName": "bench", "template": template("flowtel")}
-    }))
-    .expect("a valid WorkflowRun")
+    flowtel_e2e::RunBuilder::new(name, "bench").runs_for("1s").label("bench.flowtel.dev/workflow", "flowtel").build()
 }
 
 const SHARD_LABEL: &str = "flowtel.dev/shard";
@@ -578,7 +574,7 @@ fn print_cpu(what: &str, v: &Value) {
 /// One unlabelled sample of the operator's `/metrics` (NaN when it cannot be read).
 async fn operator_sample(operator: &Operator, name: &str) -> f64 {
     let Some((_, body)) = operator.get("/metrics").await else { return f64::NAN };
-    body.lines().find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok()).unwrap_or(f64::NAN)
+    flowtel_e2e::operator::unlabelled_samples(&body).get(name).copied().unwrap_or(f64::NAN)
 }
 
 fn memory_mib(pid: u32) -> (f64, f64) {

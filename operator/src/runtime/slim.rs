@@ -148,7 +148,7 @@ struct SkippingVisitor<V> {
 impl<'de, V: Visitor<'de>> Visitor<'de> for SkippingVisitor<V> {
     type Value = V::Value;
 
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.inner.expecting(f)
     }
 
@@ -224,7 +224,7 @@ struct KeyVisitor;
 impl<'de> Visitor<'de> for KeyVisitor {
     type Value = Cow<'de, str>;
 
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a field name")
     }
     fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {

@@ -26,6 +26,8 @@ pub struct Changes<K> {
     signature: Signature<K>,
     births: fn(&K) -> bool,
     seen: HashMap<(Option<String>, String), u64>,
+    /// Pass every event (the filter off).
+    all: bool,
 }
 
 impl<K: Resource> Changes<K> {
@@ -34,12 +36,20 @@ impl<K: Resource> Changes<K> {
     }
 
     pub fn quiet_births(signature: Signature<K>, births: fn(&K) -> bool) -> Self {
-        Self { signature, births, seen: HashMap::new() }
+        Self { signature, births, seen: HashMap::new(), all: false }
+    }
+
+    /// Passes every event: the reference against which the filter is checked.
+    pub fn passing_all(signature: Signature<K>) -> Self {
+        Self { all: true, ..Self::new(signature) }
     }
 
     /// Whether this event may change a plan (a watch error always passes, for the controller to see).
     pub fn pass(&mut self, event: &Result<watcher::Event<K>, watcher::Error>) -> bool {
         let Ok(event) = event else { return true };
+        if self.all {
+            return true;
+        }
         match event {
             watcher::Event::Apply(o) => {
                 let signature = self.sign(o);
@@ -85,12 +95,14 @@ impl<K: Resource> Changes<K> {
 /// - until the cache has caught up with a write, a reconcile gets the written copy instead of the cached one
 ///   (`newest`): the export worker's notification or a child's event can outrun the echo.
 ///
-/// Any other event passes, a (re)list too.
+/// Any other event passes, a (re)list too. resourceVersions are opaque (API conventions): they are only compared for
+/// equality, and the order comes from the watch, which delivers an object's versions in the order they were written,
+/// so a cached copy is behind ours exactly until the event of our version has gone by.
 pub struct OwnWrites<K> {
     /// Events held while the object's reconcile runs: object UID → the versions they carried.
-    busy: Mutex<HashMap<String, Vec<u64>>>,
+    busy: Mutex<HashMap<String, Vec<String>>>,
     /// Versions of our writes whose events, still to come, will not wake the object.
-    echoes: ExpiringMap<(String, u64), ()>,
+    echoes: ExpiringMap<(String, String), ()>,
     /// The last copy this process wrote of each object, until the watch delivers that version.
     latest: ExpiringMap<String, Arc<K>>,
 }
@@ -102,9 +114,9 @@ pub struct Busy<'a, K> {
     uid: String,
 }
 
-/// An object's UID and its resourceVersion as a number (the apiserver's are; a version that is not never matches).
-fn version_of<K: Resource>(o: &K) -> Option<(&str, u64)> {
-    Some((o.meta().uid.as_deref()?, o.meta().resource_version.as_deref()?.parse().ok()?))
+/// An object's UID and its resourceVersion.
+fn version_of<K: Resource>(o: &K) -> Option<(&str, &str)> {
+    Some((o.meta().uid.as_deref()?, o.meta().resource_version.as_deref()?))
 }
 
 impl<K: Resource> OwnWrites<K> {
@@ -119,20 +131,29 @@ impl<K: Resource> OwnWrites<K> {
         Busy { own: self, uid }
     }
 
-    /// A copy of ours, as the apiserver answered the write.
+    /// A copy of ours, as the apiserver answered the write. Its echo may have outrun the answer: then the cache has
+    /// it already (or a newer one), and the copy must not stand in for the cache, or a later change by someone
+    /// else (a deletion) would be read as this older copy.
     pub fn wrote(&self, copy: Arc<K>) {
-        if let Some((uid, _)) = version_of(copy.as_ref()) {
+        let Some((uid, version)) = version_of(copy.as_ref()) else { return };
+        let echoed = self
+            .busy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(uid)
+            .is_some_and(|held| held.iter().any(|v| v == version));
+        if echoed {
+            self.latest.take(&uid.to_string());
+        } else {
             self.latest.insert(uid.to_string(), copy.clone());
         }
     }
 
-    /// The cached copy, or the one we wrote since when the cache has not caught up with it yet.
+    /// The cached copy, or the one we wrote since when the cache has not caught up with it yet (ours is kept only
+    /// until the watch delivers its version, so while it is kept the cache is behind it).
     pub fn newest(&self, cached: Arc<K>) -> Arc<K> {
-        let Some((uid, version)) = version_of(cached.as_ref()) else { return cached };
-        match self.latest.get(&uid.to_string()) {
-            Some(ours) if version_of(ours.as_ref()).is_some_and(|(_, v)| v > version) => ours,
-            _ => cached,
-        }
+        let Some((uid, _)) = version_of(cached.as_ref()) else { return cached };
+        self.latest.get(&uid.to_string()).unwrap_or(cached)
     }
 
     /// Whether the event may wake its object: not while its reconcile runs, nor when it is an echo held back.
@@ -142,9 +163,10 @@ impl<K: Resource> OwnWrites<K> {
             return true;
         };
         let Some((uid, version)) = version_of(o) else { return true };
-        let uid = uid.to_string();
-        let caught_up = self.latest.get(&uid).and_then(|ours| version_of(ours.as_ref()).map(|(_, v)| v <= version));
-        if caught_up == Some(true) || matches!(event, watcher::Event::Delete(_)) {
+        let (uid, version) = (uid.to_string(), version.to_string());
+        // A relist shows the object as it is now: whatever we wrote is in it, or the watch brings it next.
+        let caught_up = self.latest.get(&uid).and_then(|ours| version_of(ours.as_ref()).map(|(_, v)| v == version));
+        if caught_up == Some(true) || !matches!(event, watcher::Event::Apply(_)) {
             self.latest.take(&uid);
         }
         let watcher::Event::Apply(_) = event else { return true };
@@ -160,12 +182,12 @@ impl<K> Busy<'_, K> {
     /// The reconcile wrote `ours` (in order); `look_at_last` when the last of them needs another look. Returns
     /// whether the object must be looked at again now: an event it held was someone else's, or was the last write's
     /// while that needs a look.
-    pub fn finish(self, ours: &[u64], look_at_last: bool) -> bool {
+    pub fn finish(self, ours: &[String], look_at_last: bool) -> bool {
         let held = self.own.busy.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.uid).unwrap_or_default();
-        let last = ours.last().copied().filter(|_| look_at_last);
-        let look_again = held.iter().any(|v| !ours.contains(v) || Some(*v) == last);
-        for version in ours.iter().copied().filter(|v| !held.contains(v) && Some(*v) != last) {
-            self.own.echoes.insert((self.uid.clone(), version), ());
+        let last = ours.last().filter(|_| look_at_last);
+        let look_again = held.iter().any(|v| !ours.contains(v) || Some(v) == last);
+        for version in ours.iter().filter(|v| !held.contains(v) && Some(*v) != last) {
+            self.own.echoes.insert((self.uid.clone(), version.clone()), ());
         }
         look_again
     }
@@ -237,6 +259,10 @@ mod tests {
         assert!(pass(watcher::Event::InitApply(pod("u4", "Pending", "5"))), "a relist passes everything");
     }
 
+    fn versions(v: &[&str]) -> Vec<String> {
+        v.iter().map(|v| v.to_string()).collect()
+    }
+
     #[test]
     fn the_echoes_of_own_writes_wake_nothing_unless_the_last_needs_a_look() {
         let own = OwnWrites::new(Duration::from_secs(60));
@@ -245,27 +271,27 @@ mod tests {
         let busy = own.busy("u1".into());
         assert!(!own.pass(&event("u1", "7")), "held while its reconcile runs");
         assert!(own.pass(&event("u2", "7")), "another object");
-        assert!(!busy.finish(&[7, 8], false), "only our own echo was held");
+        assert!(!busy.finish(&versions(&["7", "8"]), false), "only our own echo was held");
         assert!(!own.pass(&event("u1", "8")), "the echo still to come is held back");
         assert!(own.pass(&event("u1", "8")), "once");
         // Someone else's write (9) lands during the reconcile, which writes 10.
         let busy = own.busy("u1".into());
         assert!(!own.pass(&event("u1", "9")));
-        assert!(busy.finish(&[10], false), "someone else's change: look again now");
+        assert!(busy.finish(&versions(&["10"]), false), "someone else's change: look again now");
         assert!(!own.pass(&event("u1", "10")));
         // The last write needs a look: its echo, held already, makes the object look again; still to come, it passes.
         let busy = own.busy("u1".into());
         assert!(!own.pass(&event("u1", "11")));
-        assert!(busy.finish(&[11], true));
+        assert!(busy.finish(&versions(&["11"]), true));
         let busy = own.busy("u1".into());
-        assert!(!busy.finish(&[12, 13], true), "nothing held yet");
+        assert!(!busy.finish(&versions(&["12", "13"]), true), "nothing held yet");
         assert!(!own.pass(&event("u1", "12")), "superseded by 13");
         assert!(own.pass(&event("u1", "13")), "wakes the object");
         // A reconcile dropped unfinished holds nothing afterwards.
         drop(own.busy("u1".into()));
         assert!(own.pass(&event("u1", "14")));
         let busy = own.busy("u1".into());
-        assert!(!busy.finish(&[15], false));
+        assert!(!busy.finish(&versions(&["15"]), false));
         assert!(own.pass(&Ok(watcher::Event::InitApply(pod("u1", "Running", "15")))), "a relist passes");
         assert!(own.pass(&Ok(watcher::Event::Delete(pod("u1", "Running", "15")))), "a deletion passes");
     }
@@ -277,7 +303,7 @@ mod tests {
         assert_eq!(own.newest(cached("3")).metadata.resource_version.as_deref(), Some("3"), "nothing written");
         own.wrote(cached("5"));
         assert_eq!(own.newest(cached("3")).metadata.resource_version.as_deref(), Some("5"), "ours is newer");
-        assert_eq!(own.newest(cached("6")).metadata.resource_version.as_deref(), Some("6"), "someone's is newer");
+        // Versions are compared for equality only: "10" sorts before "5" as text, and means nothing as a number.
         assert!(own.pass(&Ok(watcher::Event::Apply(pod("u1", "Running", "4")))));
         assert_eq!(own.newest(cached("4")).metadata.resource_version.as_deref(), Some("5"), "not caught up yet");
         assert!(own.pass(&Ok(watcher::Event::Apply(pod("u1", "Running", "5")))));
@@ -285,6 +311,27 @@ mod tests {
         own.wrote(cached("7"));
         assert!(own.pass(&Ok(watcher::Event::Delete(pod("u1", "Running", "6")))));
         assert!(own.latest.get(&"u1".to_string()).is_none(), "and once the object is gone");
+        own.wrote(cached("9"));
+        assert!(own.pass(&Ok(watcher::Event::InitApply(pod("u1", "Running", "10")))));
+        assert_eq!(own.newest(cached("10")).metadata.resource_version.as_deref(), Some("10"), "a relist is current");
+    }
+
+    #[test]
+    fn an_echo_that_outruns_its_write_leaves_the_cache_in_charge() {
+        let own = OwnWrites::new(Duration::from_secs(60));
+        let cached = |version: &str| std::sync::Arc::new(pod("u1", "Running", version));
+        // The write's echo (5) arrives before the write's answer, while the reconcile runs.
+        let busy = own.busy("u1".into());
+        assert!(!own.pass(&Ok(watcher::Event::Apply(pod("u1", "Running", "5")))));
+        own.wrote(cached("5"));
+        assert!(!busy.finish(&versions(&["5"]), false));
+        // Someone deletes the object (6): the reconcile it wakes must read the deletion, not our older copy.
+        let mut deleting = pod("u1", "Running", "6");
+        deleting.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::UNIX_EPOCH));
+        assert!(own.pass(&Ok(watcher::Event::Apply(deleting.clone()))));
+        let read = own.newest(std::sync::Arc::new(deleting));
+        assert_eq!(read.metadata.resource_version.as_deref(), Some("6"));
+        assert!(read.metadata.deletion_timestamp.is_some());
     }
 
     #[test]

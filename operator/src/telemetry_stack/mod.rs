@@ -13,15 +13,14 @@ use flowtel_crds::TelemetryStack;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::Api;
-use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, Resource, ResourceExt};
+use kube::{Client, Resource};
 
 use crate::runtime::FIELD_MANAGER;
 use crate::runtime::expiring::ExpiringMap;
@@ -31,8 +30,8 @@ use crate::runtime::slim::{self, Skips, Slim, Watched};
 use build::{MANAGED_BY, MANAGED_BY_LABEL};
 pub use reconcile::Context;
 
-/// The caches of everything a stack owns, trimmed of managedFields. Secrets are watched as metadata only: flowtel
-/// needs to know that the admin Secret exists, never what it holds.
+/// The caches of everything a stack owns, trimmed of managedFields. Secrets are not among them: flowtel holds no
+/// get, list or watch on Secrets (it creates the generated admin Secret if absent, `reconcile.rs`).
 #[derive(Clone)]
 pub struct Caches {
     pub config_maps: Store<ConfigMap>,
@@ -42,7 +41,6 @@ pub struct Caches {
     pub daemon_sets: Store<DaemonSet>,
     pub disruption_budgets: Store<PodDisruptionBudget>,
     pub autoscalers: Store<HorizontalPodAutoscaler>,
-    pub secrets: Store<PartialObjectMeta<Secret>>,
 }
 
 fn api<K>(client: &Client, namespace: &Option<String>) -> Api<K>
@@ -88,7 +86,7 @@ where
 }
 
 /// The watches `run` opens (its SyncTracker waits for each).
-pub const WATCHES: usize = 9;
+pub const WATCHES: usize = 8;
 
 /// The objects flowtel would apply for `stack`, as YAML documents, the generated admin Secret included without
 /// its password. With `check`, the validation a reconcile runs first; errors name the field.
@@ -124,7 +122,7 @@ pub fn render(stack: &TelemetryStack, check: bool) -> Result<String, Vec<String>
 /// Runs the controller until SIGTERM or SIGINT.
 pub async fn run(client: Client, namespace: Option<String>, rates: RunRates, sync: SyncTracker, concurrency: u16) {
     // The stacks' watch starts once what they own is cached: a stack reconciled before would apply every object
-    // again (and look for its admin Secret in an empty cache) after each restart or takeover.
+    // again after each restart or takeover.
     let children_synced = Gate::standalone("telemetrystack-children-synced");
     let owned = SyncTracker::new(WATCHES - 1, children_synced.clone());
     let trackers = [&sync, &owned];
@@ -138,14 +136,6 @@ pub async fn run(client: Client, namespace: Option<String>, rates: RunRates, syn
         managed::<PodDisruptionBudget>(&client, &namespace, trackers, "stack-poddisruptionbudgets");
     let (autoscalers, hpa_stream) =
         managed::<HorizontalPodAutoscaler>(&client, &namespace, trackers, "stack-horizontalpodautoscalers");
-    let (secrets, secrets_writer) = reflector::store();
-    let secret_stream = watcher(api::<PartialObjectMeta<Secret>>(&client, &namespace), watcher::Config::default())
-        .default_backoff()
-        .modify(|s| s.managed_fields_mut().clear())
-        .reflect(secrets_writer)
-        .inspect(sync.watch("secrets-metadata"))
-        .inspect(owned.watch("secrets-metadata"))
-        .touched_objects();
 
     let (stacks, stacks_writer) = reflector::store();
     let stacks_api = api::<Slim<TelemetryStack>>(&client, &namespace);
@@ -170,14 +160,11 @@ pub async fn run(client: Client, namespace: Option<String>, rates: RunRates, syn
             daemon_sets,
             disruption_budgets,
             autoscalers,
-            secrets,
         },
         rates,
         recorder: Recorder::new(client.clone(), Reporter { controller: FIELD_MANAGER.into(), instance: None }),
         applied: ExpiringMap::new(reconcile::APPLIED_MEMORY),
     });
-    // A user's admin Secret appearing (or going) concerns the stacks that name it.
-    let stacks_for_secrets = stacks.clone();
     Controller::for_stream(stack_stream, stacks)
         .owns_stream(config_map_stream)
         .owns_stream(service_stream)
@@ -186,22 +173,6 @@ pub async fn run(client: Client, namespace: Option<String>, rates: RunRates, syn
         .owns_stream(daemon_set_stream)
         .owns_stream(pdb_stream)
         .owns_stream(hpa_stream)
-        .watches_stream(secret_stream, move |secret: PartialObjectMeta<Secret>| {
-            let namespace = secret.namespace().unwrap_or_default();
-            let name = secret.name_any();
-            // The generated Secret is the stack's own (deleted by hand, it is created again); a user's Secret
-            // concerns every stack that names it.
-            let owner = secret
-                .owner_references()
-                .iter()
-                .find(|o| o.kind == "TelemetryStack" && o.controller == Some(true))
-                .map(|o| ObjectRef::<TelemetryStack>::new(&o.name).within(&namespace));
-            let naming = stacks_for_secrets.state().into_iter().filter(|s| {
-                s.namespace().as_deref() == Some(namespace.as_str())
-                    && s.spec.grafana.admin_credentials_secret_ref.as_ref().is_some_and(|r| r.name == name)
-            });
-            owner.into_iter().chain(naming.map(|s| ObjectRef::from_obj(s.as_ref()))).collect::<Vec<_>>()
-        })
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
         .shutdown_on_signal()
         .run(reconcile::reconcile, reconcile::error_policy, context)

@@ -32,6 +32,8 @@ use crate::runtime::rates::RunRates;
 
 /// How often a stack whose collector minimum follows the run rate looks at the rate again.
 const RATE_RECHECK: Duration = Duration::from_secs(30);
+/// How often a stack waiting for the user's admin Secret asks again: flowtel cannot watch Secrets.
+const SECRET_RECHECK: Duration = Duration::from_secs(10);
 
 /// Errors of one reconcile.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +44,8 @@ pub enum ReconcileError {
     Build(#[from] build::BuildError),
     #[error("drawing the Grafana admin password: {0}")]
     Random(String),
+    #[error("asking whether spec.grafana.adminCredentialsSecretRef exists (a dry-run create): {0}")]
+    ProbeAdminSecret(#[source] kube::Error),
 }
 
 /// What every reconcile shares.
@@ -76,7 +80,7 @@ pub async fn reconcile(stack: Arc<TelemetryStack>, ctx: Arc<Context>) -> Result<
         Ok(d) => Some(d),
         Err(build::BuildError::Invalid { field, message }) => {
             problem.get_or_insert(Problem {
-                reason: "InvalidCollectorConfig".into(),
+                reason: status::reason::INVALID_COLLECTOR_CONFIG.into(),
                 message: format!("{field}: {message}"),
             });
             None
@@ -90,15 +94,17 @@ pub async fn reconcile(stack: Arc<TelemetryStack>, ctx: Arc<Context>) -> Result<
         problem = check_collector_config(&stack, config);
     }
     if problem.is_none() {
-        problem = missing_admin_secret(&view, &ctx.caches.secrets);
+        problem = missing_admin_secret(&view, &ctx.client).await?;
     }
 
     if let (None, Some(desired)) = (&problem, &desired) {
         ensure_admin_secret(&view, &ctx).await?;
+        // Read before the apply: the Grafana Deployment as it was says whether the generated Secret was in use.
+        let unused_secret = generated_secret_unused(&view, &ctx.caches);
         for object in &desired.objects {
             apply(&ctx, &namespace, object).await?;
         }
-        prune(&view, &ctx, desired).await?;
+        prune(&view, &ctx, desired, unused_secret).await?;
     }
 
     let stored = stack.status.clone().unwrap_or_default();
@@ -114,7 +120,12 @@ pub async fn reconcile(stack: Arc<TelemetryStack>, ctx: Arc<Context>) -> Result<
     }
     let follows_rate =
         stack.spec.collector.autoscaling.as_ref().is_some_and(|a| a.runs_per_second_per_replica.is_some());
-    Ok(if follows_rate { Action::requeue(RATE_RECHECK) } else { Action::await_change() })
+    let awaits_secret = problem.as_ref().is_some_and(|p| p.reason == status::reason::ADMIN_SECRET_NOT_FOUND);
+    Ok(match (awaits_secret, follows_rate) {
+        (true, _) => Action::requeue(SECRET_RECHECK),
+        (false, true) => Action::requeue(RATE_RECHECK),
+        (false, false) => Action::await_change(),
+    })
 }
 
 pub fn error_policy(stack: Arc<TelemetryStack>, error: &ReconcileError, _ctx: Arc<Context>) -> Action {
@@ -126,37 +137,50 @@ pub fn error_policy(stack: Arc<TelemetryStack>, error: &ReconcileError, _ctx: Ar
 pub fn check_collector_config(stack: &TelemetryStack, config: &str) -> Option<Problem> {
     let parsed: serde_json::Value = match serde_yaml_ng::from_str(config) {
         Ok(v) => v,
-        Err(e) => return Some(Problem { reason: "InvalidCollectorConfig".into(), message: e.to_string() }),
+        Err(e) => {
+            return Some(Problem { reason: status::reason::INVALID_COLLECTOR_CONFIG.into(), message: e.to_string() });
+        }
     };
     let error = validate::collector_config(&parsed).err()?;
     let field =
         if stack.spec.collector.config_override.is_some() { "spec.collector.configOverride" } else { "spec.collector" };
-    Some(Problem { reason: "InvalidCollectorConfig".into(), message: format!("{field}: {error}") })
+    Some(Problem { reason: status::reason::INVALID_COLLECTOR_CONFIG.into(), message: format!("{field}: {error}") })
 }
 
-fn missing_admin_secret(stack: &Stack<'_>, secrets: &Store<kube::core::PartialObjectMeta<Secret>>) -> Option<Problem> {
+/// Whether the user's admin Secret exists, asked without reading Secrets: flowtel holds no get, list or watch on
+/// them (`docs/security.md`). A server-side dry-run create under the Secret's name answers 409 when it exists and
+/// stores nothing when it does not; either way nothing of the Secret is returned.
+async fn missing_admin_secret(stack: &Stack<'_>, client: &Client) -> Result<Option<Problem>, ReconcileError> {
     let grafana = &stack.stack.spec.grafana;
-    let reference = grafana.admin_credentials_secret_ref.as_ref().filter(|_| grafana.enabled)?;
-    let key = ObjectRef::new(&reference.name).within(&stack.namespace);
-    secrets.get(&key).is_none().then(|| Problem {
-        reason: "AdminSecretNotFound".into(),
-        message: format!(
-            "spec.grafana.adminCredentialsSecretRef: Secret {} not found in namespace {} (keys admin-user, \
-             admin-password)",
-            reference.name, stack.namespace
-        ),
-    })
+    let Some(reference) = grafana.admin_credentials_secret_ref.as_ref().filter(|_| grafana.enabled) else {
+        return Ok(None);
+    };
+    let probe = Secret {
+        metadata: kube::api::ObjectMeta { name: Some(reference.name.clone()), ..Default::default() },
+        ..Secret::default()
+    };
+    let api: Api<Secret> = Api::namespaced(client.clone(), &stack.namespace);
+    let params = PostParams { dry_run: true, field_manager: Some(FIELD_MANAGER.into()) };
+    match api.create(&params, &probe).await {
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(None),
+        Ok(_) => Ok(Some(Problem {
+            reason: status::reason::ADMIN_SECRET_NOT_FOUND.into(),
+            message: format!(
+                "spec.grafana.adminCredentialsSecretRef: Secret {} not found in namespace {} (keys admin-user, \
+                 admin-password)",
+                reference.name, stack.namespace
+            ),
+        })),
+        Err(e) => Err(ReconcileError::ProbeAdminSecret(e)),
+    }
 }
 
-/// Creates the generated Grafana admin Secret once, with a random password: never a default, never logged, never
-/// re-applied (a 409 means it exists).
+/// Creates the generated Grafana admin Secret if it is absent, with a random password: never a default, never
+/// logged, never re-applied (a 409 means it exists, and nothing of it is read). Deleted by hand, it is created again
+/// at the stack's next reconcile.
 async fn ensure_admin_secret(stack: &Stack<'_>, ctx: &Context) -> Result<(), ReconcileError> {
     let grafana = &stack.stack.spec.grafana;
     if !grafana.enabled || grafana.admin_credentials_secret_ref.is_some() {
-        return Ok(());
-    }
-    let name = build::grafana::generated_secret_name(stack);
-    if ctx.caches.secrets.get(&ObjectRef::new(&name).within(&stack.namespace)).is_some() {
         return Ok(());
     }
     let mut bytes = [0u8; 24];
@@ -170,6 +194,25 @@ async fn ensure_admin_secret(stack: &Stack<'_>, ctx: &Context) -> Result<(), Rec
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
         Err(e) => Err(e.into()),
     }
+}
+
+/// The generated Secret's name when the stack no longer wants it but its Grafana Deployment, as cached, still reads
+/// it (Grafana disabled, or a Secret of the user's named instead): Secrets are not cached, so this is how flowtel
+/// knows there is one to prune.
+fn generated_secret_unused(stack: &Stack<'_>, caches: &Caches) -> Option<String> {
+    let grafana = &stack.stack.spec.grafana;
+    if grafana.enabled && grafana.admin_credentials_secret_ref.is_none() {
+        return None;
+    }
+    let name = build::grafana::generated_secret_name(stack);
+    let Some(Workload::Deployment(deployment)) = workload(caches, stack, Component::Grafana) else { return None };
+    let reads_it = deployment.spec.template.spec.is_some_and(|pod| {
+        pod.containers
+            .iter()
+            .flat_map(|c| c.env.iter().flatten())
+            .any(|v| v.value_from.as_ref().and_then(|f| f.secret_key_ref.as_ref()).is_some_and(|r| r.name == name))
+    });
+    reads_it.then_some(name)
 }
 
 /// The cached copy's applied hash, for kinds flowtel applies.
@@ -260,7 +303,12 @@ where
 }
 
 /// Deletes what a disabled component (or a changed mode) left behind.
-async fn prune(stack: &Stack<'_>, ctx: &Context, desired: &build::Desired) -> Result<(), ReconcileError> {
+async fn prune(
+    stack: &Stack<'_>,
+    ctx: &Context,
+    desired: &build::Desired,
+    unused_secret: Option<String>,
+) -> Result<(), ReconcileError> {
     let Some(uid) = stack.stack.metadata.uid.clone() else { return Ok(()) };
     let keep = |kind: Kind| -> BTreeSet<String> {
         desired.objects.iter().filter(|o| o.kind() == kind).map(StackObject::name).collect()
@@ -275,12 +323,7 @@ async fn prune(stack: &Stack<'_>, ctx: &Context, desired: &build::Desired) -> Re
         .await?;
     delete::<HorizontalPodAutoscaler>(client, ns, stale(&c.autoscalers, &uid, &keep(Kind::HorizontalPodAutoscaler)))
         .await?;
-    let grafana = &stack.stack.spec.grafana;
-    let mut secrets = BTreeSet::new();
-    if grafana.enabled && grafana.admin_credentials_secret_ref.is_none() {
-        secrets.insert(build::grafana::generated_secret_name(stack));
-    }
-    delete::<Secret>(client, ns, stale(&c.secrets, &uid, &secrets)).await?;
+    delete::<Secret>(client, ns, unused_secret.into_iter().collect()).await?;
     Ok(())
 }
 

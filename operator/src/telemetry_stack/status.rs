@@ -10,6 +10,18 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use super::build::{Component, Stack};
 use crate::runtime::conditions::set_condition;
 
+/// The reasons of a stack's conditions (CamelCase, as the API conventions ask); a refused spec's reason is the
+/// problem's own (`InvalidSpec`, `InvalidCollectorConfig`, `AdminSecretNotFound`).
+pub mod reason {
+    pub const AS_EXPECTED: &str = "AsExpected";
+    pub const ALL_COMPONENTS_READY: &str = "AllComponentsReady";
+    pub const COMPONENTS_NOT_READY: &str = "ComponentsNotReady";
+    pub const ROLLOUT_COMPLETE: &str = "RolloutComplete";
+    pub const ROLLING_OUT: &str = "RollingOut";
+    pub const INVALID_COLLECTOR_CONFIG: &str = "InvalidCollectorConfig";
+    pub const ADMIN_SECRET_NOT_FOUND: &str = "AdminSecretNotFound";
+}
+
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
@@ -70,7 +82,7 @@ pub struct Problem {
 /// The status to write: `stored` with every field recomputed; conditions keep their transition times unless
 /// they flip.
 pub fn compute(
-    stack: &Stack,
+    stack: &Stack<'_>,
     stored: &TelemetryStackStatus,
     workload: impl Fn(Component) -> Option<Workload>,
     problem: Option<&Problem>,
@@ -147,12 +159,12 @@ pub fn compute(
             set_condition(&mut conditions, READY, "False", &p.reason, &message, generation, now);
         }
         None => {
-            set_condition(&mut conditions, DEGRADED, "False", "AsExpected", "", generation, now);
+            set_condition(&mut conditions, DEGRADED, "False", reason::AS_EXPECTED, "", generation, now);
             if all_ready {
-                set_condition(&mut conditions, READY, "True", "AllComponentsReady", "", generation, now);
+                set_condition(&mut conditions, READY, "True", reason::ALL_COMPONENTS_READY, "", generation, now);
             } else {
                 let message = format!("waiting for {}", rolling.join(", "));
-                set_condition(&mut conditions, READY, "False", "ComponentsNotReady", &message, generation, now);
+                set_condition(&mut conditions, READY, "False", reason::COMPONENTS_NOT_READY, &message, generation, now);
             }
         }
     }
@@ -161,17 +173,17 @@ pub fn compute(
         set_condition(&mut conditions, PROGRESSING, "False", &p.reason, &p.message, generation, now);
         set_condition(&mut conditions, RECONCILING, "False", &p.reason, &p.message, generation, now);
     } else if rolling.is_empty() {
-        set_condition(&mut conditions, PROGRESSING, "False", "RolloutComplete", "", generation, now);
-        set_condition(&mut conditions, RECONCILING, "False", "RolloutComplete", "", generation, now);
+        set_condition(&mut conditions, PROGRESSING, "False", reason::ROLLOUT_COMPLETE, "", generation, now);
+        set_condition(&mut conditions, RECONCILING, "False", reason::ROLLOUT_COMPLETE, "", generation, now);
     } else {
         let message = format!("rolling out {}", rolling.join(", "));
-        set_condition(&mut conditions, PROGRESSING, "True", "RollingOut", &message, generation, now);
-        set_condition(&mut conditions, RECONCILING, "True", "RollingOut", &message, generation, now);
+        set_condition(&mut conditions, PROGRESSING, "True", reason::ROLLING_OUT, &message, generation, now);
+        set_condition(&mut conditions, RECONCILING, "True", reason::ROLLING_OUT, &message, generation, now);
     }
     // kstatus (Flux, kpt) reads Reconciling and Stalled: a stack refused for bad input is Failed, not InProgress.
     match problem {
         Some(p) => set_condition(&mut conditions, STALLED, "True", &p.reason, &p.message, generation, now),
-        None => set_condition(&mut conditions, STALLED, "False", "AsExpected", "", generation, now),
+        None => set_condition(&mut conditions, STALLED, "False", reason::AS_EXPECTED, "", generation, now),
     };
     TelemetryStackStatus { components, endpoints, conditions, observed_generation: generation }
 }

@@ -1,6 +1,6 @@
 //! Where a Job's environment is decided: the OpenTelemetry variables flowtel adds to every container of an attempt.
 //!
-//! Rules (README, "Injected environment"):
+//! Rules (docs/workflow-runs.md, "The injected environment"):
 //! - a variable the user set wins; flowtel only adds what is missing;
 //! - a user `OTEL_RESOURCE_ATTRIBUTES` (a plain value) is merged key by key, the user's keys winning;
 //! - `OTEL_RESOURCE_ATTRIBUTES` goes last, after the downward-API variables it references as `$(VAR)`, because

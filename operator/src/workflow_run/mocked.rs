@@ -18,14 +18,13 @@ use kube::{Client, ResourceExt};
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 
+use super::economy::Economy;
 use super::index::RunIndex;
 use super::metrics::ControllerMetrics;
 use super::plan::Settings;
 use super::reconcile::{Context, FINALIZER, reconcile};
-use crate::runtime::expiring::ExpiringMap;
 use crate::runtime::rates::RunRates;
 use crate::runtime::readiness::Gate;
-use crate::runtime::triggers::OwnWrites;
 use crate::telemetry::{ExportConfig, ExportMetrics, Telemetry};
 
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
@@ -170,8 +169,7 @@ fn scenario(
         normal_events: false,
         recorder: Recorder::new(client, Reporter { controller: "flowtel".into(), instance: None }),
         metrics: ControllerMetrics::register(&mut registry),
-        created_jobs: ExpiringMap::new(Duration::from_secs(60)),
-        own_writes: Arc::new(OwnWrites::new(Duration::from_secs(60))),
+        economy: Economy::new(true),
         api_answered: std::sync::Mutex::new(None),
     });
     Scenario { ctx, handle, registry }

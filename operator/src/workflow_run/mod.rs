@@ -1,8 +1,14 @@
 //! The WorkflowRun controller: this file wires the watches, caches and the controller; `reconcile.rs` holds the
-//! reconcile's steps, `plan.rs` its pure core, `job.rs` the attempt's Job (its environment in `env.rs`) and
-//! `report.rs` what a run reports as telemetry.
+//! reconcile's steps, `plan.rs` its pure core, `job.rs` the attempt's Job (its environment in `env.rs`),
+//! `report.rs` what a run reports as telemetry and `economy.rs` everything that only saves writes and reconciles.
 
+mod children;
+pub mod context;
+pub mod economy;
 pub mod env;
+mod events;
+pub mod export;
+pub mod finalizer;
 pub mod index;
 pub mod job;
 pub mod metrics;
@@ -11,6 +17,7 @@ mod mocked;
 pub mod plan;
 pub mod reconcile;
 pub mod report;
+pub mod target;
 
 use std::sync::Arc;
 
@@ -28,12 +35,11 @@ use kube::{Client, Resource, ResourceExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use crate::runtime::expiring::ExpiringMap;
 use crate::runtime::rates::RunRates;
 use crate::runtime::readiness::{Gate, SyncTracker};
 use crate::runtime::shards::Shard;
 use crate::runtime::slim::{self, Skips, Slim, Watched};
-use crate::runtime::triggers::{Changes, OwnWrites};
+use crate::runtime::triggers::Changes;
 use crate::telemetry::Telemetry;
 use job::{MANAGED_BY, MANAGED_BY_LABEL, RUN_NAME_ANNOTATION};
 pub use metrics::ControllerMetrics;
@@ -65,6 +71,8 @@ pub struct ControllerSettings {
     pub settings: Settings,
     pub default_otlp_endpoint: Option<String>,
     pub concurrency: u16,
+    /// The write economy on (the default) or off, the correctness reference (`economy.rs`).
+    pub write_economy: bool,
     /// Normal Events too (attempt started or finished, run succeeded); Warnings (failures, retries, cancels) always.
     pub normal_events: bool,
 }
@@ -81,6 +89,7 @@ pub async fn run(
     rates: RunRates,
 ) {
     let sync = SyncTracker::new(4, synced);
+    let economy = economy::Economy::new(config.write_economy);
     // The runs' watch starts once the Jobs, pods and stacks are cached: a run reconciled before would find no Job
     // and create one again (a conflict on every run after each restart or takeover).
     let children_synced = Gate::standalone("workflowrun-children-synced");
@@ -101,7 +110,7 @@ pub async fn run(
             Some(((j.namespace()?, run.name.clone()), j.name_any()))
         },
         // A new Job wakes nothing: its run's reconcile created it (and a restart lists it). Its end does.
-        Changes::quiet_births(plan::job_signature, plan::job_has_ended),
+        economy.child_filter(plan::job_signature, plan::job_has_ended),
     );
     let (pods, pod_stream) = managed_children(
         api::<Slim<Pod>>(&client, &config.scope),
@@ -111,7 +120,7 @@ pub async fn run(
         &pod_index,
         |p: &Pod| Some(((p.namespace()?, p.annotations().get(RUN_NAME_ANNOTATION)?.clone()), p.name_any())),
         // Pods are seen only once they ended (`TERMINAL_PODS`): the first sighting is the end.
-        Changes::new(plan::pod_signature),
+        economy.child_filter(plan::pod_signature, |_| true),
     );
     let (stacks, stacks_writer) = reflector::store();
     let stack_stream = watcher(api::<Slim<TelemetryStack>>(&client, &config.scope), watcher::Config::default())
@@ -130,28 +139,6 @@ pub async fn run(
     if let Some(shard) = &shard {
         owned_runs = owned_runs.labels(shard);
     }
-    let own_writes = Arc::new(OwnWrites::new(std::time::Duration::from_secs(60)));
-    let echoes = own_writes.clone();
-    let run_stream = futures::stream::once(async move {
-        children_synced.opened().await;
-        watcher(runs_api, owned_runs)
-            .default_backoff()
-            .map_ok(slim::unwrap_event)
-            .modify(trim_for_cache)
-            .reflect(runs_writer)
-            .inspect(runs_synced)
-            .filter(move |event| futures::future::ready(echoes.pass(event)))
-            .touched_objects()
-    })
-    .flatten();
-    let controller = Controller::for_stream(run_stream, runs_store.clone());
-    let runs_for_stacks = runs_store.clone();
-    // A settled run (over, its report out) reads nothing of its Job or pod: the later of their two ends wakes nothing.
-    let unsettled = {
-        let runs = runs_store.clone();
-        move |run: ObjectRef<WorkflowRun>| (!runs.get(&run).is_some_and(|r| plan::is_settled(&r))).then_some(run)
-    };
-    let unsettled_for_pods = unsettled.clone();
     let context = Arc::new(Context {
         client: client.clone(),
         jobs: jobs.clone(),
@@ -160,16 +147,37 @@ pub async fn run(
         job_index,
         pod_index,
         telemetry,
-        settings: config.settings,
+        settings: economy.settings(config.settings),
         default_otlp_endpoint: config.default_otlp_endpoint,
         normal_events: config.normal_events,
         recorder: Recorder::new(client.clone(), Reporter { controller: "flowtel".into(), instance: None }),
         metrics,
-        created_jobs: ExpiringMap::new(std::time::Duration::from_secs(60)),
-        own_writes,
+        economy,
         api_answered: std::sync::Mutex::new(None),
         rates,
     });
+    let echoes = context.clone();
+    let run_stream = futures::stream::once(async move {
+        children_synced.opened().await;
+        watcher(runs_api, owned_runs)
+            .default_backoff()
+            .map_ok(slim::unwrap_event)
+            .modify(trim_for_cache)
+            .reflect(runs_writer)
+            .inspect(runs_synced)
+            .filter(move |event| futures::future::ready(echoes.economy.passes_run_event(event)))
+            .touched_objects()
+    })
+    .flatten();
+    let controller = Controller::for_stream(run_stream, runs_store.clone());
+    let runs_for_stacks = runs_store.clone();
+    // A settled run (over, its report out) reads nothing of its Job or pod: the later of their two ends wakes nothing.
+    let unsettled = {
+        let runs = runs_store.clone();
+        let all = context.economy.wakes_settled_runs();
+        move |run: ObjectRef<WorkflowRun>| (all || !runs.get(&run).is_some_and(|r| plan::is_settled(&r))).then_some(run)
+    };
+    let unsettled_for_pods = unsettled.clone();
     controller
         .watches_stream(job_stream, move |job: Job| {
             let owner = job::owning_run(&job)?;
@@ -201,6 +209,14 @@ pub async fn run(
         .run(reconcile::reconcile, reconcile::error_policy, context)
         .for_each(|_| futures::future::ready(()))
         .await;
+}
+
+/// Crash points (the `failpoints` feature, tests only: `FLOWTEL_CRASH_AT=<point>` aborts the process there, as a
+/// crash would, so the end-to-end tests can show that a restart never double-counts; see `main.rs`). Without the
+/// feature they compile to nothing.
+#[cfg_attr(not(feature = "failpoints"), allow(unused_variables))]
+fn crash_point(point: &str) {
+    fail::fail_point!(point);
 }
 
 // What each watch's cache never reads, skipped while decoding (runtime::slim). The planner reads a Job's and a

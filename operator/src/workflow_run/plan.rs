@@ -22,6 +22,28 @@ pub const TELEMETRY_DEGRADED: &str = "TelemetryDegraded";
 pub const READY: &str = "Ready";
 pub const RECONCILING: &str = "Reconciling";
 pub const STALLED: &str = "Stalled";
+/// The reasons of a run's conditions and Events (CamelCase, as the API conventions ask).
+pub mod reason {
+    pub const PENDING: &str = "Pending";
+    pub const RUNNING: &str = "Running";
+    pub const RETRYING: &str = "Retrying";
+    pub const SUCCEEDED_REASON: &str = "Succeeded";
+    pub const CANCELLED: &str = "Cancelled";
+    /// Kubernetes' own word for a Job past its deadline, reused for a run past its own.
+    pub const DEADLINE_EXCEEDED: &str = "DeadlineExceeded";
+    pub const POD_FORBIDDEN: &str = "PodForbidden";
+    pub const POD_CREATION_FAILED: &str = "PodCreationFailed";
+    pub const PERMANENT_FAILURE: &str = "PermanentFailure";
+    pub const RETRY_LIMIT_EXCEEDED: &str = "RetryLimitExceeded";
+    pub const DISRUPTION_LIMIT_EXCEEDED: &str = "DisruptionLimitExceeded";
+    pub const JOB_NAME_CONFLICT: &str = "JobNameConflict";
+    pub const JOB_REJECTED: &str = "JobRejected";
+    pub const TELEMETRY_DROPPED: &str = "TelemetryDropped";
+    pub const TELEMETRY_HEALTHY: &str = "TelemetryHealthy";
+    pub const ATTEMPT_STARTED: &str = "AttemptStarted";
+    pub const ATTEMPT_FINISHED: &str = "AttemptFinished";
+}
+
 /// Attempts kept in status; older ones are dropped (their counts stay in `attemptCount`, `transientFailures` and
 /// `disruptions`, which the retry limits are checked against).
 pub const MAX_ATTEMPTS_KEPT: usize = 32;
@@ -282,7 +304,7 @@ fn job_outcome(job: &Job) -> Option<Outcome> {
     // A Job deadline is the run's deadline reaching the pod: never retried. The pod failure policy names a
     // disruption (see job.rs).
     let classification = match reason.as_str() {
-        "DeadlineExceeded" => AttemptClassification::Permanent,
+        reason::DEADLINE_EXCEEDED => AttemptClassification::Permanent,
         DISRUPTED_JOB_REASON => AttemptClassification::Disruption,
         _ => AttemptClassification::Transient,
     };
@@ -379,7 +401,7 @@ impl Planner<'_> {
     fn start_attempt(&mut self, number: i32, deadline_at: Timestamp) {
         let now = self.obs.now;
         self.record_attempt(number, now);
-        self.phase(WorkflowRunPhase::Running, "Running", &format!("attempt {number} is running"));
+        self.phase(WorkflowRunPhase::Running, reason::RUNNING, &format!("attempt {number} is running"));
         let deadline_seconds = job_deadline_seconds(now, deadline_at);
         self.action = Action::CreateJob { attempt: number, started_at: now, deadline_seconds };
     }
@@ -396,7 +418,7 @@ impl Planner<'_> {
         }
         self.status.attempt_count = Some(number);
         self.status.next_attempt_time = None;
-        self.event(false, "AttemptStarted", format!("attempt {number} started"));
+        self.event(false, reason::ATTEMPT_STARTED, format!("attempt {number} started"));
     }
 
     /// Records the attempts whose Jobs exist while status does not name them yet: the write of their start waited
@@ -447,7 +469,7 @@ impl Planner<'_> {
             .filter(|until| *until > self.obs.now && from_pod.is_none());
         let outcome = match job {
             // A Job deadline kills the pod (exit 137), which alone would look transient: the Job's reason wins.
-            Some(o) if o.reason == "DeadlineExceeded" => Some(o),
+            Some(o) if o.reason == reason::DEADLINE_EXCEEDED => Some(o),
             Some(o) if o.classification == AttemptClassification::Transient && pod_end_expected_until.is_some() => {
                 let again = self.obs.now.saturating_add(POD_LAG_RECHECK).unwrap_or(self.obs.now);
                 self.requeue_at(pod_end_expected_until.map_or(again, |until| until.min(again)));
@@ -471,7 +493,7 @@ impl Planner<'_> {
             };
             a.container = o.container;
             let warning = o.classification != AttemptClassification::Succeeded;
-            self.event(warning, "AttemptFinished", note);
+            self.event(warning, reason::ATTEMPT_FINISHED, note);
             self.count_outcome(o.classification);
         }
     }
@@ -523,7 +545,7 @@ impl Planner<'_> {
             Some((reason, message)) => {
                 let conditions = &mut self.status.conditions;
                 if set_condition(conditions, TELEMETRY_DEGRADED, "True", reason, message, generation, now) {
-                    self.event(true, "TelemetryDegraded", format!("{reason}: {message}"));
+                    self.event(true, TELEMETRY_DEGRADED, format!("{reason}: {message}"));
                 }
             }
             None => {
@@ -531,11 +553,11 @@ impl Planner<'_> {
                     &mut self.status.conditions,
                     TELEMETRY_DEGRADED,
                     "False",
-                    "TelemetryHealthy",
+                    reason::TELEMETRY_HEALTHY,
                     "run telemetry is exported",
                     generation,
                     now,
-                )
+                );
             }
         }
         // Counters first: a status from before they existed counts its kept attempts, before any is observed.
@@ -555,14 +577,14 @@ impl Planner<'_> {
                 let first = self.status.attempts.first().and_then(|a| a.start_time.as_ref()).map(|t| t.0);
                 let start = first.map_or(now, |t| t.min(now));
                 self.status.start_time = Some(micro(start));
-                self.phase(WorkflowRunPhase::Pending, "Pending", "the run was accepted");
+                self.phase(WorkflowRunPhase::Pending, reason::PENDING, "the run was accepted");
                 start
             }
         };
         if let Some(open) = self.status.attempts.last().filter(|a| adopted && a.end_time.is_none()) {
             let mut recording = self.status.clone();
             let message = format!("attempt {} is running", open.number);
-            set_phase(&mut recording, WorkflowRunPhase::Running, "Running", &message, generation, now);
+            set_phase(&mut recording, WorkflowRunPhase::Running, reason::RUNNING, &message, generation, now);
             self.adopted = Some(recording);
         }
 
@@ -577,11 +599,11 @@ impl Planner<'_> {
         if succeeded {
             self.advance(deadline_at);
         } else if spec.cancel || self.run.metadata.deletion_timestamp.is_some() {
-            self.stop_active_attempt("Cancelled");
-            self.finish(WorkflowRunPhase::Failed, "Cancelled", "the run was cancelled".into());
+            self.stop_active_attempt(reason::CANCELLED);
+            self.finish(WorkflowRunPhase::Failed, reason::CANCELLED, "the run was cancelled".into());
         } else if now >= deadline_at {
-            self.stop_active_attempt("DeadlineExceeded");
-            self.finish(WorkflowRunPhase::Failed, "DeadlineExceeded", format!("the run exceeded {deadline}s"));
+            self.stop_active_attempt(reason::DEADLINE_EXCEEDED);
+            self.finish(WorkflowRunPhase::Failed, reason::DEADLINE_EXCEEDED, format!("the run exceeded {deadline}s"));
         } else {
             self.advance(deadline_at);
         }
@@ -611,16 +633,16 @@ impl Planner<'_> {
         let Some(class) = last.classification else {
             if let Some(failure) = self.obs.pod_creation_failure.clone() {
                 if failure.forbidden {
-                    self.stop_active_attempt("PodForbidden");
-                    self.finish(WorkflowRunPhase::Failed, "PodForbidden", failure.message);
+                    self.stop_active_attempt(reason::POD_FORBIDDEN);
+                    self.finish(WorkflowRunPhase::Failed, reason::POD_FORBIDDEN, failure.message);
                 } else {
                     // Transient (a quota): the Job keeps trying; the run says why it waits, bounded by its deadline.
-                    self.phase(WorkflowRunPhase::Pending, "PodCreationFailed", &failure.message);
+                    self.phase(WorkflowRunPhase::Pending, reason::POD_CREATION_FAILED, &failure.message);
                     self.requeue_at(now.saturating_add(POD_CREATE_RECHECK).unwrap_or(now));
                 }
                 return;
             }
-            self.phase(WorkflowRunPhase::Running, "Running", &format!("attempt {} is running", last.number));
+            self.phase(WorkflowRunPhase::Running, reason::RUNNING, &format!("attempt {} is running", last.number));
             // A Job that never gets a pod says why only in an Event: looked at once the grace has passed.
             if !attempt_has_a_pod(&self.obs.jobs, &self.obs.pods, &last)
                 && let Some(started) = &last.start_time
@@ -643,14 +665,18 @@ impl Planner<'_> {
         };
         let next_delay = match class {
             AttemptClassification::Succeeded => {
-                self.finish(WorkflowRunPhase::Succeeded, "Succeeded", format!("attempt {} succeeded", last.number));
+                self.finish(
+                    WorkflowRunPhase::Succeeded,
+                    reason::SUCCEEDED_REASON,
+                    format!("attempt {} succeeded", last.number),
+                );
                 return;
             }
             AttemptClassification::Permanent => {
-                let reason = if last.reason.as_deref() == Some("DeadlineExceeded") {
-                    "DeadlineExceeded"
+                let reason = if last.reason.as_deref() == Some(reason::DEADLINE_EXCEEDED) {
+                    reason::DEADLINE_EXCEEDED
                 } else {
-                    "PermanentFailure"
+                    reason::PERMANENT_FAILURE
                 };
                 self.finish(WorkflowRunPhase::Failed, reason, format!("attempt {} failed permanently", last.number));
                 return;
@@ -660,7 +686,7 @@ impl Planner<'_> {
                 if failures > retry.limit {
                     self.finish(
                         WorkflowRunPhase::Failed,
-                        "RetryLimitExceeded",
+                        reason::RETRY_LIMIT_EXCEEDED,
                         format!("{} retries used, limit {}", failures - 1, retry.limit),
                     );
                     return;
@@ -672,7 +698,7 @@ impl Planner<'_> {
                 if disruptions > retry.disruption_limit {
                     self.finish(
                         WorkflowRunPhase::Failed,
-                        "DisruptionLimitExceeded",
+                        reason::DISRUPTION_LIMIT_EXCEEDED,
                         format!("{disruptions} disruptions, limit {}", retry.disruption_limit),
                     );
                     return;
@@ -695,7 +721,7 @@ impl Planner<'_> {
         } else {
             self.phase(
                 WorkflowRunPhase::Retrying,
-                "Retrying",
+                reason::RETRYING,
                 &format!("attempt {} starts after the backoff", last.number + 1),
             );
             self.requeue_at(next_at);
@@ -797,13 +823,13 @@ pub fn reject_attempt(
         a.reason = Some(reason.into());
         a.classification = Some(AttemptClassification::Permanent);
     }
-    status.phase = Some(WorkflowRunPhase::Failed);
+    // Every condition a failed run carries (kstatus reads Stalled): a refused Job ends the run as any failure does.
+    set_phase(status, WorkflowRunPhase::Failed, reason, message, generation, now);
     status.completion_time = Some(micro(now));
     status.next_attempt_time = None;
     if let Some(start) = &status.start_time {
         status.duration_ms = Some(now.as_millisecond() - start.0.as_millisecond());
     }
-    set_condition(&mut status.conditions, SUCCEEDED, "False", reason, message, generation, now);
     plan.action = Action::None;
     plan.requeue_after = None;
     plan.events.push(EventNote { warning: true, reason, note: message.to_string() });
@@ -1134,6 +1160,10 @@ mod tests {
         assert_eq!(p.status.phase, Some(WorkflowRunPhase::Failed));
         assert_eq!(p.status.attempts[0].classification, Some(AttemptClassification::Permanent));
         assert!(p.events.iter().any(|e| e.warning && e.reason == "JobRejected"));
+        // As GitOps tools read a failed run (kstatus: Stalled; not InProgress forever).
+        let condition = |t: &str| p.status.conditions.iter().find(|c| c.type_ == t).map(|c| c.status.as_str());
+        let kstatus = [SUCCEEDED, READY, RECONCILING, STALLED].map(condition);
+        assert_eq!(kstatus, [Some("False"), Some("False"), Some("False"), Some("True")]);
     }
 
     #[test]

@@ -32,19 +32,9 @@ pub const RETRY_COUNT: &str = "workflow.retry.count";
 pub const DEFAULT_DURATION_BOUNDARIES: [f64; 11] =
     [5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0];
 
-/// Which report of a run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ReportKind {
-    Started,
-    Finished,
-}
-
-/// The exporter's key of a run's report.
-pub fn key(run_uid: &str, kind: ReportKind) -> String {
-    match kind {
-        ReportKind::Started => format!("{run_uid}/started"),
-        ReportKind::Finished => format!("{run_uid}/finished"),
-    }
+/// The exporter's key of a run's one report (as the export journal has noted it since runs had two).
+pub fn key(run_uid: &str) -> String {
+    format!("{run_uid}/finished")
 }
 
 fn workflow_label(run: &WorkflowRun) -> KeyValue {

@@ -66,7 +66,7 @@ fn bench(c: &mut Criterion) {
                     KeyValue::new("status", "success".to_string()),
                 ],
             );
-        })
+        });
     });
     g.bench_function("record_retry", |b| b.iter(|| record_retry(workflow, step)));
     g.bench_function("raw SDK: retry counter", |b| {
@@ -74,13 +74,13 @@ fn bench(c: &mut Criterion) {
             retries.add(
                 1,
                 &[KeyValue::new("workflow_name", workflow.to_string()), KeyValue::new("step_name", step.to_string())],
-            )
-        })
+            );
+        });
     });
     g.bench_function("record_image_upload", |b| b.iter(|| record_image_upload(workflow, "phone_1", 250_000)));
     g.bench_function("record_db_upsert", |b| b.iter(|| record_db_upsert(workflow, "processed_phones", 5, 12.0)));
     g.bench_function("start_span + end_span", |b| {
-        b.iter(|| end_span(start_span("step upload_images", SpanOptions::new(SpanKind::Internal)), Outcome::Success))
+        b.iter(|| end_span(start_span("step upload_images", SpanOptions::new(SpanKind::Internal)), Outcome::Success));
     });
     g.bench_function("raw SDK: span start + end", |b| {
         b.iter(|| {
@@ -90,7 +90,7 @@ fn bench(c: &mut Criterion) {
                 .start(&tracer);
             span.set_status(opentelemetry::trace::Status::Ok);
             span.end();
-        })
+        });
     });
     g.finish();
 
@@ -108,7 +108,7 @@ fn bench(c: &mut Criterion) {
             }
             record_db_upsert(workflow, "processed_phones", 3, 8.0);
             end_span(root, Outcome::Success);
-        })
+        });
     });
 }
 

@@ -34,7 +34,7 @@ pub struct Built {
 
 /// The generated configuration, before the user's override: OTLP in; memory_limiter first, batch last; one
 /// pipeline per signal that has a backend.
-pub fn generated_config(stack: &Stack) -> Value {
+pub fn generated_config(stack: &Stack<'_>) -> Value {
     let c = &stack.stack.spec.collector;
     let persistent = c.persistent_queue.is_some() && c.mode == CollectorMode::StatefulSet;
     // A persistent queue keeps what a backend cannot take yet for as long as the backend is down (bounded by the
@@ -216,7 +216,7 @@ pub fn merge(base: &mut Value, overlay: Value) {
 }
 
 /// The configuration the collector runs: the generated one with the user's override merged over it.
-pub fn config(stack: &Stack) -> Result<Value, BuildError> {
+pub fn config(stack: &Stack<'_>) -> Result<Value, BuildError> {
     let mut config = generated_config(stack);
     if let Some(text) = &stack.stack.spec.collector.config_override {
         let overlay: Value = serde_yaml_ng::from_str(text).map_err(|e| BuildError::Invalid {
@@ -274,13 +274,13 @@ pub fn quantity_bytes(q: &str) -> Option<u64> {
 pub fn hpa_minimum(c: &CollectorSpec, observed_runs_per_second: f64) -> Option<(i32, i32)> {
     let a = c.autoscaling.as_ref()?;
     let needed = match a.runs_per_second_per_replica {
-        Some(per) if observed_runs_per_second > 0.0 => (observed_runs_per_second / per as f64).ceil() as i32,
+        Some(per) if observed_runs_per_second > 0.0 => (observed_runs_per_second / f64::from(per)).ceil() as i32,
         _ => 0,
     };
     Some((a.min_replicas.max(needed).min(a.max_replicas), a.max_replicas))
 }
 
-pub fn build(stack: &Stack) -> Result<Built, BuildError> {
+pub fn build(stack: &Stack<'_>) -> Result<Built, BuildError> {
     let c = &stack.stack.spec.collector;
     let config_yaml = super::yaml(&config(stack)?);
     let config_name = stack.object_name(Component::Collector, Some("config"));

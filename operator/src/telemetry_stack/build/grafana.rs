@@ -23,20 +23,20 @@ pub const ADMIN_USER_KEY: &str = "admin-user";
 pub const ADMIN_PASSWORD_KEY: &str = "admin-password";
 
 /// The Secret holding the admin login: the user's, else the one flowtel generates.
-pub fn admin_secret_name(stack: &Stack) -> String {
+pub fn admin_secret_name(stack: &Stack<'_>) -> String {
     match &stack.stack.spec.grafana.admin_credentials_secret_ref {
         Some(r) => r.name.clone(),
         None => generated_secret_name(stack),
     }
 }
 
-pub fn generated_secret_name(stack: &Stack) -> String {
+pub fn generated_secret_name(stack: &Stack<'_>) -> String {
     stack.object_name(Component::Grafana, Some("admin"))
 }
 
 /// The generated admin Secret, with `password` drawn by the caller. Created once and never re-applied, so the
 /// password stays what it was; deleted with the stack.
-pub fn admin_secret(stack: &Stack, password: &str) -> Secret {
+pub fn admin_secret(stack: &Stack<'_>, password: &str) -> Secret {
     Secret {
         metadata: stack.metadata(Component::Grafana, generated_secret_name(stack)),
         type_: Some("Opaque".into()),
@@ -69,7 +69,7 @@ fn log_datasource(api: LogApi) -> (&'static str, &'static str) {
 const VICTORIALOGS_PLUGIN: &str = "victoriametrics-logs-datasource";
 
 /// The provisioned datasources, each only when its backend is deployed or external.
-pub fn datasources(stack: &Stack) -> Value {
+pub fn datasources(stack: &Stack<'_>) -> Value {
     let mut list = Vec::new();
     let (prometheus, traces, logs) = (stack.prometheus_url(), stack.tempo_url(), stack.loki_url());
     let (trace_uid, trace_type) = trace_datasource(stack.trace_api());
@@ -149,7 +149,7 @@ pub fn dashboard_provider() -> Value {
     }]})
 }
 
-pub fn build(stack: &Stack) -> Vec<StackObject> {
+pub fn build(stack: &Stack<'_>) -> Vec<StackObject> {
     let g = &stack.stack.spec.grafana;
     let datasources_yaml = super::yaml(&datasources(stack));
     let provider_yaml = super::yaml(&dashboard_provider());

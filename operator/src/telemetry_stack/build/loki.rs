@@ -11,7 +11,7 @@ const UID: i64 = 10001;
 
 /// loki.yaml (keys from Loki 3's configuration reference): no multi-tenancy, filesystem storage with the tsdb
 /// index (schema v13, required for OTLP's structured metadata), retention by the compactor.
-pub fn config(stack: &Stack) -> Value {
+pub fn config(stack: &Stack<'_>) -> Value {
     let l = &stack.stack.spec.loki;
     json!({
         "auth_enabled": false,
@@ -40,7 +40,7 @@ pub fn config(stack: &Stack) -> Value {
     })
 }
 
-pub fn build(stack: &Stack) -> Vec<StackObject> {
+pub fn build(stack: &Stack<'_>) -> Vec<StackObject> {
     let l = &stack.stack.spec.loki;
     let config_yaml = super::yaml(&config(stack));
     let config_name = stack.object_name(Component::Loki, Some("config"));

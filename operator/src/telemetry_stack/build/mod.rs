@@ -361,7 +361,7 @@ pub struct Desired {
 
 /// The objects of every enabled component. The generated Grafana admin Secret is left out: its password is drawn
 /// once, when flowtel creates it, and never re-applied (see `grafana::admin_secret`).
-pub fn desired(stack: &Stack) -> Result<Desired, BuildError> {
+pub fn desired(stack: &Stack<'_>) -> Result<Desired, BuildError> {
     let spec = &stack.stack.spec;
     let mut out = Desired::default();
     if spec.collector.enabled {
@@ -409,7 +409,7 @@ pub fn to_yaml_documents(objects: &[StackObject]) -> String {
 // Shared pieces of the component builders.
 
 /// A ConfigMap with one or more files.
-pub(crate) fn config_map(stack: &Stack, component: Component, name: String, files: &[(&str, &str)]) -> StackObject {
+pub(crate) fn config_map(stack: &Stack<'_>, component: Component, name: String, files: &[(&str, &str)]) -> StackObject {
     StackObject::ConfigMap(ConfigMap {
         metadata: stack.metadata(component, name),
         data: Some(files.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
@@ -418,7 +418,7 @@ pub(crate) fn config_map(stack: &Stack, component: Component, name: String, file
 }
 
 /// A ClusterIP Service over the component's pods.
-pub(crate) fn service(stack: &Stack, component: Component, ports: &[(&str, i32)]) -> StackObject {
+pub(crate) fn service(stack: &Stack<'_>, component: Component, ports: &[(&str, i32)]) -> StackObject {
     StackObject::Service(Service {
         metadata: stack.metadata(component, stack.object_name(component, None)),
         spec: Some(ServiceSpec {
@@ -551,7 +551,7 @@ pub(crate) struct Backend<'a> {
 }
 
 /// A backend in single-binary mode: a StatefulSet with its configuration and a claimed data volume.
-pub(crate) fn backend_statefulset(stack: &Stack, b: Backend) -> StackObject {
+pub(crate) fn backend_statefulset(stack: &Stack<'_>, b: Backend<'_>) -> StackObject {
     use k8s_openapi::api::apps::v1::StatefulSetSpec;
     use k8s_openapi::api::core::v1::{
         ConfigMapVolumeSource, Container, EmptyDirVolumeSource, HTTPGetAction, PodSpec, PodTemplateSpec, Probe, Volume,

@@ -33,7 +33,7 @@ pub fn config() -> Value {
     })
 }
 
-pub fn build(stack: &Stack) -> Built {
+pub fn build(stack: &Stack<'_>) -> Built {
     let p = &stack.stack.spec.prometheus;
     let config_yaml = super::yaml(&config());
     let config_name = stack.object_name(Component::Prometheus, Some("config"));

@@ -11,7 +11,7 @@ const UID: i64 = 10001;
 
 /// tempo.yaml (keys from Tempo's configuration reference): the distributor's OTLP receivers, local storage
 /// with its WAL, and the compactor's `block_retention` as the retention.
-pub fn config(stack: &Stack) -> Value {
+pub fn config(stack: &Stack<'_>) -> Value {
     let t = &stack.stack.spec.tempo;
     json!({
         "stream_over_http_enabled": true,
@@ -31,7 +31,7 @@ pub fn config(stack: &Stack) -> Value {
     })
 }
 
-pub fn build(stack: &Stack) -> Vec<StackObject> {
+pub fn build(stack: &Stack<'_>) -> Vec<StackObject> {
     let t = &stack.stack.spec.tempo;
     let config_yaml = super::yaml(&config(stack));
     let config_name = stack.object_name(Component::Tempo, Some("config"));
