@@ -34,7 +34,9 @@ use serde::{Deserialize, Serialize};
 )]
 #[x_kube(validation = Rule::new("!has(oldSelf.cancel) || !oldSelf.cancel || (has(self.cancel) && self.cancel)")
     .message("cancel can only change from false to true").field_path(".cancel").reason(Reason::FieldValueForbidden))]
-#[x_kube(validation = Rule::new("self.workflowName == oldSelf.workflowName && self.template == oldSelf.template && self.retry == oldSelf.retry && has(self.telemetryStackRef) == has(oldSelf.telemetryStackRef) && (!has(self.telemetryStackRef) || self.telemetryStackRef == oldSelf.telemetryStackRef) && has(self.activeDeadlineSeconds) == has(oldSelf.activeDeadlineSeconds) && (!has(self.activeDeadlineSeconds) || self.activeDeadlineSeconds == oldSelf.activeDeadlineSeconds)")
+#[x_kube(validation = Rule::new("has(self.template) != has(self.pool)")
+    .message("exactly one of template (a Job per attempt) and pool (a WorkerPool's workers) must be set").reason(Reason::FieldValueInvalid))]
+#[x_kube(validation = Rule::new("self.workflowName == oldSelf.workflowName && has(self.template) == has(oldSelf.template) && (!has(self.template) || self.template == oldSelf.template) && has(self.pool) == has(oldSelf.pool) && (!has(self.pool) || self.pool == oldSelf.pool) && self.retry == oldSelf.retry && has(self.telemetryStackRef) == has(oldSelf.telemetryStackRef) && (!has(self.telemetryStackRef) || self.telemetryStackRef == oldSelf.telemetryStackRef) && has(self.activeDeadlineSeconds) == has(oldSelf.activeDeadlineSeconds) && (!has(self.activeDeadlineSeconds) || self.activeDeadlineSeconds == oldSelf.activeDeadlineSeconds)")
     .message("the spec is immutable once the run exists, except cancel (false to true) and ttlSecondsAfterFinished").reason(Reason::FieldValueForbidden))]
 #[serde(rename_all = "camelCase")]
 pub struct WorkflowRunSpec {
@@ -45,12 +47,19 @@ pub struct WorkflowRunSpec {
 
     /// The pod each attempt runs: a full PodTemplateSpec, so every pod feature stays available. flowtel adds the
     /// OpenTelemetry environment to every container. `restartPolicy` must be `Never` (or unset, which flowtel
-    /// sets to `Never`) so that every attempt's exit code stays visible.
+    /// sets to `Never`) so that every attempt's exit code stays visible. Exactly one of `template` and `pool`.
     // Shared (`Arc`): the operator's cache points every finished run at one empty template (inline, even an empty
     // template is 1.8 KiB per run).
     #[x_kube(validation = Rule::new("!has(self.spec.restartPolicy) || self.spec.restartPolicy == 'Never'")
         .message("must be Never: flowtel owns retries").field_path(".spec.restartPolicy").reason(Reason::FieldValueInvalid))]
+    #[serde(default, skip_serializing_if = "is_unset")]
     pub template: Arc<PodTemplateSpec>,
+
+    /// Run each attempt on a warm worker of a WorkerPool (in this namespace) instead of a Job of its own: a fresh
+    /// process of the pool's command, with the environment a Job would have had. Exactly one of `template` and
+    /// `pool`. See docs/pooled-execution.md for what a pool's runs share.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<PoolRun>,
 
     /// The TelemetryStack (in this namespace) whose OTLP endpoint the workload and the run's telemetry use.
     /// When unset, the operator's default endpoint applies.
@@ -77,6 +86,38 @@ pub struct WorkflowRunSpec {
     /// It can only change from false to true.
     #[serde(default)]
     pub cancel: bool,
+}
+
+/// A template that was not given (a pooled run's): serialized as absent, so the CRD's rules see it absent.
+fn is_unset(template: &Arc<PodTemplateSpec>) -> bool {
+    **template == PodTemplateSpec::default()
+}
+
+/// What a pooled run asks of its WorkerPool: the pool, and what it adds to the pool's command.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolRun {
+    /// Name of the WorkerPool, in the run's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Arguments appended to the pool's command; only when the pool sets `allowArgs`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(max = 4096)))]
+    pub args: Vec<String>,
+    /// Environment variables for the run's process; only names the pool lists in `allowedEnv`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub env: Vec<PoolEnvVar>,
+}
+
+/// One environment variable of a pooled run: a plain value (a worker resolves no Secret or field references).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct PoolEnvVar {
+    #[schemars(length(min = 1, max = 256))]
+    pub name: String,
+    #[serde(default)]
+    #[schemars(length(max = 32768))]
+    pub value: String,
 }
 
 /// A reference to a TelemetryStack in the run's namespace.

@@ -1,6 +1,6 @@
 //! The CRD manifests, generated from the API types in `flowtel-crds`.
 
-use flowtel_crds::{TelemetryStack, WorkflowRun};
+use flowtel_crds::{TelemetryStack, WorkerPool, WorkflowRun};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
@@ -16,6 +16,7 @@ pub fn all() -> Vec<(&'static str, CustomResourceDefinition)> {
     vec![
         ("flowtel.dev_workflowruns.yaml", WorkflowRun::crd()),
         ("flowtel.dev_telemetrystacks.yaml", TelemetryStack::crd()),
+        ("flowtel.dev_workerpools.yaml", WorkerPool::crd()),
     ]
 }
 

@@ -2,6 +2,7 @@
 
 pub mod cli;
 pub mod crdgen;
+pub mod pool;
 pub mod runtime;
 pub mod telemetry;
 pub mod telemetry_stack;

@@ -46,6 +46,27 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// The worker agent of a WorkerPool's pod (the pool controller puts it in front of the pool's command): asks the
+    /// leader for pooled runs' attempts and runs each as a fresh process of COMMAND.
+    Worker {
+        /// The leader's dispatch endpoint.
+        #[arg(long, env = "FLOWTEL_DISPATCH_URL")]
+        dispatch_url: String,
+        /// `<namespace>/<pool>`.
+        #[arg(long, env = "FLOWTEL_POOL")]
+        pool: String,
+        /// This worker's pod name (the downward API's metadata.name).
+        #[arg(long, env = "POD_NAME")]
+        pod_name: String,
+        #[arg(long, env = "NODE_NAME", default_value = "")]
+        node_name: String,
+        /// The pool's command and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Copies this binary to PATH (the init container of a WorkerPool's pods puts the agent in the workers this way:
+    /// the flowtel image has no shell).
+    InstallAgent { path: std::path::PathBuf },
     /// GET a URL over HTTP and exit 0 on a 2xx answer, else 1 (the chart's `helm test`: the image has no shell).
     Probe {
         /// e.g. http://flowtel-probe:8080/readyz
@@ -111,6 +132,22 @@ struct RunArgs {
     normal_events: bool,
     #[command(flatten)]
     election: ElectionArgs,
+    #[command(flatten)]
+    pools: PoolArgs,
+}
+
+/// Pooled execution (WorkerPools): off until a dispatch address is given.
+#[derive(clap::Args)]
+struct PoolArgs {
+    /// Where the leader serves its workers (e.g. 0.0.0.0:8090). Without it, pooled runs fail with PoolingDisabled.
+    #[arg(long, env = "FLOWTEL_DISPATCH_ADDR")]
+    dispatch_addr: Option<SocketAddr>,
+    /// The URL workers reach the dispatch address at (the chart's dispatch Service). Default: http://<dispatch-addr>.
+    #[arg(long, env = "FLOWTEL_DISPATCH_URL")]
+    dispatch_url: Option<String>,
+    /// The image a worker's init container copies the agent from (the operator's own image).
+    #[arg(long, env = "FLOWTEL_AGENT_IMAGE", default_value = concat!("ghcr.io/flowtel/flowtel:", env!("CARGO_PKG_VERSION")))]
+    agent_image: String,
 }
 
 /// With more than one replica, one leader reconciles and exports; the others are ready but idle.
@@ -182,6 +219,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut registry = Registry::default();
     let readiness = Readiness::default();
     let (notify_tx, notify_rx) = tokio::sync::mpsc::unbounded_channel();
+    let pool_wake_tx = notify_tx.clone();
     // Always started: a run's report goes to its TelemetryStack's collector, or to --otlp-endpoint. Without that
     // endpoint a run naming no stack says so once (NoOtlpEndpoint) and holds no finalizer; runs are never held up
     // by telemetry.
@@ -199,6 +237,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         readiness.gate("export-worker", true),
     )?;
     let metrics = ControllerMetrics::register(&mut registry);
+    let dispatch_metrics = flowtel::pool::dispatch::DispatchMetrics::register(&mut registry);
     let leading = prometheus_client::metrics::gauge::Gauge::<i64>::default();
     registry.register(
         "flowtel_leader",
@@ -245,6 +284,46 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     leading.set(1);
     let runs_synced = readiness.gate("workflowrun-watches-synced", false);
+    // Pooled execution: the dispatcher lives with the leader (its queue is memory), and wakes runs through the same
+    // channel as the exporter. A new leader waits the lease duration before declaring unclaimed attempts lost.
+    let dispatcher = match args.pools.dispatch_addr {
+        None => None,
+        Some(addr) => {
+            let dispatcher = flowtel::pool::dispatch::Dispatcher::new(
+                pool_wake_tx,
+                args.election.leader_elect_lease_duration,
+                dispatch_metrics,
+            );
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the dispatch address {addr}"))?;
+            let local = listener.local_addr()?;
+            tracing::info!(dispatch = %local, "serving workers");
+            let serving = dispatcher.clone();
+            tokio::spawn(async move {
+                if let Err(e) = flowtel::pool::dispatch::serve(serving, listener, shutdown_signal()).await {
+                    tracing::error!(error = %e, "dispatch server stopped");
+                }
+            });
+            let settings = flowtel::pool::controller::PoolSettings {
+                agent_image: args.pools.agent_image.clone(),
+                dispatch_url: args.pools.dispatch_url.clone().unwrap_or_else(|| format!("http://{local}")),
+            };
+            if args.shard.runs_cluster_wide_work() {
+                let (load_tx, load_rx) = tokio::sync::mpsc::unbounded_channel();
+                dispatcher.wake_pools(load_tx);
+                tokio::spawn(flowtel::pool::controller::run(
+                    client.clone(),
+                    args.namespace.clone(),
+                    dispatcher.clone(),
+                    settings,
+                    load_rx,
+                ));
+            }
+            Some(dispatcher)
+        }
+    };
+
     let rates = RunRates::default();
     let stacks = args.shard.runs_cluster_wide_work().then(|| {
         let sync = SyncTracker::new(telemetry_stack::WATCHES, readiness.gate("telemetrystack-watches-synced", false));
@@ -270,6 +349,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             concurrency: args.concurrency,
             write_economy: args.write_economy,
             normal_events: args.normal_events,
+            dispatcher,
         },
         metrics,
         runs_synced,
@@ -346,6 +426,20 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Run(args) => run(*args).await?,
         Command::Render { file, check } => render(&file, check)?,
+        Command::Worker { dispatch_url, pool, pod_name, node_name, command } => {
+            tracing_subscriber::fmt()
+                .json()
+                .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+                .init();
+            let namespace = pool.split_once('/').map(|(ns, _)| ns.to_string()).unwrap_or_default();
+            let config =
+                flowtel::pool::agent::AgentConfig { dispatch_url, pool, pod_name, node_name, namespace, command };
+            flowtel::pool::agent::run(config, shutdown_signal()).await?;
+        }
+        Command::InstallAgent { path } => {
+            let me = std::env::current_exe().context("finding this binary")?;
+            std::fs::copy(&me, &path).with_context(|| format!("copying {} to {}", me.display(), path.display()))?;
+        }
         Command::Probe { url, timeout_seconds } => probe(&url, std::time::Duration::from_secs(timeout_seconds)).await?,
     }
     Ok(())

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use flowtel_crds::{TelemetryStack, WorkflowRun};
+use flowtel_crds::{TelemetryStack, WorkerPool, WorkflowRun};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
@@ -23,6 +23,9 @@ pub struct Context {
     pub jobs: Store<Job>,
     pub pods: Store<Pod>,
     pub stacks: Store<TelemetryStack>,
+    pub pools: Store<WorkerPool>,
+    /// Hands pooled runs' attempts to workers; None when this operator serves no dispatch endpoint.
+    pub dispatcher: Option<crate::pool::dispatch::Dispatcher>,
     /// Job and pod names by run.
     pub job_index: index::RunIndex,
     pub pod_index: index::RunIndex,
@@ -49,6 +52,16 @@ pub struct Context {
 const API_FRESH: Duration = Duration::from_millis(500);
 
 impl Context {
+    /// The planner's settings for `run`. A pooled attempt's start is always recorded before it is dispatched: the
+    /// dispatcher keeps no record a new leader could read, so status is what keeps an attempt from running twice.
+    pub fn settings_for(&self, run: &WorkflowRun) -> Settings {
+        let mut settings = self.settings.clone();
+        if run.spec.pool.is_some() {
+            settings.running_status_delay = jiff::SignedDuration::ZERO;
+        }
+        settings
+    }
+
     /// The apiserver failed to answer (unreachable, 5xx, 429): the next report waits for a read from etcd.
     pub fn note_outage(&self) {
         *self.api_answered.lock().unwrap_or_else(|e| e.into_inner()) = None;

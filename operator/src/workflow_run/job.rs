@@ -65,9 +65,9 @@ pub fn labels(run: &WorkflowRun, attempt: i32) -> BTreeMap<String, String> {
     labels
 }
 
-/// `service.version`: the template's `app.kubernetes.io/version` label, else the first container's image tag.
-fn service_version(run: &WorkflowRun) -> String {
-    let template = &run.spec.template;
+/// `service.version`: the template's `app.kubernetes.io/version` label, else the first container's image tag (a
+/// pooled run's: its pool's template).
+pub fn service_version(template: &k8s_openapi::api::core::v1::PodTemplateSpec) -> String {
     if let Some(v) = template.metadata.as_ref().and_then(|m| m.labels.as_ref()?.get("app.kubernetes.io/version")) {
         return v.clone();
     }
@@ -80,6 +80,28 @@ fn service_version(run: &WorkflowRun) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// What attempt `attempt`'s environment is made of (`env.rs` turns it into variables), for a Job or a pooled run.
+pub fn injection(
+    run: &WorkflowRun,
+    attempt: i32,
+    target: &OtlpTarget,
+    service_version: String,
+) -> Result<Injection, BuildError> {
+    let uid = run.uid().ok_or(BuildError::MissingMetadata("uid"))?;
+    let namespace = run.namespace().ok_or(BuildError::MissingMetadata("namespace"))?;
+    Ok(Injection {
+        workflow_name: run.spec.workflow_name.clone(),
+        service_version,
+        traceparent: ids::traceparent(&uid, attempt),
+        run_uid: uid,
+        attempt,
+        namespace,
+        job_name: job_name(&run.name_any(), attempt),
+        otlp_endpoint: target.endpoint.clone(),
+        otlp_protocol: target.protocol.clone(),
+    })
+}
+
 /// The Job of attempt `attempt` (from 1), started at `started_at`. `deadline_seconds` is what remains of the run's
 /// deadline, so the Job controller stops the pod even when the operator is down.
 pub fn build_job(
@@ -89,23 +111,12 @@ pub fn build_job(
     target: &OtlpTarget,
     deadline_seconds: Option<i64>,
 ) -> Result<Job, BuildError> {
-    let uid = run.uid().ok_or(BuildError::MissingMetadata("uid"))?;
+    run.uid().ok_or(BuildError::MissingMetadata("uid"))?;
     let namespace = run.namespace().ok_or(BuildError::MissingMetadata("namespace"))?;
     let owner = run.controller_owner_ref(&()).ok_or(BuildError::MissingMetadata("name or uid"))?;
     let name = job_name(&run.name_any(), attempt);
     let labels = labels(run, attempt);
-
-    let injection = Injection {
-        workflow_name: run.spec.workflow_name.clone(),
-        service_version: service_version(run),
-        run_uid: uid.clone(),
-        attempt,
-        namespace: namespace.clone(),
-        job_name: name.clone(),
-        otlp_endpoint: target.endpoint.clone(),
-        otlp_protocol: target.protocol.clone(),
-        traceparent: ids::traceparent(&uid, attempt),
-    };
+    let injection = injection(run, attempt, target, service_version(&run.spec.template))?;
 
     let mut template = k8s_openapi::api::core::v1::PodTemplateSpec::clone(&run.spec.template);
     let meta = template.metadata.get_or_insert_with(Default::default);

@@ -160,6 +160,8 @@ fn scenario(
         jobs: job_store,
         pods: empty_store(),
         stacks: empty_store(),
+        pools: empty_store(),
+        dispatcher: None,
         job_index,
         pod_index: RunIndex::default(),
         telemetry,

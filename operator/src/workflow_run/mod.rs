@@ -15,6 +15,7 @@ pub mod metrics;
 #[cfg(test)]
 mod mocked;
 pub mod plan;
+pub mod pooled;
 pub mod reconcile;
 pub mod report;
 pub mod target;
@@ -22,7 +23,7 @@ pub mod target;
 use std::sync::Arc;
 
 use flowtel_crds::workflow_run::WorkflowRunStatus;
-use flowtel_crds::{TelemetryStack, WorkflowRun};
+use flowtel_crds::{TelemetryStack, WorkerPool, WorkflowRun};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
@@ -75,6 +76,8 @@ pub struct ControllerSettings {
     pub write_economy: bool,
     /// Normal Events too (attempt started or finished, run succeeded); Warnings (failures, retries, cancels) always.
     pub normal_events: bool,
+    /// The dispatcher of pooled runs, when this operator serves one (`--dispatch-addr`).
+    pub dispatcher: Option<crate::pool::dispatch::Dispatcher>,
 }
 
 /// Runs the controller until SIGTERM or SIGINT. `synced` opens when every watch has delivered its first list;
@@ -88,12 +91,12 @@ pub async fn run(
     synced: Gate,
     rates: RunRates,
 ) {
-    let sync = SyncTracker::new(4, synced);
+    let sync = SyncTracker::new(5, synced);
     let economy = economy::Economy::new(config.write_economy);
     // The runs' watch starts once the Jobs, pods and stacks are cached: a run reconciled before would find no Job
     // and create one again (a conflict on every run after each restart or takeover).
     let children_synced = Gate::standalone("workflowrun-children-synced");
-    let children = SyncTracker::new(3, children_synced.clone());
+    let children = SyncTracker::new(4, children_synced.clone());
     let job_index = index::RunIndex::default();
     let pod_index = index::RunIndex::default();
     // Job status carries no exit codes or disruption conditions, the pods do: both are watched, trimmed, indexed;
@@ -131,6 +134,17 @@ pub async fn run(
         .inspect(children.watch("telemetrystacks"))
         .touched_objects();
 
+    // Pooled runs read their pool (its command, what it allows) from this cache; a pool's change wakes no run.
+    let (pools, pools_writer) = reflector::store();
+    let pool_stream = watcher(api::<Slim<WorkerPool>>(&client, &config.scope), watcher::Config::default())
+        .default_backoff()
+        .map_ok(slim::unwrap_event)
+        .reflect(pools_writer)
+        .inspect(sync.watch("workerpools"))
+        .inspect(children.watch("workerpools"))
+        .for_each(|_| futures::future::ready(()));
+    tokio::spawn(pool_stream);
+
     // The runs' own reflector, so readiness can wait on it like on the others; managedFields are never read.
     let (runs_store, runs_writer) = reflector::store();
     let runs_api = api::<Slim<WorkflowRun>>(&client, &config.scope);
@@ -144,6 +158,8 @@ pub async fn run(
         jobs: jobs.clone(),
         pods: pods.clone(),
         stacks: stacks.clone(),
+        pools,
+        dispatcher: config.dispatcher,
         job_index,
         pod_index,
         telemetry,
@@ -228,6 +244,7 @@ impl Skips for Pod {
     const SKIPPED: &'static [&'static str] = &["spec"];
 }
 impl Skips for WorkflowRun {}
+impl Skips for WorkerPool {}
 
 /// What the cache keeps of a run: never managedFields (skipped while decoding) or kubectl's last-applied copy of the
 /// whole object; and once the run is settled (over, reported, status current), only what its TTL needs, since the

@@ -38,6 +38,10 @@ pub mod reason {
     pub const DISRUPTION_LIMIT_EXCEEDED: &str = "DisruptionLimitExceeded";
     pub const JOB_NAME_CONFLICT: &str = "JobNameConflict";
     pub const JOB_REJECTED: &str = "JobRejected";
+    /// A pooled run's pool does not exist, refuses what the run asks, or no dispatcher runs: nothing was executed.
+    pub const POOL_NOT_FOUND: &str = "PoolNotFound";
+    pub const NOT_ALLOWED_BY_POOL: &str = "NotAllowedByPool";
+    pub const POOLING_DISABLED: &str = "PoolingDisabled";
     pub const TELEMETRY_DROPPED: &str = "TelemetryDropped";
     pub const TELEMETRY_HEALTHY: &str = "TelemetryHealthy";
     pub const ATTEMPT_STARTED: &str = "AttemptStarted";

@@ -24,7 +24,7 @@ pub use super::finalizer::FINALIZER;
 use super::finalizer::{FinalizerStep, finalizer_step, patch_finalizers};
 use super::job::{self, OtlpTarget};
 use super::plan::{self, Action, Observation};
-use super::{children, events, target};
+use super::{children, events, pooled, target};
 use crate::runtime::slim::Slim;
 
 /// The field manager of everything flowtel writes.
@@ -150,13 +150,14 @@ async fn reconcile_body(
     }
     let read = read(run, ctx, &stored).await?;
     let mut obs = read.observation();
-    let mut plan = plan::plan(run, &obs, &ctx.settings);
+    let settings = ctx.settings_for(run);
+    let mut plan = plan::plan(run, &obs, &settings);
     plan.status.telemetry = Some(read.reports.report.clone());
     let ended = export::export_the_end_first(run, ctx, &stored, &plan.status);
     if let Some(ended) = ended.await.map_err(ReconcileError::AwaitApiserver)? {
         // Planned again with the export's verdict, so TelemetryDegraded is right in the one terminal write.
         obs.telemetry_degraded = ended.degraded.or(read.target_degraded.clone());
-        plan = plan::plan(run, &obs, &ctx.settings);
+        plan = plan::plan(run, &obs, &settings);
         plan.status.telemetry = Some(ended.report);
     }
     let (plan, status_written) = act_and_record(run, ctx, plan, &stored, &read.target, obs.now, written).await?;
@@ -170,7 +171,7 @@ async fn reconcile_body(
     let Some(latest) = written.last() else { return Ok(Next::after(requeue)) };
     // The echo of the last write would cost a reconcile; this one answers for it when it can.
     let replay = || replay(latest, ctx, &obs, read.target_degraded.clone());
-    Ok(match ctx.economy.quiet_after(latest, &ctx.settings, replay) {
+    Ok(match ctx.economy.quiet_after(latest, &settings, replay) {
         Some(after) => Next::after(after),
         None => Next { requeue, look_at_last: true },
     })
@@ -233,15 +234,20 @@ impl Read {
 
 /// The read step: caches only, but for the apiserver-freshness gate before a report and a stuck attempt's Events.
 async fn read(run: &WorkflowRun, ctx: &Context, stored: &WorkflowRunStatus) -> Result<Read, ReconcileError> {
-    let (jobs, pods) = children::read_children(run, ctx);
+    // A pooled run's attempts are the dispatcher's; its Jobs and pods are what they stand for (`pooled.rs`).
+    let pooled = run.spec.pool.is_some();
+    let (jobs, pods) = if pooled { pooled::observe(run, ctx) } else { children::read_children(run, ctx) };
     let (target, target_degraded) = target::telemetry_target(run, ctx);
     let reports_exported = target::reports_exported(run, ctx);
     if reports_exported && export::asks_for_a_report(stored) {
         ctx.await_apiserver(run).await.map_err(ReconcileError::AwaitApiserver)?;
     }
     let reports = export::report_and_await(run, ctx, stored).await;
-    let pod_creation_failure =
-        children::pod_creation_failure(run, ctx, stored, &jobs, &pods).await.map_err(ReconcileError::ReadPodFailure)?;
+    let pod_creation_failure = if pooled {
+        None
+    } else {
+        children::pod_creation_failure(run, ctx, stored, &jobs, &pods).await.map_err(ReconcileError::ReadPodFailure)?
+    };
     Ok(Read { jobs, pods, target, target_degraded, reports, reports_exported, pod_creation_failure })
 }
 
@@ -302,7 +308,7 @@ fn replay(
     }
     let reports = export::report_telemetry(written, ctx, &stored);
     let obs = Observation { telemetry_degraded: reports.degraded.or(target_degraded), ..obs.clone() };
-    let mut plan = plan::plan(written, &obs, &ctx.settings);
+    let mut plan = plan::plan(written, &obs, &ctx.settings_for(written));
     plan.status.telemetry = Some(reports.report);
     Replay::Planned(Box::new(Replayed { plan, stored, retry_after: reports.retry_after }))
 }
@@ -334,6 +340,12 @@ async fn act(
                 && let Some(stack) = &run.spec.telemetry_stack_ref
             {
                 ctx.rates.record(&ns, &stack.name, Instant::now());
+            }
+            if run.spec.pool.is_some() {
+                return Ok(match pooled::dispatch(run, ctx, *attempt, target, *deadline_seconds)? {
+                    Ok(()) => ActOutcome::Done,
+                    Err((reason, message)) => ActOutcome::JobRefused { reason, message },
+                });
             }
             let desired = job::build_job(run, *attempt, *started_at, target, Some(*deadline_seconds))?;
             let job_name = desired.name_any();
@@ -374,6 +386,7 @@ async fn act(
                 Err(e) => return Err(ReconcileError::CreateJob(e)),
             }
         }
+        Action::DeleteJob { name } if run.spec.pool.is_some() => pooled::stop(run, ctx, name),
         Action::DeleteJob { name } => {
             let dp = DeleteParams { propagation_policy: Some(PropagationPolicy::Background), ..Default::default() };
             match jobs_api.delete(name, &dp).await {
@@ -404,7 +417,7 @@ async fn write_status(
     planned: &WorkflowRunStatus,
     stored: &WorkflowRunStatus,
 ) -> Result<Option<Arc<WorkflowRun>>, ReconcileError> {
-    if !ctx.economy.worth_writing(run, planned, stored, &ctx.settings, jiff::Timestamp::now()) {
+    if !ctx.economy.worth_writing(run, planned, stored, &ctx.settings_for(run), jiff::Timestamp::now()) {
         return Ok(None);
     }
     put_status(run, ctx, planned, stored).await.map(Some)

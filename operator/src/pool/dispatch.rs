@@ -1,0 +1,573 @@
+//! The leader's dispatcher: the queue of pooled attempts, the workers that poll for them, and what each attempt came
+//! to. Memory only: the attempt is recorded in the run's status before it is dispatched (`workflow_run::pooled`),
+//! and a worker is the truth of what it runs, so a new leader rebuilds this from the workers' reports.
+//!
+//! The rules that keep a run from executing twice at once or getting lost:
+//! - an attempt's key (`<namespace>/<job name>`) is fixed by its number; dispatching a known key does nothing;
+//! - a worker that has not been heard from for `WORKER_LOST` has its attempt ended as a disruption (the run retries
+//!   on another worker, outside its retry budget); the agent itself kills its process after `fence` without an
+//!   answer, which is shorter than `WORKER_LOST` plus its heartbeat;
+//! - a new leader (this dispatcher younger than `fence`) does not dispatch an attempt recorded before it started:
+//!   it waits for a worker to claim it, and declares it lost only after `fence`, when any worker that could not
+//!   reach it has killed it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use flowtel_crds::{WorkerPool, WorkflowRun};
+use kube::runtime::reflector::ObjectRef;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tokio::sync::{mpsc, oneshot};
+
+use super::protocol::{Answer, Assignment, Ended, Poll, RunName};
+
+/// A worker not heard from for this long has lost its attempt (its pod was killed, evicted or cut off).
+pub const WORKER_LOST: Duration = Duration::from_secs(15);
+/// Ended attempts are remembered this long: a reconcile on a copy of the run older than the status write that
+/// recorded the end must not dispatch the attempt again.
+const ENDED_KEPT: Duration = Duration::from_secs(600);
+
+/// `<namespace>/<pool name>`.
+pub type PoolKey = String;
+
+/// Where an attempt stands, as the run controller reads it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AttemptState {
+    /// Waiting for a worker.
+    Queued,
+    /// Recorded before this leader started and not claimed by a worker yet.
+    Unclaimed,
+    Running { worker: String, node: String },
+    Ended(Ending),
+}
+
+/// How an attempt ended.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ending {
+    pub exit_code: Option<i32>,
+    pub reason: String,
+    /// The worker's pod went away or lost the leader: not the workload's fault.
+    pub disrupted: bool,
+    pub worker: Option<String>,
+    pub finished_at: jiff::Timestamp,
+}
+
+struct Attempt {
+    run: RunName,
+    pool: PoolKey,
+    assignment: Option<Assignment>,
+    state: AttemptState,
+    queued_at: Instant,
+    /// When a claim is awaited (Unclaimed) until, or when it ended (Ended).
+    since: Instant,
+}
+
+#[derive(Default)]
+struct Worker {
+    pool: PoolKey,
+    node: String,
+    last_seen: Option<Instant>,
+    running: Option<String>,
+    kill: Option<String>,
+    parked: Option<oneshot::Sender<Answer>>,
+}
+
+#[derive(Default)]
+struct State {
+    attempts: HashMap<String, Attempt>,
+    queues: HashMap<PoolKey, VecDeque<String>>,
+    workers: HashMap<(PoolKey, String), Worker>,
+}
+
+/// The dispatcher's metrics on the operator's `/metrics`.
+#[derive(Clone)]
+pub struct DispatchMetrics {
+    pub queue_depth: Family<Vec<(String, String)>, Gauge>,
+    pub busy_workers: Family<Vec<(String, String)>, Gauge>,
+    pub wait_seconds: Histogram,
+}
+
+impl DispatchMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            queue_depth: Family::default(),
+            busy_workers: Family::default(),
+            wait_seconds: Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
+        };
+        registry.register("flowtel_pool_queue_depth", "Pooled attempts waiting for a worker", metrics.queue_depth.clone());
+        registry.register("flowtel_pool_busy_workers", "Workers running an attempt", metrics.busy_workers.clone());
+        registry.register(
+            "flowtel_pool_wait_seconds",
+            "Time from an attempt's dispatch to a worker starting it",
+            metrics.wait_seconds.clone(),
+        );
+        metrics
+    }
+}
+
+/// The leader's dispatcher; cheap to clone.
+#[derive(Clone)]
+pub struct Dispatcher {
+    state: Arc<Mutex<State>>,
+    notify: mpsc::UnboundedSender<ObjectRef<WorkflowRun>>,
+    started: Instant,
+    fence: Duration,
+    metrics: DispatchMetrics,
+    /// Wakes a pool whose queue grew (the pool controller sizes it from `load`).
+    pool_wakes: Arc<Mutex<Option<mpsc::UnboundedSender<ObjectRef<WorkerPool>>>>>,
+}
+
+impl Dispatcher {
+    /// `notify` wakes a run whose attempt changed; `fence` is how long an agent keeps running without the leader.
+    pub fn new(
+        notify: mpsc::UnboundedSender<ObjectRef<WorkflowRun>>,
+        fence: Duration,
+        metrics: DispatchMetrics,
+    ) -> Self {
+        Self { state: Arc::default(), notify, started: Instant::now(), fence, metrics, pool_wakes: Arc::default() }
+    }
+
+    /// Where to say that a pool's queue grew.
+    pub fn wake_pools(&self, pools: mpsc::UnboundedSender<ObjectRef<WorkerPool>>) {
+        *self.pool_wakes.lock().unwrap_or_else(|e| e.into_inner()) = Some(pools);
+    }
+
+    pub fn fence(&self) -> Duration {
+        self.fence
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wake(&self, run: &RunName) {
+        _ = self.notify.send(ObjectRef::new(&run.name).within(&run.namespace));
+    }
+
+    /// Where the attempt `key` stands, if this dispatcher knows it.
+    pub fn state(&self, key: &str) -> Option<AttemptState> {
+        self.lock().attempts.get(key).map(|a| a.state.clone())
+    }
+
+    /// Queued and running attempts of `pool`: what its size follows.
+    pub fn load(&self, pool: &str) -> usize {
+        let state = self.lock();
+        let queued = state.queues.get(pool).map_or(0, VecDeque::len);
+        let busy = state.workers.values().filter(|w| w.pool == pool && w.running.is_some()).count();
+        queued + busy
+    }
+
+    /// Hands the attempt to a worker of `pool`, or queues it. `recorded_before` is when the run's status recorded
+    /// the attempt: one recorded before this dispatcher started may still run on a worker of the previous leader,
+    /// so it is claimed or declared lost, never dispatched again.
+    pub fn dispatch(&self, pool: &str, assignment: Assignment, recorded_before: Option<jiff::Timestamp>) {
+        let mut state = self.lock();
+        if state.attempts.contains_key(&assignment.key) {
+            return;
+        }
+        let now = Instant::now();
+        let age = recorded_before.map(|t| jiff::Timestamp::now().duration_since(t));
+        let older_than_us = age.is_some_and(|a| a.unsigned_abs() > self.started.elapsed());
+        let key = assignment.key.clone();
+        if older_than_us && self.started.elapsed() < self.fence {
+            let until = self.started + self.fence;
+            state.attempts.insert(
+                key,
+                Attempt {
+                    run: assignment.run.clone(),
+                    pool: pool.into(),
+                    assignment: None,
+                    state: AttemptState::Unclaimed,
+                    queued_at: now,
+                    since: until,
+                },
+            );
+            return;
+        }
+        if older_than_us {
+            // Recorded before this leader, and unclaimed past the fence: every worker has killed what it could not
+            // report, so this attempt is lost; the run retries with the next one.
+            let run = assignment.run.clone();
+            state.attempts.insert(key, lost(run, pool, now, None));
+            drop(state);
+            self.wake(&assignment.run);
+            return;
+        }
+        let run = assignment.run.clone();
+        state.attempts.insert(
+            key.clone(),
+            Attempt {
+                run,
+                pool: pool.into(),
+                assignment: Some(assignment),
+                state: AttemptState::Queued,
+                queued_at: now,
+                since: now,
+            },
+        );
+        state.queues.entry(pool.into()).or_default().push_back(key);
+        self.hand_out(&mut state, pool);
+        self.measure(&state, pool);
+        let waiting = state.queues.get(pool).is_some_and(|q| !q.is_empty());
+        drop(state);
+        if waiting && let Some(wakes) = self.pool_wakes.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            let (namespace, name) = pool.split_once('/').unwrap_or(("", pool));
+            _ = wakes.send(ObjectRef::new(name).within(namespace));
+        }
+    }
+
+    /// Stops the attempt (cancel, deadline): dequeued, or its worker told to kill it. Forgotten either way: the run
+    /// recorded its end.
+    pub fn stop(&self, key: &str) {
+        let mut state = self.lock();
+        let Some(attempt) = state.attempts.remove(key) else { return };
+        if let Some(queue) = state.queues.get_mut(&attempt.pool) {
+            queue.retain(|k| k != key);
+        }
+        if let AttemptState::Running { worker, .. } = &attempt.state
+            && let Some(w) = state.workers.get_mut(&(attempt.pool.clone(), worker.clone()))
+        {
+            w.kill = Some(key.to_string());
+            if let Some(parked) = w.parked.take() {
+                _ = parked.send(Answer { kill: Some(key.to_string()), fence_seconds: self.fence.as_secs(), ..Default::default() });
+            }
+        }
+        self.measure(&state, &attempt.pool);
+    }
+
+    /// A worker's request: what it reports is recorded, and the answer is ready now or when there is one (the
+    /// receiver; the caller answers "nothing" after its hold).
+    pub fn poll(&self, poll: Poll) -> Result<Answer, oneshot::Receiver<Answer>> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        let id = (poll.pool.clone(), poll.worker.clone());
+        let mut woken = Vec::new();
+        for ended in &poll.ended {
+            if let Some(a) = state.attempts.get_mut(&ended.key)
+                && matches!(&a.state, AttemptState::Running { worker, .. } if *worker == poll.worker)
+            {
+                a.state = AttemptState::Ended(ending(ended, &poll.worker));
+                a.since = now;
+                woken.push(a.run.clone());
+            }
+        }
+        let mut kill = None;
+        let running = match &poll.running {
+            None => None,
+            Some(r) => match state.attempts.get_mut(&r.key) {
+                Some(a) => match &a.state {
+                    AttemptState::Running { worker, .. } if *worker == poll.worker => Some(r.key.clone()),
+                    AttemptState::Unclaimed => {
+                        a.state = AttemptState::Running { worker: poll.worker.clone(), node: poll.node.clone() };
+                        woken.push(a.run.clone());
+                        Some(r.key.clone())
+                    }
+                    _ => {
+                        kill = Some(r.key.clone());
+                        None
+                    }
+                },
+                // Unknown to this leader: adopted while it is young (the run's reconcile finds it), else stale.
+                None if self.started.elapsed() < self.fence => {
+                    state.attempts.insert(
+                        r.key.clone(),
+                        Attempt {
+                            run: r.run.clone(),
+                            pool: poll.pool.clone(),
+                            assignment: None,
+                            state: AttemptState::Running { worker: poll.worker.clone(), node: poll.node.clone() },
+                            queued_at: now,
+                            since: now,
+                        },
+                    );
+                    woken.push(r.run.clone());
+                    Some(r.key.clone())
+                }
+                None => {
+                    kill = Some(r.key.clone());
+                    None
+                }
+            },
+        };
+        let worker = state.workers.entry(id).or_default();
+        worker.pool.clone_from(&poll.pool);
+        worker.node.clone_from(&poll.node);
+        worker.last_seen = Some(now);
+        worker.running.clone_from(&running);
+        // An earlier request of this worker, still held, is answered "nothing": the new one replaces it.
+        worker.parked = None;
+        let kill = kill.or_else(|| worker.kill.take().filter(|k| running.as_ref() == Some(k)));
+        let fence_seconds = self.fence.as_secs();
+        let answer = if kill.is_some() {
+            Ok(Answer { kill, fence_seconds, ..Default::default() })
+        } else if running.is_none() {
+            match self.next_for(&mut state, &poll.pool, &poll.worker) {
+                Some(assign) => Ok(Answer { assign: Some(assign), fence_seconds, ..Default::default() }),
+                None => Err(()),
+            }
+        } else {
+            Ok(Answer { fence_seconds, ..Default::default() })
+        };
+        let answer = answer.or_else(|()| {
+            let (tx, rx) = oneshot::channel();
+            if let Some(w) = state.workers.get_mut(&(poll.pool.clone(), poll.worker.clone())) {
+                w.parked = Some(tx);
+            }
+            Err(rx)
+        });
+        self.measure(&state, &poll.pool);
+        drop(state);
+        for run in &woken {
+            self.wake(run);
+        }
+        answer
+    }
+
+    /// The next queued attempt of `pool`, given to `worker`.
+    fn next_for(&self, state: &mut State, pool: &str, worker: &str) -> Option<Assignment> {
+        let node = state.workers.get(&(pool.to_string(), worker.to_string())).map(|w| w.node.clone()).unwrap_or_default();
+        while let Some(key) = state.queues.get_mut(pool).and_then(VecDeque::pop_front) {
+            let Some(attempt) = state.attempts.get_mut(&key) else { continue };
+            let Some(assignment) = attempt.assignment.clone() else { continue };
+            attempt.state = AttemptState::Running { worker: worker.into(), node };
+            self.metrics.wait_seconds.observe(attempt.queued_at.elapsed().as_secs_f64());
+            if let Some(w) = state.workers.get_mut(&(pool.to_string(), worker.to_string())) {
+                w.running = Some(key);
+            }
+            return Some(assignment);
+        }
+        None
+    }
+
+    /// Gives queued attempts of `pool` to its idle workers whose requests are held.
+    fn hand_out(&self, state: &mut State, pool: &str) {
+        loop {
+            if state.queues.get(pool).is_none_or(VecDeque::is_empty) {
+                return;
+            }
+            let idle = state
+                .workers
+                .iter()
+                .find(|((p, _), w)| p == pool && w.running.is_none() && w.parked.as_ref().is_some_and(|t| !t.is_closed()))
+                .map(|((_, name), _)| name.clone());
+            let Some(name) = idle else { return };
+            let Some(assign) = self.next_for(state, pool, &name) else { return };
+            let parked = state.workers.get_mut(&(pool.to_string(), name)).and_then(|w| w.parked.take());
+            let answer = Answer { assign: Some(assign.clone()), fence_seconds: self.fence.as_secs(), ..Default::default() };
+            if let Some(Err(_)) = parked.map(|p| p.send(answer)) {
+                // The request went away as it was answered: the attempt goes back to the queue's front.
+                if let Some(a) = state.attempts.get_mut(&assign.key) {
+                    a.state = AttemptState::Queued;
+                }
+                state.queues.entry(pool.into()).or_default().push_front(assign.key);
+            }
+        }
+    }
+
+    /// Ends what lost its worker or its claim, forgets what ended long ago. Liveness is a heartbeat's absence, so
+    /// only a clock sees it: this runs every second.
+    pub fn sweep(&self) {
+        let mut state = self.lock();
+        let now = Instant::now();
+        let mut woken = Vec::new();
+        let lost_workers: Vec<(PoolKey, String)> = state
+            .workers
+            .iter()
+            .filter(|(_, w)| w.last_seen.is_none_or(|t| now.duration_since(t) > WORKER_LOST))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in lost_workers {
+            let Some(worker) = state.workers.remove(&id) else { continue };
+            let Some(key) = worker.running else { continue };
+            if let Some(a) = state.attempts.get_mut(&key)
+                && matches!(a.state, AttemptState::Running { .. })
+            {
+                *a = lost(a.run.clone(), &a.pool, now, Some(id.1.clone()));
+                woken.push(a.run.clone());
+            }
+        }
+        for a in state.attempts.values_mut() {
+            if a.state == AttemptState::Unclaimed && now >= a.since {
+                *a = lost(a.run.clone(), &a.pool, now, None);
+                woken.push(a.run.clone());
+            }
+        }
+        state.attempts.retain(|_, a| !matches!(a.state, AttemptState::Ended(_)) || now.duration_since(a.since) < ENDED_KEPT);
+        let pools: Vec<PoolKey> = state.queues.keys().cloned().collect();
+        for pool in pools {
+            self.measure(&state, &pool);
+        }
+        drop(state);
+        for run in &woken {
+            self.wake(run);
+        }
+    }
+
+    fn measure(&self, state: &State, pool: &str) {
+        let labels = pool_labels(pool);
+        let queued = state.queues.get(pool).map_or(0, VecDeque::len);
+        let busy = state.workers.values().filter(|w| w.pool == pool && w.running.is_some()).count();
+        self.metrics.queue_depth.get_or_create(&labels).set(i64::try_from(queued).unwrap_or(i64::MAX));
+        self.metrics.busy_workers.get_or_create(&labels).set(i64::try_from(busy).unwrap_or(i64::MAX));
+    }
+}
+
+fn pool_labels(pool: &str) -> Vec<(String, String)> {
+    let (namespace, name) = pool.split_once('/').unwrap_or(("", pool));
+    vec![("namespace".into(), namespace.into()), ("pool".into(), name.into())]
+}
+
+fn lost(run: RunName, pool: &str, now: Instant, worker: Option<String>) -> Attempt {
+    Attempt {
+        run,
+        pool: pool.into(),
+        assignment: None,
+        state: AttemptState::Ended(Ending {
+            exit_code: None,
+            reason: "WorkerLost".into(),
+            disrupted: true,
+            worker,
+            finished_at: jiff::Timestamp::now(),
+        }),
+        queued_at: now,
+        since: now,
+    }
+}
+
+fn ending(ended: &Ended, worker: &str) -> Ending {
+    Ending {
+        exit_code: Some(ended.exit_code),
+        // A process the agent killed because it lost the leader is a disruption, as a pod lost with its node is.
+        disrupted: matches!(ended.reason.as_str(), "Fenced" | "WorkerStopping"),
+        reason: ended.reason.clone(),
+        worker: Some(worker.into()),
+        finished_at: ended.finished_at.parse().unwrap_or_else(|_| jiff::Timestamp::now()),
+    }
+}
+
+/// Serves the dispatch endpoint until `shutdown`; sweeps every second.
+pub async fn serve(
+    dispatcher: Dispatcher,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::routing::post;
+    let sweeper = dispatcher.clone();
+    let sweep = tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            every.tick().await;
+            sweeper.sweep();
+        }
+    });
+    let app = axum::Router::new().route(super::protocol::POLL_PATH, post(handle)).with_state(dispatcher);
+    let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+    sweep.abort();
+    served
+}
+
+async fn handle(
+    axum::extract::State(dispatcher): axum::extract::State<Dispatcher>,
+    body: axum::body::Bytes,
+) -> axum::response::Response {
+    use axum::http::{StatusCode, header};
+    use axum::response::IntoResponse;
+    let poll: Poll = match serde_json::from_slice(&body) {
+        Ok(poll) => poll,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("not a poll: {e}")).into_response(),
+    };
+    let hold = if poll.running.is_some() { Duration::ZERO } else { super::protocol::IDLE_HOLD };
+    let fence_seconds = dispatcher.fence().as_secs();
+    let answer = match dispatcher.poll(poll) {
+        Ok(answer) => answer,
+        Err(parked) => match tokio::time::timeout(hold, parked).await {
+            Ok(Ok(answer)) => answer,
+            _ => Answer { fence_seconds, ..Default::default() },
+        },
+    };
+    match serde_json::to_vec(&answer) {
+        Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dispatcher() -> (Dispatcher, mpsc::UnboundedReceiver<ObjectRef<WorkflowRun>>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let metrics = DispatchMetrics::register(&mut Registry::default());
+        (Dispatcher::new(tx, Duration::from_secs(15), metrics), rx)
+    }
+
+    fn assignment(key: &str) -> Assignment {
+        Assignment {
+            key: format!("ns/{key}"),
+            run: RunName { namespace: "ns".into(), name: key.trim_end_matches("-1").into() },
+            argv: vec!["/bin/true".into()],
+            env: vec![],
+            deadline_seconds: 60,
+        }
+    }
+
+    fn poll(worker: &str) -> Poll {
+        Poll { pool: "ns/p".into(), worker: worker.into(), node: "n".into(), ..Default::default() }
+    }
+
+    #[test]
+    fn an_idle_worker_gets_the_queued_attempt_and_its_end_wakes_the_run() {
+        let (d, mut woken) = dispatcher();
+        d.dispatch("ns/p", assignment("a-1"), None);
+        assert_eq!(d.state("ns/a-1"), Some(AttemptState::Queued));
+        let answer = d.poll(poll("w1")).expect("an answer now");
+        assert_eq!(answer.assign.map(|a| a.key).as_deref(), Some("ns/a-1"));
+        assert_eq!(d.state("ns/a-1"), Some(AttemptState::Running { worker: "w1".into(), node: "n".into() }));
+        // Dispatching the same attempt again changes nothing.
+        d.dispatch("ns/p", assignment("a-1"), None);
+        assert_eq!(d.load("ns/p"), 1);
+        let ended = Ended { key: "ns/a-1".into(), exit_code: 3, reason: "Error".into(), finished_at: "2026-12-07T10:00:00Z".into() };
+        let next = d.poll(Poll { ended: vec![ended], ..poll("w1") });
+        assert!(next.is_err(), "nothing queued: the request is held");
+        assert!(matches!(d.state("ns/a-1"), Some(AttemptState::Ended(Ending { exit_code: Some(3), disrupted: false, .. }))));
+        assert_eq!(woken.try_recv().map(|r| r.name).ok().as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn a_held_request_is_answered_by_the_next_dispatch() {
+        let (d, _woken) = dispatcher();
+        let Err(mut held) = d.poll(poll("w1")) else { panic!("held") };
+        d.dispatch("ns/p", assignment("b-1"), None);
+        let answer = held.try_recv().expect("answered");
+        assert_eq!(answer.assign.map(|a| a.key).as_deref(), Some("ns/b-1"));
+    }
+
+    #[test]
+    fn a_stopped_running_attempt_is_killed_on_the_workers_next_request() {
+        let (d, _woken) = dispatcher();
+        d.dispatch("ns/p", assignment("c-1"), None);
+        let _ = d.poll(poll("w1"));
+        d.stop("ns/c-1");
+        let running = Some(super::super::protocol::Running { key: "ns/c-1".into(), run: assignment("c-1").run });
+        let answer = d.poll(Poll { running, ..poll("w1") }).expect("at once");
+        assert_eq!(answer.kill.as_deref(), Some("ns/c-1"));
+        assert_eq!(d.state("ns/c-1"), None);
+    }
+
+    #[test]
+    fn an_attempt_recorded_before_a_new_leader_waits_for_its_claim_and_is_adopted() {
+        let (d, _woken) = dispatcher();
+        let before = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(30);
+        d.dispatch("ns/p", assignment("d-1"), Some(before));
+        assert_eq!(d.state("ns/d-1"), Some(AttemptState::Unclaimed));
+        assert_eq!(d.load("ns/p"), 0, "never queued");
+        let running = Some(super::super::protocol::Running { key: "ns/d-1".into(), run: assignment("d-1").run });
+        let answer = d.poll(Poll { running, ..poll("w9") }).expect("at once");
+        assert_eq!(answer.kill, None);
+        assert_eq!(d.state("ns/d-1"), Some(AttemptState::Running { worker: "w9".into(), node: "n".into() }));
+    }
+}

@@ -1,0 +1,93 @@
+//! The dispatch protocol between the leader and the worker agents: JSON over one long-polled HTTP request at a time.
+//! A worker says what it runs or has just ended; the leader answers, at once or when it has something, with an
+//! attempt to run or one to kill. An idle worker's request is held (`IDLE_HOLD`); a busy one's comes back every
+//! `HEARTBEAT`, which is how the leader sees a worker die.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::EnvVar;
+use serde::{Deserialize, Serialize};
+
+/// The path of the one endpoint.
+pub const POLL_PATH: &str = "/v1/poll";
+/// How long the leader holds an idle worker's request before answering "nothing".
+pub const IDLE_HOLD: Duration = Duration::from_secs(20);
+/// How often a busy worker reports that it is still running its attempt.
+pub const HEARTBEAT: Duration = Duration::from_secs(3);
+
+/// One attempt handed to a worker.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Assignment {
+    /// `<namespace>/<job name>`: the attempt, unique, and the same under any leader.
+    pub key: String,
+    /// The run's namespace and name (a new leader adopts a running attempt by it).
+    pub run: RunName,
+    /// The program and its arguments.
+    pub argv: Vec<String>,
+    /// The process's environment, as a Job's container would have it: plain values, and field references to the
+    /// worker pod's name and node, which the agent resolves.
+    pub env: Vec<EnvVar>,
+    /// What remains of the run's deadline: the agent kills the process past it even when the leader is away.
+    pub deadline_seconds: i64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RunName {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// A worker's request.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Poll {
+    /// `<namespace>/<pool>`.
+    pub pool: String,
+    /// The worker pod's name.
+    pub worker: String,
+    #[serde(default)]
+    pub node: String,
+    /// The attempt running now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running: Option<Running>,
+    /// Attempts that ended since the last answered request, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ended: Vec<Ended>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Running {
+    pub key: String,
+    pub run: RunName,
+}
+
+/// How a process ended.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Ended {
+    pub key: String,
+    /// The exit code; a process ended by a signal reports 128 + the signal, as a container does.
+    pub exit_code: i32,
+    /// Why, in a container's words: Completed, Error, DeadlineExceeded (the agent killed it at the deadline),
+    /// Fenced (the agent lost the leader and killed it), Killed (the leader asked), StartFailed.
+    pub reason: String,
+    /// RFC 3339, when the process ended.
+    pub finished_at: String,
+}
+
+/// The leader's answer.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Answer {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assign: Option<Assignment>,
+    /// Kill this attempt's process (the run was cancelled, passed its deadline, or the attempt is no longer the
+    /// leader's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kill: Option<String>,
+    /// How long the agent may go without an answer before it kills what it runs (self-fencing): a new leader
+    /// waits this long before it declares unclaimed attempts lost.
+    pub fence_seconds: u64,
+}
