@@ -65,7 +65,7 @@ pub async fn install_crds(client: &Client) -> Result<(), HarnessError> {
             let crds_dir = repo_root().join("crds");
             run(kubectl().args(["apply", "--server-side", "--force-conflicts", "-f"]).arg(&crds_dir))?;
             let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-            for name in ["workflowruns.flowtel.dev", "telemetrystacks.flowtel.dev"] {
+            for name in ["workflowruns.flowtel.dev", "telemetrystacks.flowtel.dev", "workerpools.flowtel.dev"] {
                 let established = await_condition(api.clone(), name, conditions::is_crd_established());
                 tokio::time::timeout(Duration::from_secs(30), established)
                     .await

@@ -43,6 +43,7 @@ impl RunBuilder {
             retry: RetryPolicy::default(),
             active_deadline_seconds: None,
             ttl_seconds_after_finished: None,
+            pool: None,
             cancel: false,
         };
         Self { name: name.into(), spec, template }

@@ -429,7 +429,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Worker { dispatch_url, pool, pod_name, node_name, command } => {
             tracing_subscriber::fmt()
                 .json()
-                .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+                )
                 .init();
             let namespace = pool.split_once('/').map(|(ns, _)| ns.to_string()).unwrap_or_default();
             let config =

@@ -85,8 +85,8 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     if config.command.is_empty() {
         return Err(AgentError::NoCommand);
     }
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<Full<Bytes>>();
+    let client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<Bytes>>();
     let mut current: Option<Current> = None;
     let mut ended: Vec<Ended> = Vec::new();
     let mut fence = Duration::from_secs(15);
@@ -98,9 +98,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
             pool: config.pool.clone(),
             worker: config.pod_name.clone(),
             node: config.node_name.clone(),
-            running: current
-                .as_ref()
-                .map(|c| Running { key: c.assignment.key.clone(), run: c.assignment.run.clone() }),
+            running: current.as_ref().map(|c| Running { key: c.assignment.key.clone(), run: c.assignment.run.clone() }),
             ended: ended.clone(),
         };
         let hold = if current.is_some() { Duration::from_secs(5) } else { IDLE_HOLD + Duration::from_secs(10) };

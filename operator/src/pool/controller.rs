@@ -224,7 +224,8 @@ async fn reconcile(pool: Arc<WorkerPool>, ctx: Arc<Context>) -> Result<Action, P
     let status = pool_status(&pool, replicas, ready, jiff::Timestamp::now());
     if pool.status.as_ref() != Some(&status) {
         let pools: Api<WorkerPool> = Api::namespaced(ctx.client.clone(), &namespace);
-        let patch = json!({"apiVersion": WorkerPool::api_version(&()), "kind": WorkerPool::kind(&()), "status": status});
+        let patch =
+            json!({"apiVersion": WorkerPool::api_version(&()), "kind": WorkerPool::kind(&()), "status": status});
         pools.patch_status(&pool.name_any(), &params, &Patch::Apply(&patch)).await.map_err(PoolError::WriteStatus)?;
     }
     // A pool above its floor looks again after the scale-down delay: its load may have dropped meanwhile.
@@ -269,7 +270,7 @@ mod tests {
     fn the_agent_goes_in_front_of_the_pools_command() {
         let settings = PoolSettings { agent_image: "flowtel:1".into(), dispatch_url: "http://d:8090".into() };
         let d = build_deployment(&pool(), &settings, 2);
-        let spec = d.spec.expect("spec");
+        let spec = d.spec;
         assert_eq!(spec.replicas, Some(2));
         let pod = spec.template.spec.expect("pod");
         let main = &pod.containers[0];

@@ -41,8 +41,13 @@ pub enum AttemptState {
     Queued,
     /// Recorded before this leader started and not claimed by a worker yet.
     Unclaimed,
-    Running { worker: String, node: String },
+    Running {
+        worker: String,
+        node: String,
+    },
     Ended(Ending),
+    /// Stopped by the run (cancel, deadline), which recorded the end itself; its process is killed if it runs.
+    Stopped,
 }
 
 /// How an attempt ended.
@@ -98,7 +103,11 @@ impl DispatchMetrics {
             busy_workers: Family::default(),
             wait_seconds: Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
         };
-        registry.register("flowtel_pool_queue_depth", "Pooled attempts waiting for a worker", metrics.queue_depth.clone());
+        registry.register(
+            "flowtel_pool_queue_depth",
+            "Pooled attempts waiting for a worker",
+            metrics.queue_depth.clone(),
+        );
         registry.register("flowtel_pool_busy_workers", "Workers running an attempt", metrics.busy_workers.clone());
         registry.register(
             "flowtel_pool_wait_seconds",
@@ -220,23 +229,28 @@ impl Dispatcher {
         }
     }
 
-    /// Stops the attempt (cancel, deadline): dequeued, or its worker told to kill it. Forgotten either way: the run
-    /// recorded its end.
+    /// Stops the attempt (cancel, deadline): dequeued, or its worker told to kill it. Remembered as stopped, so
+    /// that its worker's next report is answered with a kill, never adopted.
     pub fn stop(&self, key: &str) {
         let mut state = self.lock();
-        let Some(attempt) = state.attempts.remove(key) else { return };
-        if let Some(queue) = state.queues.get_mut(&attempt.pool) {
+        let Some(attempt) = state.attempts.get_mut(key) else { return };
+        let was = std::mem::replace(&mut attempt.state, AttemptState::Stopped);
+        attempt.since = Instant::now();
+        let pool = attempt.pool.clone();
+        if let Some(queue) = state.queues.get_mut(&pool) {
             queue.retain(|k| k != key);
         }
-        if let AttemptState::Running { worker, .. } = &attempt.state
-            && let Some(w) = state.workers.get_mut(&(attempt.pool.clone(), worker.clone()))
+        if let AttemptState::Running { worker, .. } = was
+            && let Some(w) = state.workers.get_mut(&(pool.clone(), worker))
         {
             w.kill = Some(key.to_string());
             if let Some(parked) = w.parked.take() {
-                _ = parked.send(Answer { kill: Some(key.to_string()), fence_seconds: self.fence.as_secs(), ..Default::default() });
+                let kill =
+                    Answer { kill: Some(key.to_string()), fence_seconds: self.fence.as_secs(), ..Default::default() };
+                _ = parked.send(kill);
             }
         }
-        self.measure(&state, &attempt.pool);
+        self.measure(&state, &pool);
     }
 
     /// A worker's request: what it reports is recorded, and the answer is ready now or when there is one (the
@@ -306,18 +320,18 @@ impl Dispatcher {
             Ok(Answer { kill, fence_seconds, ..Default::default() })
         } else if running.is_none() {
             match self.next_for(&mut state, &poll.pool, &poll.worker) {
-                Some(assign) => Ok(Answer { assign: Some(assign), fence_seconds, ..Default::default() }),
+                Some(assign) => Ok(Answer { assign: Some(Box::new(assign)), fence_seconds, ..Default::default() }),
                 None => Err(()),
             }
         } else {
             Ok(Answer { fence_seconds, ..Default::default() })
         };
-        let answer = answer.or_else(|()| {
+        let answer = answer.map_err(|()| {
             let (tx, rx) = oneshot::channel();
             if let Some(w) = state.workers.get_mut(&(poll.pool.clone(), poll.worker.clone())) {
                 w.parked = Some(tx);
             }
-            Err(rx)
+            rx
         });
         self.measure(&state, &poll.pool);
         drop(state);
@@ -329,7 +343,8 @@ impl Dispatcher {
 
     /// The next queued attempt of `pool`, given to `worker`.
     fn next_for(&self, state: &mut State, pool: &str, worker: &str) -> Option<Assignment> {
-        let node = state.workers.get(&(pool.to_string(), worker.to_string())).map(|w| w.node.clone()).unwrap_or_default();
+        let node =
+            state.workers.get(&(pool.to_string(), worker.to_string())).map(|w| w.node.clone()).unwrap_or_default();
         while let Some(key) = state.queues.get_mut(pool).and_then(VecDeque::pop_front) {
             let Some(attempt) = state.attempts.get_mut(&key) else { continue };
             let Some(assignment) = attempt.assignment.clone() else { continue };
@@ -352,18 +367,22 @@ impl Dispatcher {
             let idle = state
                 .workers
                 .iter()
-                .find(|((p, _), w)| p == pool && w.running.is_none() && w.parked.as_ref().is_some_and(|t| !t.is_closed()))
+                .find(|((p, _), w)| {
+                    p == pool && w.running.is_none() && w.parked.as_ref().is_some_and(|t| !t.is_closed())
+                })
                 .map(|((_, name), _)| name.clone());
             let Some(name) = idle else { return };
             let Some(assign) = self.next_for(state, pool, &name) else { return };
             let parked = state.workers.get_mut(&(pool.to_string(), name)).and_then(|w| w.parked.take());
-            let answer = Answer { assign: Some(assign.clone()), fence_seconds: self.fence.as_secs(), ..Default::default() };
+            let key = assign.key.clone();
+            let answer =
+                Answer { assign: Some(Box::new(assign)), fence_seconds: self.fence.as_secs(), ..Default::default() };
             if let Some(Err(_)) = parked.map(|p| p.send(answer)) {
                 // The request went away as it was answered: the attempt goes back to the queue's front.
-                if let Some(a) = state.attempts.get_mut(&assign.key) {
+                if let Some(a) = state.attempts.get_mut(&key) {
                     a.state = AttemptState::Queued;
                 }
-                state.queues.entry(pool.into()).or_default().push_front(assign.key);
+                state.queues.entry(pool.into()).or_default().push_front(key);
             }
         }
     }
@@ -396,7 +415,10 @@ impl Dispatcher {
                 woken.push(a.run.clone());
             }
         }
-        state.attempts.retain(|_, a| !matches!(a.state, AttemptState::Ended(_)) || now.duration_since(a.since) < ENDED_KEPT);
+        state.attempts.retain(|_, a| {
+            !matches!(a.state, AttemptState::Ended(_) | AttemptState::Stopped)
+                || now.duration_since(a.since) < ENDED_KEPT
+        });
         let pools: Vec<PoolKey> = state.queues.keys().cloned().collect();
         for pool in pools {
             self.measure(&state, &pool);
@@ -530,10 +552,18 @@ mod tests {
         // Dispatching the same attempt again changes nothing.
         d.dispatch("ns/p", assignment("a-1"), None);
         assert_eq!(d.load("ns/p"), 1);
-        let ended = Ended { key: "ns/a-1".into(), exit_code: 3, reason: "Error".into(), finished_at: "2026-12-07T10:00:00Z".into() };
+        let ended = Ended {
+            key: "ns/a-1".into(),
+            exit_code: 3,
+            reason: "Error".into(),
+            finished_at: "2026-12-07T10:00:00Z".into(),
+        };
         let next = d.poll(Poll { ended: vec![ended], ..poll("w1") });
         assert!(next.is_err(), "nothing queued: the request is held");
-        assert!(matches!(d.state("ns/a-1"), Some(AttemptState::Ended(Ending { exit_code: Some(3), disrupted: false, .. }))));
+        assert!(matches!(
+            d.state("ns/a-1"),
+            Some(AttemptState::Ended(Ending { exit_code: Some(3), disrupted: false, .. }))
+        ));
         assert_eq!(woken.try_recv().map(|r| r.name).ok().as_deref(), Some("a"));
     }
 
@@ -555,7 +585,16 @@ mod tests {
         let running = Some(super::super::protocol::Running { key: "ns/c-1".into(), run: assignment("c-1").run });
         let answer = d.poll(Poll { running, ..poll("w1") }).expect("at once");
         assert_eq!(answer.kill.as_deref(), Some("ns/c-1"));
-        assert_eq!(d.state("ns/c-1"), None);
+        assert_eq!(d.state("ns/c-1"), Some(AttemptState::Stopped));
+        // Its end, reported after the kill, changes nothing.
+        let ended = Ended {
+            key: "ns/c-1".into(),
+            exit_code: 143,
+            reason: "Killed".into(),
+            finished_at: "2026-12-07T10:00:00Z".into(),
+        };
+        let _ = d.poll(Poll { ended: vec![ended], ..poll("w1") });
+        assert_eq!(d.state("ns/c-1"), Some(AttemptState::Stopped));
     }
 
     #[test]

@@ -82,7 +82,7 @@ pub struct Ended {
 #[serde(rename_all = "camelCase")]
 pub struct Answer {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub assign: Option<Assignment>,
+    pub assign: Option<Box<Assignment>>,
     /// Kill this attempt's process (the run was cancelled, passed its deadline, or the attempt is no longer the
     /// leader's).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -263,6 +263,6 @@ mod tests {
 
     #[test]
     fn version_comes_from_the_image_tag() {
-        assert_eq!(service_version(&sample_run()), "1.4.2");
+        assert_eq!(service_version(&sample_run().spec.template), "1.4.2");
     }
 }

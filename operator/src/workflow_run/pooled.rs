@@ -38,7 +38,10 @@ pub fn pool_for(run: &WorkflowRun, ctx: &Context) -> Result<Arc<WorkerPool>, Ref
     };
     let key = ObjectRef::<WorkerPool>::new(&wanted.name).within(&run.namespace().unwrap_or_default());
     let pool = ctx.pools.get(&key).ok_or_else(|| {
-        (reason::POOL_NOT_FOUND, format!("spec.pool.name: WorkerPool {:?} does not exist in this namespace", wanted.name))
+        (
+            reason::POOL_NOT_FOUND,
+            format!("spec.pool.name: WorkerPool {:?} does not exist in this namespace", wanted.name),
+        )
     })?;
     check(run, &pool)?;
     Ok(pool)
@@ -83,8 +86,11 @@ pub fn build_assignment(
     let mut argv: Vec<String> = main.and_then(|c| c.command.clone()).unwrap_or_default();
     argv.extend(main.and_then(|c| c.args.clone()).unwrap_or_default());
     argv.extend(wanted.args.iter().cloned());
-    let user_env: Vec<EnvVar> =
-        wanted.env.iter().map(|v| EnvVar { name: v.name.clone(), value: Some(v.value.clone()), value_from: None }).collect();
+    let user_env: Vec<EnvVar> = wanted
+        .env
+        .iter()
+        .map(|v| EnvVar { name: v.name.clone(), value: Some(v.value.clone()), value_from: None })
+        .collect();
     Ok(Assignment {
         key: attempt_key(run, attempt),
         run: RunName { namespace: injection.namespace.clone(), name: run.name_any() },
@@ -102,7 +108,9 @@ pub fn observe(run: &WorkflowRun, ctx: &Context) -> (Vec<Arc<Job>>, Vec<Arc<Pod>
     let recorded = attempts.last().map_or(0, |a| a.number);
     let (mut jobs, mut pods) = (Vec::new(), Vec::new());
     for number in recorded.max(1)..=recorded.saturating_add(1) {
-        let Some(state) = dispatcher.state(&attempt_key(run, number)) else { continue };
+        let Some(state) = dispatcher.state(&attempt_key(run, number)).filter(|s| *s != AttemptState::Stopped) else {
+            continue;
+        };
         let started = attempts.iter().find(|a| a.number == number).and_then(|a| a.start_time.as_ref()).map(|t| t.0);
         let (job, pod) = as_job_and_pod(run, number, &state, started);
         jobs.push(Arc::new(job));
@@ -159,7 +167,8 @@ pub fn as_job_and_pod(
     } else {
         vec![condition("Failed", "BackoffLimitExceeded")]
     });
-    let pod = ended_pod(meta(ending.worker.clone().unwrap_or_else(|| format!("{name}-lost"))), &name, ending, succeeded);
+    let pod =
+        ended_pod(meta(ending.worker.clone().unwrap_or_else(|| format!("{name}-lost"))), &name, ending, succeeded);
     (Job { metadata: meta(name), spec: None, status: Some(status) }, Some(pod))
 }
 
@@ -274,7 +283,9 @@ mod tests {
         assert_eq!(value("OTEL_EXPORTER_OTLP_ENDPOINT").as_deref(), Some("http://c:4317"));
         assert_eq!(value("TRACEPARENT"), Some(crate::runtime::ids::traceparent("0123-uid", 2)));
         let attrs = value("OTEL_RESOURCE_ATTRIBUTES").unwrap_or_default();
-        assert!(attrs.starts_with("service.version=1.4,workflow.name=sync,workflow.run_id=0123-uid,workflow.attempt=2,"));
+        assert!(
+            attrs.starts_with("service.version=1.4,workflow.name=sync,workflow.run_id=0123-uid,workflow.attempt=2,")
+        );
     }
 
     #[test]

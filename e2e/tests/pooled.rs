@@ -1,0 +1,277 @@
+//! Pooled execution on the real control plane: WorkflowRuns naming a WorkerPool, executed by worker agents (real
+//! `flowtel worker` processes, standing in for the pool's pods, which KWOK only simulates) that the operator's
+//! dispatcher hands attempts to. The telemetry of a pooled run is a Job run's (the data-path test's checks), and
+//! its faults end as a Job's would: a worker killed mid-run is a disruption retried on another worker, a hanging
+//! process ends at the deadline and is killed, and what the pool does not allow never runs.
+
+use std::collections::BTreeSet;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use flowtel_crds::workflow_run::{AttemptClassification, WorkflowRunPhase};
+use flowtel_crds::{WorkerPool, WorkflowRun};
+use flowtel_e2e::backends::{self, prometheus_query, sum};
+use flowtel_e2e::{
+    Collector, Operator, Process, TEST_MANAGER, TestNamespace, client, eventually, flowtel_binary, free_port, http_get,
+    install_crds,
+};
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(120);
+
+/// A worker agent as a pool's pod would run it, in its own process group (a pod's processes die with it).
+fn worker(dispatch: &str, pool: &str, name: &str, command: &[&str], env: &[(&str, &str)]) -> Process {
+    let child = Command::new(flowtel_binary().expect("flowtel"))
+        .args(["worker", "--dispatch-url", dispatch, "--pool", pool, "--pod-name", name, "--node-name", "kwok-node-0"])
+        .arg("--")
+        .args(command)
+        .envs(env.iter().copied())
+        .process_group(0)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(std::env::temp_dir().join(format!("flowtel-worker-{name}.log"))).expect("log"))
+        .spawn()
+        .expect("the worker agent");
+    Process { child }
+}
+
+/// Kills a worker and everything it started, as a pod's deletion with no grace would.
+fn kill_pod(worker: &Process) {
+    let group = format!("-{}", worker.child.id());
+    let status = Command::new("kill").args(["-KILL", "--", &group]).status().expect("kill");
+    assert!(status.success(), "killing the worker's process group");
+}
+
+async fn apply(client: &kube::Client, ns: &str, object: Value) {
+    let name = object["metadata"]["name"].as_str().expect("name").to_string();
+    match object["kind"].as_str() {
+        Some("WorkerPool") => {
+            let api: Api<WorkerPool> = Api::namespaced(client.clone(), ns);
+            api.patch(&name, &PatchParams::apply(TEST_MANAGER), &Patch::Apply(&object)).await.expect("pool");
+        }
+        _ => {
+            let api: Api<WorkflowRun> = Api::namespaced(client.clone(), ns);
+            api.patch(&name, &PatchParams::apply(TEST_MANAGER), &Patch::Apply(&object)).await.expect("run");
+        }
+    }
+}
+
+fn pool(name: &str, command: &[&str], allowed_env: &[&str]) -> Value {
+    json!({
+        "apiVersion": "flowtel.dev/v1alpha1", "kind": "WorkerPool", "metadata": {"name": name},
+        "spec": {
+            "template": {"spec": {"containers": [{"name": "main", "image": "registry.example/sync:1.0", "command": command}]}},
+            "allowedEnv": allowed_env,
+            "replicas": {"min": 2, "max": 2}
+        }
+    })
+}
+
+fn pooled_run(name: &str, workflow: &str, pool: &str, env: &[(&str, &str)]) -> Value {
+    let env: Vec<Value> = env.iter().map(|(k, v)| json!({"name": k, "value": v})).collect();
+    json!({
+        "apiVersion": "flowtel.dev/v1alpha1", "kind": "WorkflowRun", "metadata": {"name": name},
+        "spec": {"workflowName": workflow, "pool": {"name": pool, "env": env}, "retry": {"limit": 1, "backoff": {"baseSeconds": 0}}}
+    })
+}
+
+async fn finished(runs: &Api<WorkflowRun>, name: &str) -> WorkflowRun {
+    eventually(&format!("run {name} finished"), WAIT, async || {
+        let run = runs.get_opt(name).await.ok().flatten()?;
+        let status = run.status.as_ref()?;
+        let done = matches!(status.phase, Some(WorkflowRunPhase::Succeeded | WorkflowRunPhase::Failed));
+        done.then_some(run)
+    })
+    .await
+}
+
+fn workspace_binary(name: &str) -> PathBuf {
+    flowtel_binary().expect("flowtel").with_file_name(name)
+}
+
+#[tokio::test]
+async fn a_pooled_run_lands_the_same_trace_and_the_ten_metrics_as_a_job_run() {
+    let backends = backends::start("pooled-data-path", 1).await;
+    let client = client().await.expect("client");
+    install_crds(&client).await.expect("CRDs");
+    let ns = TestNamespace::new(&client, "pooled-data").await.expect("namespace");
+    let default_collector = Collector::start("pooled-data-default").await.expect("the default collector");
+    let dispatch_port = free_port();
+    let dispatch_addr = format!("127.0.0.1:{dispatch_port}");
+    let _operator = Operator::start(&ns.name, &default_collector.endpoint, &["--dispatch-addr", &dispatch_addr])
+        .await
+        .expect("operator");
+    let endpoint = format!("http://127.0.0.1:{}", backends.collector_grpc[0]);
+    backends::external_stack(&client, &ns.name, "team", &endpoint).await;
+    let sync = workspace_binary("sync");
+    let sync = sync.to_str().expect("path");
+    apply(&client, &ns.name, pool("sync", &[sync], &["WORKFLOW_SEED"])).await;
+    // The pool container's own environment, which every run's process inherits.
+    let pool_env = [("WORKFLOW_ITEMS", "3"), ("WORKFLOW_STEP_MS", "5"), ("WORKFLOW_FLAKY_PERCENT", "40")];
+    let url = format!("http://{dispatch_addr}");
+    let pool_key = format!("{}/sync", ns.name);
+    let _workers = [
+        worker(&url, &pool_key, "sync-w-a", &[sync], &pool_env),
+        worker(&url, &pool_key, "sync-w-b", &[sync], &pool_env),
+    ];
+
+    let runs: Api<WorkflowRun> = Api::namespaced(client.clone(), &ns.name);
+    let mut trace_ids = Vec::new();
+    for (name, seed) in [("sync-1", "1"), ("sync-2", "11")] {
+        let mut run = pooled_run(name, "sync", "sync", &[("WORKFLOW_SEED", seed)]);
+        run["spec"]["telemetryStackRef"] = json!({"name": "team"});
+        apply(&client, &ns.name, run).await;
+        let run = finished(&runs, name).await;
+        let status = run.status.expect("status");
+        assert_eq!(status.phase, Some(WorkflowRunPhase::Succeeded), "{status:?}");
+        let attempt = &status.attempts[0];
+        assert!(attempt.pod_name.as_deref().is_some_and(|p| p.starts_with("sync-w-")), "run by a worker: {attempt:?}");
+        trace_ids.push(status.trace_id.expect("traceId"));
+        let counted = trace_ids.len() as f64;
+        eventually(&format!("workflow_run_total reaching {counted}"), WAIT, async || {
+            let r = prometheus_query(&backends.prometheus, "sum(workflow_run_total{workflow_name=\"sync\"})").await;
+            (sum(&r) >= counted).then_some(())
+        })
+        .await;
+    }
+    let prom = backends.prometheus.as_str();
+    let total = sum(&prometheus_query(prom, "sum(workflow_run_total{workflow_name=\"sync\"})").await);
+    assert_eq!(total, 2.0, "each run counted once");
+    for metric in [
+        "workflow_run_total",
+        "workflow_run_duration_ms_bucket",
+        "workflow_run_status",
+        "workflow_step_duration_ms_bucket",
+        "workflow_step_status",
+        "workflow_retry_count",
+        "workflow_image_uploaded",
+        "workflow_image_size_bytes_bucket",
+        "workflow_db_upsert",
+        "workflow_db_upsert_duration_ms_bucket",
+    ] {
+        eventually(&format!("{metric} in Prometheus"), WAIT, async || {
+            let r = prometheus_query(prom, &format!("{metric}{{workflow_name=\"sync\"}}")).await;
+            (!r.is_empty()).then_some(())
+        })
+        .await;
+    }
+    for trace_id in &trace_ids {
+        let url = format!("{}/api/traces/{trace_id}", backends.jaeger_query);
+        let spans = eventually(&format!("trace {trace_id} in Jaeger"), WAIT, async || {
+            let (code, body) = http_get(&url).await?;
+            let v: Value = serde_json::from_str(&body).ok()?;
+            let spans = v["data"][0]["spans"].as_array().cloned().unwrap_or_default();
+            let names: BTreeSet<&str> = spans.iter().filter_map(|s| s["operationName"].as_str()).collect();
+            (code == 200 && names.contains("workflow.run") && names.contains("workflow sync")).then_some(spans)
+        })
+        .await;
+        let by_name = |name: &str| spans.iter().find(|s| s["operationName"] == name).cloned().expect(name);
+        let parent_of = |span: &Value| -> Option<String> {
+            span["references"].as_array()?.iter().find(|r| r["refType"] == "CHILD_OF")?["spanID"]
+                .as_str()
+                .map(str::to_string)
+        };
+        let attempt = by_name("workflow.attempt");
+        let root = by_name("workflow sync");
+        assert_eq!(parent_of(&attempt).as_deref(), by_name("workflow.run")["spanID"].as_str(), "attempt under run");
+        assert_eq!(parent_of(&root).as_deref(), attempt["spanID"].as_str(), "the workflow's root under the attempt");
+        let steps = spans.iter().filter(|s| s["operationName"].as_str().is_some_and(|n| n.starts_with("step ")));
+        for step in steps {
+            assert_eq!(parent_of(step).as_deref(), root["spanID"].as_str(), "{} under the root", step["operationName"]);
+        }
+    }
+    for signal in ["traces", "metrics", "logs"] {
+        assert!(default_collector.documents(signal).is_empty(), "{signal} reached the operator's default endpoint");
+    }
+}
+
+/// The marks the pool's command leaves, one line per process: its TRACEPARENT, worker and pid.
+fn marks(file: &Path) -> Vec<Vec<String>> {
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    text.lines().map(|l| l.split_whitespace().map(str::to_string).collect()).collect()
+}
+
+#[tokio::test]
+async fn pooled_faults_end_as_a_jobs_would_and_refused_runs_never_execute() {
+    let client = client().await.expect("client");
+    install_crds(&client).await.expect("CRDs");
+    let ns = TestNamespace::new(&client, "pooled-faults").await.expect("namespace");
+    let collector = Collector::start("pooled-faults").await.expect("collector");
+    let dispatch_addr = format!("127.0.0.1:{}", free_port());
+    let _operator =
+        Operator::start(&ns.name, &collector.endpoint, &["--dispatch-addr", &dispatch_addr]).await.expect("operator");
+    let dir = std::env::temp_dir().join(format!("flowtel-pooled-faults-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let marks_file = dir.join("marks");
+    _ = std::fs::remove_file(&marks_file);
+    let script = "echo \"$RUN $TRACEPARENT $OTEL_RESOURCE_ATTRIBUTES_POD_NAME $$\" >> \"$MARKS\"; sleep \"${SLEEP:-0}\"; exit \"${EXIT:-0}\"";
+    let command = ["/bin/sh", "-c", script];
+    apply(&client, &ns.name, pool("shell", &command, &["RUN", "SLEEP", "EXIT"])).await;
+    let url = format!("http://{dispatch_addr}");
+    let pool_key = format!("{}/shell", ns.name);
+    let env = [("MARKS", marks_file.to_str().expect("path"))];
+    let worker_a = worker(&url, &pool_key, "shell-w-a", &command, &env);
+    let worker_b = worker(&url, &pool_key, "shell-w-b", &command, &env);
+    let runs: Api<WorkflowRun> = Api::namespaced(client.clone(), &ns.name);
+
+    // What the pool does not allow, or a pool that does not exist: refused, naming the field; nothing runs.
+    apply(&client, &ns.name, pooled_run("not-allowed", "shell", "shell", &[("PATH", "/evil")])).await;
+    apply(&client, &ns.name, pooled_run("no-pool", "shell", "missing", &[])).await;
+    for (name, reason, field) in
+        [("not-allowed", "NotAllowedByPool", "spec.pool.env[0].name"), ("no-pool", "PoolNotFound", "spec.pool.name")]
+    {
+        let status = finished(&runs, name).await.status.expect("status");
+        assert_eq!(status.phase, Some(WorkflowRunPhase::Failed));
+        let condition = status.conditions.iter().find(|c| c.type_ == "Succeeded").expect("Succeeded");
+        assert_eq!(condition.reason, reason);
+        assert!(condition.message.starts_with(field), "{}", condition.message);
+    }
+
+    // An exit code classifies as a Job's: 3 is transient, retried once, and the retry succeeds... or fails again.
+    apply(&client, &ns.name, pooled_run("exits-3", "shell", "shell", &[("RUN", "exits-3"), ("EXIT", "3")])).await;
+    let status = finished(&runs, "exits-3").await.status.expect("status");
+    assert_eq!(status.phase, Some(WorkflowRunPhase::Failed));
+    let exits: Vec<Option<i32>> = status.attempts.iter().map(|a| a.exit_code).collect();
+    assert_eq!(exits, [Some(3), Some(3)], "two attempts, each exit 3");
+    assert_eq!(
+        status.conditions.iter().find(|c| c.type_ == "Succeeded").map(|c| c.reason.as_str()),
+        Some("RetryLimitExceeded")
+    );
+
+    // A worker killed mid-run: the attempt is a disruption, run again on the other worker, outside the retry budget.
+    apply(&client, &ns.name, pooled_run("killed", "shell", "shell", &[("RUN", "killed"), ("SLEEP", "6")])).await;
+    let first = eventually("the run's process started", WAIT, async || {
+        marks(&marks_file).into_iter().find(|m| m[0] == "killed")
+    })
+    .await;
+    let victim = if first[2] == "shell-w-a" { &worker_a } else { &worker_b };
+    kill_pod(victim);
+    let status = finished(&runs, "killed").await.status.expect("status");
+    assert_eq!(status.phase, Some(WorkflowRunPhase::Succeeded), "{status:?}");
+    let classes: Vec<Option<AttemptClassification>> = status.attempts.iter().map(|a| a.classification).collect();
+    assert_eq!(classes, [Some(AttemptClassification::Disruption), Some(AttemptClassification::Succeeded)]);
+    assert_eq!(status.disruptions, Some(1));
+    let executions: Vec<Vec<String>> = marks(&marks_file).into_iter().filter(|m| m[0] == "killed").collect();
+    assert_eq!(executions.len(), 2, "executed once per attempt: {executions:?}");
+    assert_ne!(executions[0][1], executions[1][1], "each attempt its own span: {executions:?}");
+    assert_ne!(executions[0][2], executions[1][2], "the retry ran on the other worker");
+
+    // A process that hangs: the deadline ends the run and the process.
+    let mut hang = pooled_run("hangs", "shell", "shell", &[("RUN", "hangs"), ("SLEEP", "600")]);
+    hang["spec"]["activeDeadlineSeconds"] = json!(5);
+    apply(&client, &ns.name, hang).await;
+    let status = finished(&runs, "hangs").await.status.expect("status");
+    assert_eq!(
+        status.conditions.iter().find(|c| c.type_ == "Succeeded").map(|c| c.reason.as_str()),
+        Some("DeadlineExceeded")
+    );
+    let hung = marks(&marks_file).into_iter().find(|m| m[0] == "hangs").expect("it ran");
+    let proc = PathBuf::from(format!("/proc/{}", hung[3]));
+    eventually("the hanging process killed", Duration::from_secs(30), async || (!proc.exists()).then_some(())).await;
+
+    // Refused runs never executed.
+    let all = marks(&marks_file);
+    assert!(all.iter().all(|m| m[0] == "exits-3" || m[0] == "killed" || m[0] == "hangs"), "{all:?}");
+}
