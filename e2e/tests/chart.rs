@@ -27,7 +27,7 @@ fn template(args: &[&str]) -> Result<String, String> {
 #[test]
 fn the_charts_crds_are_the_same_bytes_as_crds() {
     let root = repo_root();
-    for file in ["flowtel.dev_workflowruns.yaml", "flowtel.dev_telemetrystacks.yaml"] {
+    for file in ["flowtel.dev_workflowruns.yaml", "flowtel.dev_telemetrystacks.yaml", "flowtel.dev_workerpools.yaml"] {
         let ours = std::fs::read(root.join("crds").join(file)).expect("crds/");
         let chart = std::fs::read(root.join("charts/flowtel/crds").join(file)).expect("chart crds/");
         assert!(
