@@ -312,7 +312,14 @@ fn the_charts_knobs_reach_the_operator_and_its_alerts_pass_promtool() {
     assert_eq!(pod["priorityClassName"], "high");
     assert!(pod["securityContext"].get("runAsUser").is_none(), "OpenShift assigns its own UID");
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
-    assert_eq!(documents(&rendered, "Service").len(), 1, "the metrics Service");
+    let services: Vec<String> = documents(&rendered, "Service")
+        .iter()
+        .filter_map(|s| s["metadata"]["name"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(services, ["flowtel-dispatch", "flowtel-metrics"], "the dispatch and metrics Services");
+    for flag in ["--dispatch-addr=0.0.0.0:8090", "--dispatch-url=http://flowtel-dispatch.default.svc:8090"] {
+        assert!(args.contains(&flag), "{flag} in {args:?}");
+    }
     assert_eq!(documents(&rendered, "ServiceMonitor").len(), 1);
     // The alerts' expressions through Prometheus' own parser.
     let rule = &documents(&rendered, "PrometheusRule")[0];

@@ -67,6 +67,10 @@ struct Cli {
     /// Offer the floor (a run kept with no operator) from this rate up.
     #[arg(long = "floor")]
     floor_from: Option<f64>,
+    /// Worker processes of the pooled stage (runs naming a WorkerPool, each a 1 s process on a warm worker); 0
+    /// skips the stage.
+    #[arg(long, default_value_t = 128)]
+    pooled_workers: usize,
     /// Where the figures go, as JSON.
     #[arg(long, default_value = "target/bench.json")]
     out: std::path::PathBuf,
@@ -79,6 +83,7 @@ struct Args {
     retained: Vec<usize>,
     shard_rate: Option<f64>,
     floor_from: Option<f64>,
+    pooled_workers: usize,
     out: std::path::PathBuf,
 }
 
@@ -99,6 +104,7 @@ fn args() -> Args {
         retained: cli.retained,
         shard_rate: cli.shard_rate,
         floor_from: cli.floor_from,
+        pooled_workers: cli.pooled_workers,
         out: cli.out,
     }
 }
@@ -111,6 +117,8 @@ struct Timeline {
     pod_done: HashMap<String, Instant>,
     done: HashMap<String, Instant>,
     failed_creates: usize,
+    /// Pooled runs have no Job: their start is the status write that records the attempt (before its dispatch).
+    started_from_status: bool,
 }
 
 type Shared = Arc<Mutex<Timeline>>;
@@ -151,6 +159,7 @@ enum Load {
     Jobs,
     Runs { shards: u32 },
     Floor { job: Arc<Job> },
+    Pooled { pool: String },
 }
 
 /// Calls `seen` with every object of kind K in `ns` as the watch delivers it. A watch error (an apiserver hiccup) is
@@ -220,8 +229,13 @@ fn watch_all(client: &kube::Client, ns: &str, timeline: &Shared, flowtel: bool, 
     if flowtel {
         let t = timeline.clone();
         on_each(client, ns, move |r: WorkflowRun| {
+            let name = r.metadata.name.clone().unwrap_or_default();
+            let mut t = lock(&t);
+            if t.started_from_status && r.status.as_ref().is_some_and(|s| !s.attempts.is_empty()) {
+                t.job_seen.entry(name.clone()).or_insert_with(Instant::now);
+            }
             if r.status.as_ref().and_then(|s| s.completion_time.as_ref()).is_some() {
-                lock(&t).done.entry(r.metadata.name.clone().unwrap_or_default()).or_insert_with(Instant::now);
+                t.done.entry(name).or_insert_with(Instant::now);
             }
         });
     }
@@ -259,6 +273,12 @@ async fn offer(
                 }
                 Load::Jobs => Api::<Job>::namespaced(client, &ns).create(&pp, &bare_job(&name)).await.is_ok(),
                 Load::Floor { job } => floor_create(&client, &ns, &name, &job, &pp).await.is_some(),
+                Load::Pooled { pool } => {
+                    let mut run = workflow_run(&name);
+                    run.spec.template = Arc::default();
+                    run.spec.pool = Some(flowtel_crds::workflow_run::PoolRun { name: pool, args: vec![], env: vec![] });
+                    Api::<WorkflowRun>::namespaced(client, &ns).create(&pp, &run).await.is_ok()
+                }
             };
             if !ok {
                 lock(&t).failed_creates += 1;
@@ -266,6 +286,104 @@ async fn offer(
         });
     }
     names
+}
+
+/// Pooled runs at rising rates: a WorkerPool whose command is a 1 s `sleep`, `a.pooled_workers` agents (host
+/// processes standing in for its pods, which KWOK only simulates), the operator serving them; the ceiling against
+/// bare Jobs', created → running (the status write recording the attempt, made before its dispatch), and every
+/// client's apiserver writes per run from the audit log.
+async fn pooled_stage(
+    client: &kube::Client,
+    a: &Args,
+    collector: &str,
+    bare_ceiling: f64,
+    deadline: Instant,
+) -> Result<Value, Box<dyn std::error::Error>> {
+    let ns = TestNamespace::new(client, "bench-pooled").await?;
+    let policy = admit_with_finalizer(&ns.name, collector)?;
+    let pool: flowtel_crds::WorkerPool = serde_json::from_value(json!({
+        "apiVersion": "flowtel.dev/v1alpha1", "kind": "WorkerPool", "metadata": {"name": "sleep"},
+        "spec": {"template": {"spec": {"containers": [{"name": "main", "image": "registry.example/app:1.0", "command": ["/bin/sleep", "1"]}]}},
+                 "replicas": {"min": 1, "max": 1}}
+    }))?;
+    let pp = PostParams { field_manager: Some(TEST_MANAGER.into()), ..PostParams::default() };
+    Api::<flowtel_crds::WorkerPool>::namespaced(client.clone(), &ns.name).create(&pp, &pool).await?;
+    let t: Shared = Arc::default();
+    lock(&t).started_from_status = true;
+    watch_all(client, &ns.name, &t, true, None);
+    let dispatch = format!("127.0.0.1:{}", flowtel_e2e::free_port());
+    let log = log_filter();
+    let operator = Operator::start_with_env(
+        &ns.name,
+        Some(collector),
+        &["--concurrency", "32", "--dispatch-addr", &dispatch],
+        &[("RUST_LOG", &log)],
+    )
+    .await?;
+    let pool_key = format!("{}/sleep", ns.name);
+    let workers: Vec<flowtel_e2e::Process> = (0..a.pooled_workers)
+        .map(|i| {
+            let child = std::process::Command::new(flowtel_e2e::flowtel_binary().expect("flowtel"))
+                .args(["worker", "--dispatch-url", &format!("http://{dispatch}"), "--pool", &pool_key])
+                .args(["--pod-name", &format!("sleep-w-{i}"), "--", "/bin/sleep", "1"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("a worker agent");
+            flowtel_e2e::Process { child }
+        })
+        .collect();
+    println!("pooled runs ({} workers):", workers.len());
+    let pid = operator.pid().unwrap_or_default();
+    let sweep_spec = Sweep {
+        ns: &ns.name,
+        prefix: "p",
+        kind: "pooled",
+        load: Load::Pooled { pool: "sleep".into() },
+        past: f64::INFINITY,
+        cpu_of: Some(pid),
+    };
+    let (steps, _) = sweep(client, sweep_spec, a.rates.iter().copied(), a, &t, deadline).await;
+    let ceiling = steps.iter().filter(|s| s.sustained).map(|s| s.rate).fold(0.0, f64::max);
+    let ratio = if bare_ceiling > 0.0 { ceiling / bare_ceiling } else { f64::NAN };
+    println!("ceiling: bare Jobs {bare_ceiling}/s, pooled {ceiling}/s: {ratio:.2}x");
+    let latency = steps.iter().rev().find(|s| s.sustained).map(|s| {
+        let t = lock(&t);
+        let started: Vec<f64> = s
+            .names
+            .iter()
+            .filter_map(|n| Some(t.job_seen.get(n)?.duration_since(*t.created.get(n)?).as_secs_f64()))
+            .collect();
+        json!({"rate": s.rate, "created_to_running_p50_s": percentile(started.clone(), 50.0),
+            "created_to_running_p99_s": percentile(started, 99.0)})
+    });
+    if let Some(l) = &latency {
+        println!(
+            "latency at {}/s: run created → running p50 {:.3} s p99 {:.3} s",
+            l["rate"],
+            l["created_to_running_p50_s"].as_f64().unwrap_or(f64::NAN),
+            l["created_to_running_p99_s"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let audited = audit(&ns.name);
+    let runs: usize = steps.iter().map(|s| s.offered).sum();
+    let writes: u64 = audited.iter().filter(|((_, v, _), _)| is_write(v)).map(|(_, n)| n).sum();
+    let writes_per_run = writes as f64 / runs.max(1) as f64;
+    println!("pooled: apiserver writes per run, all clients {writes_per_run:.2}");
+    for ((ours, verb, resource), n) in audited.iter().filter(|((_, v, _), _)| is_write(v)) {
+        println!(
+            "           {} {verb} {resource}: {:.2} per run",
+            if *ours { "flowtel" } else { "others " },
+            *n as f64 / runs.max(1) as f64
+        );
+    }
+    drop(workers);
+    drop(operator);
+    drop(policy);
+    Ok(json!({"steps": steps.iter().map(step_json).collect::<Vec<_>>(), "ceiling": ceiling,
+        "ratio_to_bare_jobs": ratio, "latency": latency, "apiserver_writes_per_run": writes_per_run,
+        "workers": a.pooled_workers}))
 }
 
 /// The floor's create: the run, then at once its Job, owned by it, as an operator that needed no watch event to
@@ -807,6 +925,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
 
+    // 3b. Pooled runs: the same 1 s of work as a process on a warm worker, through the leader's dispatcher.
+    let pooled_report = if a.pooled_workers > 0 && Instant::now() < deadline {
+        pooled_stage(&client, &a, &collector.endpoint, bare_ceiling, deadline).await?
+    } else {
+        Value::Null
+    };
+
     // 4. API cost, from the audit log (written asynchronously: give it a moment).
     tokio::time::sleep(Duration::from_secs(2)).await;
     let flowtel_audit = audit(&ns.name);
@@ -991,6 +1116,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     report.insert("shards".into(), shards_report);
     report.insert("floor".into(), floor_report);
+    report.insert("pooled".into(), pooled_report);
     report.insert(
         "telemetry_per_run".into(),
         json!({"spans": per(spans as u64, finished), "metric_points": per(points as u64, finished),
