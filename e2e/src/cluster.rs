@@ -45,6 +45,20 @@ pub fn kubectl() -> Command {
     cmd
 }
 
+/// A token of ServiceAccount `account` in `namespace` (`kubectl create token`), in a file, as a pod's projected
+/// token would be: what a WorkerPool's worker presents to the dispatcher. Waits for the account to exist (the
+/// controller-manager creates `default` in a new namespace).
+pub async fn service_account_token(namespace: &str, account: &str) -> std::path::PathBuf {
+    let token = crate::eventually(&format!("a token of {namespace}/{account}"), Duration::from_secs(30), async || {
+        let out = kubectl().args(["create", "token", account, "-n", namespace, "--duration", "2h"]).output().ok()?;
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    })
+    .await;
+    let path = std::env::temp_dir().join(format!("flowtel-token-{namespace}-{account}-{}", std::process::id()));
+    std::fs::write(&path, token).expect("writing the token");
+    path
+}
+
 /// A client for the local control plane.
 pub async fn client() -> Result<Client, HarnessError> {
     let path = cluster_kubeconfig();

@@ -26,7 +26,9 @@ use std::time::Duration;
 
 pub use argocd::argocd_health;
 pub use audit::operator_writes;
-pub use cluster::{TestNamespace, client, cluster_kubeconfig, install_crds, kubectl, kubectl_flowtel};
+pub use cluster::{
+    TestNamespace, client, cluster_kubeconfig, install_crds, kubectl, kubectl_flowtel, service_account_token,
+};
 pub use collector::{Collector, attribute, otlp_documents};
 pub use helm::{apply_chart_template, helm};
 pub use http::{http_get, with_query};

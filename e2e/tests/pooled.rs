@@ -15,7 +15,7 @@ use flowtel_crds::{WorkerPool, WorkflowRun};
 use flowtel_e2e::backends::{self, prometheus_query, sum};
 use flowtel_e2e::{
     Collector, Operator, Process, TEST_MANAGER, TestNamespace, client, eventually, flowtel_binary, free_port, http_get,
-    install_crds,
+    install_crds, service_account_token,
 };
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::{Value, json};
@@ -23,9 +23,11 @@ use serde_json::{Value, json};
 const WAIT: Duration = Duration::from_secs(120);
 
 /// A worker agent as a pool's pod would run it, in its own process group (a pod's processes die with it).
-fn worker(dispatch: &str, pool: &str, name: &str, command: &[&str], env: &[(&str, &str)]) -> Process {
+fn worker(dispatch: &str, pool: &str, name: &str, token: &Path, command: &[&str], env: &[(&str, &str)]) -> Process {
     let child = Command::new(flowtel_binary().expect("flowtel"))
         .args(["worker", "--dispatch-url", dispatch, "--pool", pool, "--pod-name", name, "--node-name", "kwok-node-0"])
+        .arg("--token-file")
+        .arg(token)
         .arg("--")
         .args(command)
         .envs(env.iter().copied())
@@ -112,9 +114,10 @@ async fn a_pooled_run_lands_the_same_trace_and_the_ten_metrics_as_a_job_run() {
     let pool_env = [("WORKFLOW_ITEMS", "3"), ("WORKFLOW_STEP_MS", "5"), ("WORKFLOW_FLAKY_PERCENT", "40")];
     let url = format!("http://{dispatch_addr}");
     let pool_key = format!("{}/sync", ns.name);
+    let token = service_account_token(&ns.name, "default").await;
     let _workers = [
-        worker(&url, &pool_key, "sync-w-a", &[sync], &pool_env),
-        worker(&url, &pool_key, "sync-w-b", &[sync], &pool_env),
+        worker(&url, &pool_key, "sync-w-a", &token, &[sync], &pool_env),
+        worker(&url, &pool_key, "sync-w-b", &token, &[sync], &pool_env),
     ];
 
     let runs: Api<WorkflowRun> = Api::namespaced(client.clone(), &ns.name);
@@ -212,8 +215,15 @@ async fn pooled_faults_end_as_a_jobs_would_and_refused_runs_never_execute() {
     let url = format!("http://{dispatch_addr}");
     let pool_key = format!("{}/shell", ns.name);
     let env = [("MARKS", marks_file.to_str().expect("path"))];
-    let worker_a = worker(&url, &pool_key, "shell-w-a", &command, &env);
-    let worker_b = worker(&url, &pool_key, "shell-w-b", &command, &env);
+    let token = service_account_token(&ns.name, "default").await;
+    let worker_a = worker(&url, &pool_key, "shell-w-a", &token, &command, &env);
+    let worker_b = worker(&url, &pool_key, "shell-w-b", &token, &command, &env);
+    // A pod of another identity in the pool's namespace, and one with no token, are never served a run.
+    flowtel_e2e::run(flowtel_e2e::kubectl().args(["create", "serviceaccount", "intruder", "-n", &ns.name]))
+        .expect("sa");
+    let intruder_token = service_account_token(&ns.name, "intruder").await;
+    let _intruder = worker(&url, &pool_key, "shell-w-intruder", &intruder_token, &command, &env);
+    let _anonymous = worker(&url, &pool_key, "shell-w-anonymous", Path::new("/nonexistent"), &command, &env);
     let runs: Api<WorkflowRun> = Api::namespaced(client.clone(), &ns.name);
 
     // What the pool does not allow, or a pool that does not exist: refused, naming the field; nothing runs.
@@ -271,7 +281,8 @@ async fn pooled_faults_end_as_a_jobs_would_and_refused_runs_never_execute() {
     let proc = PathBuf::from(format!("/proc/{}", hung[3]));
     eventually("the hanging process killed", Duration::from_secs(30), async || (!proc.exists()).then_some(())).await;
 
-    // Refused runs never executed.
+    // Refused runs never executed, and only the pool's own identity executed any.
     let all = marks(&marks_file);
     assert!(all.iter().all(|m| m[0] == "exits-3" || m[0] == "killed" || m[0] == "hangs"), "{all:?}");
+    assert!(all.iter().all(|m| m[2] == "shell-w-a" || m[2] == "shell-w-b"), "{all:?}");
 }

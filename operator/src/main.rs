@@ -60,6 +60,9 @@ enum Command {
         pod_name: String,
         #[arg(long, env = "NODE_NAME", default_value = "")]
         node_name: String,
+        /// The pod's ServiceAccount token, sent with every request (the pool controller projects one).
+        #[arg(long, env = "FLOWTEL_TOKEN_FILE")]
+        token_file: Option<std::path::PathBuf>,
         /// The pool's command and its arguments.
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -145,6 +148,10 @@ struct PoolArgs {
     /// The URL workers reach the dispatch address at (the chart's dispatch Service). Default: http://<dispatch-addr>.
     #[arg(long, env = "FLOWTEL_DISPATCH_URL")]
     dispatch_url: Option<String>,
+    /// Serve a worker only with its pool's ServiceAccount token (TokenReview). `off` serves anyone who reaches the
+    /// dispatch address: only for a network no one else reaches.
+    #[arg(long, env = "FLOWTEL_DISPATCH_AUTH", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
+    dispatch_auth: bool,
     /// The image a worker's init container copies the agent from (the operator's own image).
     #[arg(long, env = "FLOWTEL_AGENT_IMAGE", default_value = concat!("ghcr.io/flowtel/flowtel:", env!("CARGO_PKG_VERSION")))]
     agent_image: String,
@@ -300,8 +307,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             let local = listener.local_addr()?;
             tracing::info!(dispatch = %local, "serving workers");
             let serving = dispatcher.clone();
+            let auth = args.pools.dispatch_auth.then(|| flowtel::pool::auth::Authenticator::new(client.clone()));
+            let served_auth = auth.clone();
             tokio::spawn(async move {
-                if let Err(e) = flowtel::pool::dispatch::serve(serving, listener, shutdown_signal()).await {
+                if let Err(e) = flowtel::pool::dispatch::serve(serving, served_auth, listener, shutdown_signal()).await
+                {
                     tracing::error!(error = %e, "dispatch server stopped");
                 }
             });
@@ -318,6 +328,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     dispatcher.clone(),
                     settings,
                     load_rx,
+                    auth,
                 ));
             }
             Some(dispatcher)
@@ -426,7 +437,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Run(args) => run(*args).await?,
         Command::Render { file, check } => render(&file, check)?,
-        Command::Worker { dispatch_url, pool, pod_name, node_name, command } => {
+        Command::Worker { dispatch_url, pool, pod_name, node_name, token_file, command } => {
             tracing_subscriber::fmt()
                 .json()
                 .with_env_filter(
@@ -434,8 +445,15 @@ async fn main() -> anyhow::Result<()> {
                 )
                 .init();
             let namespace = pool.split_once('/').map(|(ns, _)| ns.to_string()).unwrap_or_default();
-            let config =
-                flowtel::pool::agent::AgentConfig { dispatch_url, pool, pod_name, node_name, namespace, command };
+            let config = flowtel::pool::agent::AgentConfig {
+                dispatch_url,
+                pool,
+                pod_name,
+                node_name,
+                namespace,
+                command,
+                token_file,
+            };
             flowtel::pool::agent::run(config, shutdown_signal()).await?;
         }
         Command::InstallAgent { path } => {

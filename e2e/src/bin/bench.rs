@@ -321,11 +321,14 @@ async fn pooled_stage(
     )
     .await?;
     let pool_key = format!("{}/sleep", ns.name);
+    let token = flowtel_e2e::service_account_token(&ns.name, "default").await;
     let workers: Vec<flowtel_e2e::Process> = (0..a.pooled_workers)
         .map(|i| {
             let child = std::process::Command::new(flowtel_e2e::flowtel_binary().expect("flowtel"))
                 .args(["worker", "--dispatch-url", &format!("http://{dispatch}"), "--pool", &pool_key])
-                .args(["--pod-name", &format!("sleep-w-{i}"), "--", "/bin/sleep", "1"])
+                .args(["--pod-name", &format!("sleep-w-{i}"), "--token-file"])
+                .arg(&token)
+                .args(["--", "/bin/sleep", "1"])
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
                 .spawn()

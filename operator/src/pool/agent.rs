@@ -19,7 +19,7 @@ use super::protocol::{Answer, Assignment, Ended, HEARTBEAT, IDLE_HOLD, POLL_PATH
 /// How long a process has between SIGTERM and SIGKILL (a pod's default grace).
 const KILL_GRACE: Duration = Duration::from_secs(10);
 /// Variables of the agent's own, not passed to the workload.
-const AGENT_VARS: [&str; 2] = ["FLOWTEL_DISPATCH_URL", "FLOWTEL_POOL"];
+const AGENT_VARS: [&str; 3] = ["FLOWTEL_DISPATCH_URL", "FLOWTEL_POOL", "FLOWTEL_TOKEN_FILE"];
 
 /// Errors that stop the agent.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +42,8 @@ pub struct AgentConfig {
     pub namespace: String,
     /// The pool's command; an assignment's argv replaces it (it starts with it).
     pub command: Vec<String>,
+    /// The pod's ServiceAccount token, read before every request (the kubelet rotates it).
+    pub token_file: Option<std::path::PathBuf>,
 }
 
 /// A Job container's environment as the kubelet would resolve it in this pod: field references to the pod's name,
@@ -103,7 +105,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         };
         let hold = if current.is_some() { Duration::from_secs(5) } else { IDLE_HOLD + Duration::from_secs(10) };
         let answer = tokio::select! {
-            answer = ask(&client, &uri, &poll, hold) => answer,
+            answer = ask(&client, &uri, &poll, hold, config.token_file.as_deref()) => answer,
             () = &mut shutdown, if !stopping => {
                 stopping = true;
                 if let Some(c) = current.as_mut() {
@@ -207,15 +209,20 @@ async fn ask(
     uri: &hyper::Uri,
     poll: &Poll,
     hold: Duration,
+    token_file: Option<&std::path::Path>,
 ) -> Option<Answer> {
     let body = serde_json::to_vec(poll).ok()?;
-    let request = hyper::Request::post(uri.clone())
-        .header(hyper::header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .ok()?;
+    let mut request = hyper::Request::post(uri.clone()).header(hyper::header::CONTENT_TYPE, "application/json");
+    if let Some(token) = token_file.and_then(|f| std::fs::read_to_string(f).ok()) {
+        request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {}", token.trim()));
+    }
+    let request = request.body(Full::new(Bytes::from(body))).ok()?;
     let exchange = async {
         let response = client.request(request).await.ok()?;
         if !response.status().is_success() {
+            let status = response.status();
+            let why = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            tracing::warn!(%status, answer = %String::from_utf8_lossy(&why), "the dispatcher refused the request");
             return None;
         }
         let bytes = response.into_body().collect().await.ok()?.to_bytes();

@@ -11,7 +11,8 @@ use flowtel_crds::worker_pool::WorkerPoolStatus;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, ObjectFieldSelector, Volume, VolumeMount,
+    Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, ObjectFieldSelector, ProjectedVolumeSource,
+    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use kube::api::{Api, Patch, PatchParams};
@@ -30,6 +31,10 @@ pub const POOL_LABEL: &str = "flowtel.dev/pool";
 /// Where the init container puts the agent, and the agent's path in the worker.
 const AGENT_DIR: &str = "/flowtel-agent";
 const AGENT_VOLUME: &str = "flowtel-agent";
+/// The worker's ServiceAccount token, projected whatever the pod's automount says: the dispatcher serves a worker
+/// only with its pool's identity (`auth.rs`).
+const TOKEN_VOLUME: &str = "flowtel-token";
+const TOKEN_DIR: &str = "/var/run/secrets/flowtel";
 
 /// What the pool controller is given.
 #[derive(Clone, Debug)]
@@ -85,7 +90,28 @@ pub fn build_deployment(pool: &WorkerPool, settings: &PoolSettings, replicas: i3
         empty_dir: Some(EmptyDirVolumeSource::default()),
         ..Default::default()
     });
+    pod.volumes.get_or_insert_with(Vec::new).push(Volume {
+        name: TOKEN_VOLUME.into(),
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(vec![VolumeProjection {
+                service_account_token: Some(ServiceAccountTokenProjection {
+                    path: "token".into(),
+                    expiration_seconds: Some(3600),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
     let mount = VolumeMount { name: AGENT_VOLUME.into(), mount_path: AGENT_DIR.into(), ..Default::default() };
+    let token_mount = VolumeMount {
+        name: TOKEN_VOLUME.into(),
+        mount_path: TOKEN_DIR.into(),
+        read_only: Some(true),
+        ..Default::default()
+    };
     let agent = format!("{AGENT_DIR}/flowtel");
     pod.init_containers.get_or_insert_with(Vec::new).insert(
         0,
@@ -102,10 +128,11 @@ pub fn build_deployment(pool: &WorkerPool, settings: &PoolSettings, replicas: i3
         command.extend(main.command.take().unwrap_or_default());
         command.extend(main.args.take().unwrap_or_default());
         main.command = Some(command);
-        main.volume_mounts.get_or_insert_with(Vec::new).push(mount);
+        main.volume_mounts.get_or_insert_with(Vec::new).extend([mount, token_mount]);
         let env = main.env.get_or_insert_with(Vec::new);
         env.push(plain("FLOWTEL_DISPATCH_URL", &settings.dispatch_url));
         env.push(plain("FLOWTEL_POOL", &format!("{namespace}/{name}")));
+        env.push(plain("FLOWTEL_TOKEN_FILE", &format!("{TOKEN_DIR}/token")));
         env.push(field("POD_NAME", "metadata.name"));
         env.push(field("POD_NAMESPACE", "metadata.namespace"));
         env.push(field("NODE_NAME", "spec.nodeName"));
@@ -170,6 +197,7 @@ pub async fn run(
     dispatcher: Dispatcher,
     settings: PoolSettings,
     load_changes: tokio::sync::mpsc::UnboundedReceiver<ObjectRef<WorkerPool>>,
+    auth: Option<super::auth::Authenticator>,
 ) {
     let pools: Api<WorkerPool> = match &namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
@@ -185,7 +213,11 @@ pub async fn run(
         .reflect(writer)
         .touched_objects();
     let context = Arc::new(Context { client, dispatcher, settings, deployments: store, busy_at: Mutex::default() });
-    Controller::new(pools, watcher::Config::default())
+    let controller = Controller::new(pools, watcher::Config::default());
+    if let Some(auth) = auth {
+        auth.read_pools_from(controller.store());
+    }
+    controller
         .owns_stream(deployment_stream)
         .reconcile_on(tokio_stream::wrappers::UnboundedReceiverStream::new(load_changes))
         .shutdown_on_signal()
@@ -280,7 +312,10 @@ mod tests {
         );
         assert_eq!(main.args, None);
         let env: Vec<&str> = main.env.iter().flatten().map(|e| e.name.as_str()).collect();
-        assert_eq!(env, ["FLOWTEL_DISPATCH_URL", "FLOWTEL_POOL", "POD_NAME", "POD_NAMESPACE", "NODE_NAME"]);
+        assert_eq!(
+            env,
+            ["FLOWTEL_DISPATCH_URL", "FLOWTEL_POOL", "FLOWTEL_TOKEN_FILE", "POD_NAME", "POD_NAMESPACE", "NODE_NAME"]
+        );
         assert_eq!(pod.init_containers.expect("init")[0].image.as_deref(), Some("flowtel:1"));
     }
 

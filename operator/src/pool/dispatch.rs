@@ -471,9 +471,18 @@ fn ending(ended: &Ended, worker: &str) -> Ending {
     }
 }
 
-/// Serves the dispatch endpoint until `shutdown`; sweeps every second.
+/// What the endpoint serves with.
+#[derive(Clone)]
+struct Served {
+    dispatcher: Dispatcher,
+    auth: Option<super::auth::Authenticator>,
+}
+
+/// Serves the dispatch endpoint until `shutdown`; sweeps every second. With `auth`, a request is served only with
+/// the token of the pool's own ServiceAccount (`auth.rs`).
 pub async fn serve(
     dispatcher: Dispatcher,
+    auth: Option<super::auth::Authenticator>,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -486,14 +495,16 @@ pub async fn serve(
             sweeper.sweep();
         }
     });
-    let app = axum::Router::new().route(super::protocol::POLL_PATH, post(handle)).with_state(dispatcher);
+    let app =
+        axum::Router::new().route(super::protocol::POLL_PATH, post(handle)).with_state(Served { dispatcher, auth });
     let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
     sweep.abort();
     served
 }
 
 async fn handle(
-    axum::extract::State(dispatcher): axum::extract::State<Dispatcher>,
+    axum::extract::State(Served { dispatcher, auth }): axum::extract::State<Served>,
+    headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> axum::response::Response {
     use axum::http::{StatusCode, header};
@@ -502,6 +513,17 @@ async fn handle(
         Ok(poll) => poll,
         Err(e) => return (StatusCode::BAD_REQUEST, format!("not a poll: {e}")).into_response(),
     };
+    if let Some(auth) = &auth {
+        let token = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        if let Err(refused) = auth.authorize(token, &poll.pool).await {
+            tracing::warn!(worker = %poll.worker, pool = %poll.pool, %refused, "worker refused");
+            return (StatusCode::FORBIDDEN, refused.to_string()).into_response();
+        }
+    }
     let hold = if poll.running.is_some() { Duration::ZERO } else { super::protocol::IDLE_HOLD };
     let fence_seconds = dispatcher.fence().as_secs();
     let answer = match dispatcher.poll(poll) {

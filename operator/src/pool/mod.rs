@@ -4,6 +4,7 @@
 //! WorkflowRun controller's (`workflow_run::pooled`); this module knows nothing of runs but their names.
 
 pub mod agent;
+pub mod auth;
 pub mod controller;
 pub mod dispatch;
 pub mod protocol;
