@@ -26,7 +26,7 @@ pub fn to_yaml(crd: &CustomResourceDefinition) -> Result<String, CrdGenError> {
     serde_yaml_ng::to_string(crd).map_err(|source| CrdGenError::Yaml { name, source })
 }
 
-/// Both CRDs as one multi-document YAML stream, as `flowtel crds` prints it.
+/// Every CRD as one multi-document YAML stream, as `flowtel crds` prints it.
 pub fn all_yaml() -> Result<String, CrdGenError> {
     let docs = all().iter().map(|(_, crd)| to_yaml(crd)).collect::<Result<Vec<_>, _>>()?;
     Ok(docs.into_iter().map(|d| format!("---\n{d}")).collect())

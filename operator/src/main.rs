@@ -26,7 +26,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print the CRDs (WorkflowRun, TelemetryStack) as YAML.
+    /// Print the CRDs (WorkflowRun, TelemetryStack, WorkerPool) as YAML.
     Crds {
         /// Write each CRD to its own file in this directory instead (the checked-in layout of crds/).
         #[arg(long)]

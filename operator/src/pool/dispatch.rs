@@ -266,6 +266,7 @@ impl Dispatcher {
             {
                 a.state = AttemptState::Ended(ending(ended, &poll.worker));
                 a.since = now;
+                a.assignment = None;
                 woken.push(a.run.clone());
             }
         }
@@ -307,6 +308,17 @@ impl Dispatcher {
                 }
             },
         };
+        // What this worker was running and no longer reports, without its end: its agent restarted, or never received
+        // the assignment (the answer was lost). Lost, as a disruption; the run retries at once.
+        let previous = state.workers.get(&id).and_then(|w| w.running.clone());
+        if let Some(previous) =
+            previous.filter(|p| running.as_ref() != Some(p) && !poll.ended.iter().any(|e| e.key == *p))
+            && let Some(a) = state.attempts.get_mut(&previous)
+            && matches!(&a.state, AttemptState::Running { worker, .. } if *worker == poll.worker)
+        {
+            *a = lost(a.run.clone(), &a.pool, now, Some(poll.worker.clone()));
+            woken.push(a.run.clone());
+        }
         let worker = state.workers.entry(id).or_default();
         worker.pool.clone_from(&poll.pool);
         worker.node.clone_from(&poll.node);
@@ -587,6 +599,18 @@ mod tests {
             Some(AttemptState::Ended(Ending { exit_code: Some(3), disrupted: false, .. }))
         ));
         assert_eq!(woken.try_recv().map(|r| r.name).ok().as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn an_attempt_its_worker_no_longer_reports_is_lost_as_a_disruption() {
+        let (d, mut woken) = dispatcher();
+        d.dispatch("ns/p", assignment("e-1"), None);
+        let _ = d.poll(poll("w1"));
+        // The agent restarted (or never got the answer): it asks again, running nothing, reporting no end.
+        let _ = d.poll(poll("w1"));
+        let state = d.state("ns/e-1");
+        assert!(matches!(state, Some(AttemptState::Ended(Ending { disrupted: true, .. }))), "{state:?}");
+        assert_eq!(woken.try_recv().map(|r| r.name).ok().as_deref(), Some("e"));
     }
 
     #[test]
