@@ -286,3 +286,60 @@ async fn pooled_faults_end_as_a_jobs_would_and_refused_runs_never_execute() {
     assert!(all.iter().all(|m| m[0] == "exits-3" || m[0] == "killed" || m[0] == "hangs"), "{all:?}");
     assert!(all.iter().all(|m| m[2] == "shell-w-a" || m[2] == "shell-w-b"), "{all:?}");
 }
+
+/// The operator killed while pooled runs execute and wait: the running ones are adopted from their workers' reports,
+/// the queued ones (recorded, never started) are declared lost after the fence and run as their next attempt. Every
+/// run succeeds, each executed exactly once.
+#[tokio::test]
+async fn the_operator_killed_mid_run_neither_loses_a_pooled_run_nor_runs_one_twice() {
+    let client = client().await.expect("client");
+    install_crds(&client).await.expect("CRDs");
+    let ns = TestNamespace::new(&client, "pooled-kill").await.expect("namespace");
+    let collector = Collector::start("pooled-kill").await.expect("collector");
+    let dispatch_addr = format!("127.0.0.1:{}", free_port());
+    let mut operator =
+        Operator::start(&ns.name, &collector.endpoint, &["--dispatch-addr", &dispatch_addr]).await.expect("operator");
+    let dir = std::env::temp_dir().join(format!("flowtel-pooled-kill-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let marks_file = dir.join("marks");
+    _ = std::fs::remove_file(&marks_file);
+    let script = "echo \"$RUN $TRACEPARENT $OTEL_RESOURCE_ATTRIBUTES_POD_NAME $$\" >> \"$MARKS\"; sleep 3";
+    let command = ["/bin/sh", "-c", script];
+    apply(&client, &ns.name, pool("shell", &command, &["RUN"])).await;
+    let url = format!("http://{dispatch_addr}");
+    let pool_key = format!("{}/shell", ns.name);
+    let env = [("MARKS", marks_file.to_str().expect("path"))];
+    let token = service_account_token(&ns.name, "default").await;
+    let _workers = [
+        worker(&url, &pool_key, "shell-w-a", &token, &command, &env),
+        worker(&url, &pool_key, "shell-w-b", &token, &command, &env),
+    ];
+    let names: Vec<String> = (0..6).map(|i| format!("run-{i}")).collect();
+    for name in &names {
+        apply(&client, &ns.name, pooled_run(name, "shell", "shell", &[("RUN", name)])).await;
+    }
+    // Two running (two workers), four recorded and queued: then the crash.
+    let runs: Api<WorkflowRun> = Api::namespaced(client.clone(), &ns.name);
+    eventually("two runs executing and every run recorded as started", WAIT, async || {
+        let started = marks(&marks_file).len();
+        let list = runs.list(&Default::default()).await.ok()?.items;
+        let recorded = list.iter().filter(|r| r.status.as_ref().is_some_and(|s| !s.attempts.is_empty())).count();
+        (started == 2 && recorded == names.len()).then_some(())
+    })
+    .await;
+    operator.kill();
+    operator.restart().await.expect("the operator again");
+
+    for name in &names {
+        let status = finished(&runs, name).await.status.expect("status");
+        assert_eq!(status.phase, Some(WorkflowRunPhase::Succeeded), "{name}: {status:?}");
+        let executions: Vec<Vec<String>> = marks(&marks_file).into_iter().filter(|m| m[0] == *name).collect();
+        assert_eq!(executions.len(), 1, "{name} executed once: {executions:?}, {:?}", status.attempts);
+        // The attempt that ran is the one that succeeded: its span is the one the process was given.
+        let succeeded = status.attempts.last().expect("attempt");
+        assert_eq!(succeeded.classification, Some(AttemptClassification::Succeeded));
+        let lost =
+            status.attempts.iter().filter(|a| a.classification == Some(AttemptClassification::Disruption)).count();
+        assert!(lost <= 1, "{name}: at most the attempt queued at the crash is lost: {status:?}");
+    }
+}

@@ -438,8 +438,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Run(args) => run(*args).await?,
         Command::Render { file, check } => render(&file, check)?,
         Command::Worker { dispatch_url, pool, pod_name, node_name, token_file, command } => {
+            // stderr: the workload's stdout is the container's, and a log reader must tell the two apart.
             tracing_subscriber::fmt()
                 .json()
+                .with_writer(std::io::stderr)
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
                 )

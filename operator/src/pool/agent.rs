@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::EnvVar;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-use super::protocol::{Answer, Assignment, Ended, HEARTBEAT, IDLE_HOLD, POLL_PATH, Poll, Running};
+use super::protocol::{Answer, Assignment, Ended, HEARTBEAT, IDLE_HOLD, POLL_PATH, Poll, REREPORT, RunName, Running};
 
 /// How long a process has between SIGTERM and SIGKILL (a pod's default grace).
 const KILL_GRACE: Duration = Duration::from_secs(10);
@@ -94,16 +94,26 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     let mut fence = Duration::from_secs(15);
     let mut last_answer = Instant::now();
     let mut stopping = false;
+    // The ends reported lately, for a new leader (`Answer::leader`), and who answered last.
+    let mut recent: Vec<(Ended, Instant)> = Vec::new();
+    let mut leader: Option<String> = None;
+    let instance = instance_id();
+    let mut seq = 0u64;
     tokio::pin!(shutdown);
     loop {
+        seq += 1;
         let poll = Poll {
             pool: config.pool.clone(),
             worker: config.pod_name.clone(),
             node: config.node_name.clone(),
+            instance: instance.clone(),
+            seq,
             running: current.as_ref().map(|c| Running { key: c.assignment.key.clone(), run: c.assignment.run.clone() }),
             ended: ended.clone(),
         };
         let hold = if current.is_some() { Duration::from_secs(5) } else { IDLE_HOLD + Duration::from_secs(10) };
+        // One request at a time, never abandoned for a process's end (a busy worker's is answered at once): an
+        // abandoned request could reach the leader after a later one (`Poll::seq` makes that harmless anyway).
         let answer = tokio::select! {
             answer = ask(&client, &uri, &poll, hold, config.token_file.as_deref()) => answer,
             () = &mut shutdown, if !stopping => {
@@ -113,18 +123,21 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
                 }
                 None
             }
-            status = wait_current(&mut current), if current.is_some() => {
-                if let Some(c) = current.take() {
-                    ended.push(end_of(&c, status));
-                }
-                continue;
-            }
         };
         let answered = answer.is_some();
         match answer {
             Some(answer) => {
                 last_answer = Instant::now();
                 ended.retain(|e| !poll.ended.contains(e));
+                recent.retain(|(_, at)| at.elapsed() < REREPORT);
+                recent.extend(poll.ended.iter().cloned().map(|e| (e, Instant::now())));
+                if leader.as_ref().is_some_and(|l| *l != answer.leader) {
+                    // A new leader: its predecessor may have died before recording these.
+                    let again: Vec<Ended> =
+                        recent.iter().map(|(e, _)| e.clone()).filter(|e| !ended.contains(e)).collect();
+                    ended.extend(again);
+                }
+                leader = Some(answer.leader.clone());
                 fence = Duration::from_secs(answer.fence_seconds.max(1));
                 if let (Some(key), Some(c)) = (&answer.kill, current.as_mut())
                     && *key == c.assignment.key
@@ -134,13 +147,13 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
                 if let Some(assignment) = answer.assign {
                     if current.is_some() || stopping {
                         // Never two at once: refused work ends as a disruption, which the run retries elsewhere.
-                        ended.push(refused(&assignment.key, "WorkerStopping"));
+                        ended.push(refused(&assignment, "WorkerStopping"));
                     } else {
                         match start(&config, &assignment) {
                             Ok(c) => current = Some(c),
                             Err(e) => {
                                 tracing::warn!(attempt = %assignment.key, error = %e, "cannot start the pool's command");
-                                ended.push(refused(&assignment.key, "StartFailed"));
+                                ended.push(refused(&assignment, "StartFailed"));
                             }
                         }
                     }
@@ -195,12 +208,11 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     }
 }
 
-/// Waits for the current process, if any.
-async fn wait_current(current: &mut Option<Current>) -> std::io::Result<ExitStatus> {
-    match current.as_mut() {
-        Some(c) => c.child.wait().await,
-        None => std::future::pending().await,
-    }
+/// This agent process's identity in its requests (`Poll::instance`).
+fn instance_id() -> String {
+    let mut bytes = [0u8; 8];
+    let random = getrandom::fill(&mut bytes).map(|()| u64::from_le_bytes(bytes));
+    format!("{:016x}-{}", random.unwrap_or_default(), std::process::id())
 }
 
 /// One request; None when the leader did not answer.
@@ -284,14 +296,21 @@ fn end_of(current: &Current, status: std::io::Result<ExitStatus>) -> Ended {
     tracing::info!(attempt = %current.assignment.key, exit_code, reason, "ended");
     Ended {
         key: current.assignment.key.clone(),
+        run: current.assignment.run.clone(),
         exit_code,
         reason: reason.into(),
         finished_at: jiff::Timestamp::now().to_string(),
     }
 }
 
-fn refused(key: &str, reason: &str) -> Ended {
-    Ended { key: key.into(), exit_code: 127, reason: reason.into(), finished_at: jiff::Timestamp::now().to_string() }
+fn refused(assignment: &Assignment, reason: &str) -> Ended {
+    Ended {
+        key: assignment.key.clone(),
+        run: RunName::clone(&assignment.run),
+        exit_code: 127,
+        reason: reason.into(),
+        finished_at: jiff::Timestamp::now().to_string(),
+    }
 }
 
 #[cfg(test)]

@@ -73,6 +73,9 @@ struct Attempt {
 
 #[derive(Default)]
 struct Worker {
+    /// The agent process and its latest request's number (`Poll::seq`).
+    instance: String,
+    seq: u64,
     pool: PoolKey,
     node: String,
     last_seen: Option<Instant>,
@@ -128,6 +131,8 @@ pub struct Dispatcher {
     metrics: DispatchMetrics,
     /// Wakes a pool whose queue grew (the pool controller sizes it from `load`).
     pool_wakes: Arc<Mutex<Option<mpsc::UnboundedSender<ObjectRef<WorkerPool>>>>>,
+    /// This dispatcher's identity in its answers (`Answer::leader`).
+    id: String,
 }
 
 impl Dispatcher {
@@ -137,7 +142,14 @@ impl Dispatcher {
         fence: Duration,
         metrics: DispatchMetrics,
     ) -> Self {
-        Self { state: Arc::default(), notify, started: Instant::now(), fence, metrics, pool_wakes: Arc::default() }
+        let mut bytes = [0u8; 8];
+        // Uniqueness across restarts is all this needs; the time is the fallback.
+        let id = match getrandom::fill(&mut bytes) {
+            Ok(()) => u64::from_le_bytes(bytes),
+            Err(_) => u64::try_from(jiff::Timestamp::now().as_nanosecond()).unwrap_or_default(),
+        };
+        let id = format!("{id:016x}");
+        Self { state: Arc::default(), notify, started: Instant::now(), fence, metrics, pool_wakes: Arc::default(), id }
     }
 
     /// Where to say that a pool's queue grew.
@@ -147,6 +159,11 @@ impl Dispatcher {
 
     pub fn fence(&self) -> Duration {
         self.fence
+    }
+
+    /// The answer "nothing" (a held request's, when its hold ends).
+    pub fn nothing(&self) -> Answer {
+        Answer { fence_seconds: self.fence.as_secs(), leader: self.id.clone(), ..Default::default() }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -245,8 +262,12 @@ impl Dispatcher {
         {
             w.kill = Some(key.to_string());
             if let Some(parked) = w.parked.take() {
-                let kill =
-                    Answer { kill: Some(key.to_string()), fence_seconds: self.fence.as_secs(), ..Default::default() };
+                let kill = Answer {
+                    kill: Some(key.to_string()),
+                    fence_seconds: self.fence.as_secs(),
+                    leader: self.id.clone(),
+                    ..Default::default()
+                };
                 _ = parked.send(kill);
             }
         }
@@ -259,15 +280,32 @@ impl Dispatcher {
         let mut state = self.lock();
         let now = Instant::now();
         let id = (poll.pool.clone(), poll.worker.clone());
+        if state.workers.get(&id).is_some_and(|w| w.instance == poll.instance && poll.seq <= w.seq) {
+            // Older than a request already served: what it says is out of date.
+            return Ok(self.nothing());
+        }
         let mut woken = Vec::new();
+        let young = self.started.elapsed() < self.fence;
         for ended in &poll.ended {
-            if let Some(a) = state.attempts.get_mut(&ended.key)
-                && matches!(&a.state, AttemptState::Running { worker, .. } if *worker == poll.worker)
-            {
-                a.state = AttemptState::Ended(ending(ended, &poll.worker));
-                a.since = now;
-                a.assignment = None;
-                woken.push(a.run.clone());
+            match state.attempts.get_mut(&ended.key) {
+                // Ended on the worker that ran it, or reported again to a new leader that was waiting for its claim.
+                Some(a)
+                    if matches!(&a.state, AttemptState::Running { worker, .. } if *worker == poll.worker)
+                        || a.state == AttemptState::Unclaimed =>
+                {
+                    a.state = AttemptState::Ended(ending(ended, &poll.worker));
+                    a.since = now;
+                    a.assignment = None;
+                    woken.push(a.run.clone());
+                }
+                // An end the previous leader may not have recorded: adopted while this leader is young.
+                None if young => {
+                    let mut adopted = lost(ended.run.clone(), &poll.pool, now, None);
+                    adopted.state = AttemptState::Ended(ending(ended, &poll.worker));
+                    state.attempts.insert(ended.key.clone(), adopted);
+                    woken.push(ended.run.clone());
+                }
+                _ => {}
             }
         }
         let mut kill = None;
@@ -320,6 +358,8 @@ impl Dispatcher {
             woken.push(a.run.clone());
         }
         let worker = state.workers.entry(id).or_default();
+        worker.instance.clone_from(&poll.instance);
+        worker.seq = poll.seq;
         worker.pool.clone_from(&poll.pool);
         worker.node.clone_from(&poll.node);
         worker.last_seen = Some(now);
@@ -329,14 +369,19 @@ impl Dispatcher {
         let kill = kill.or_else(|| worker.kill.take().filter(|k| running.as_ref() == Some(k)));
         let fence_seconds = self.fence.as_secs();
         let answer = if kill.is_some() {
-            Ok(Answer { kill, fence_seconds, ..Default::default() })
+            Ok(Answer { kill, fence_seconds, leader: self.id.clone(), ..Default::default() })
         } else if running.is_none() {
             match self.next_for(&mut state, &poll.pool, &poll.worker) {
-                Some(assign) => Ok(Answer { assign: Some(Box::new(assign)), fence_seconds, ..Default::default() }),
+                Some(assign) => Ok(Answer {
+                    assign: Some(Box::new(assign)),
+                    fence_seconds,
+                    leader: self.id.clone(),
+                    ..Default::default()
+                }),
                 None => Err(()),
             }
         } else {
-            Ok(Answer { fence_seconds, ..Default::default() })
+            Ok(Answer { fence_seconds, leader: self.id.clone(), ..Default::default() })
         };
         let answer = answer.map_err(|()| {
             let (tx, rx) = oneshot::channel();
@@ -385,10 +430,18 @@ impl Dispatcher {
                 .map(|((_, name), _)| name.clone());
             let Some(name) = idle else { return };
             let Some(assign) = self.next_for(state, pool, &name) else { return };
-            let parked = state.workers.get_mut(&(pool.to_string(), name)).and_then(|w| w.parked.take());
+            let parked = state.workers.get_mut(&(pool.to_string(), name)).and_then(|w| {
+                // Its attempt's heartbeats count from now, not from when its held request came.
+                w.last_seen = Some(Instant::now());
+                w.parked.take()
+            });
             let key = assign.key.clone();
-            let answer =
-                Answer { assign: Some(Box::new(assign)), fence_seconds: self.fence.as_secs(), ..Default::default() };
+            let answer = Answer {
+                assign: Some(Box::new(assign)),
+                fence_seconds: self.fence.as_secs(),
+                leader: self.id.clone(),
+                ..Default::default()
+            };
             if let Some(Err(_)) = parked.map(|p| p.send(answer)) {
                 // The request went away as it was answered: the attempt goes back to the queue's front.
                 if let Some(a) = state.attempts.get_mut(&key) {
@@ -408,6 +461,8 @@ impl Dispatcher {
         let lost_workers: Vec<(PoolKey, String)> = state
             .workers
             .iter()
+            // A worker whose request is held is connected, however long ago it came.
+            .filter(|(_, w)| w.parked.as_ref().is_none_or(oneshot::Sender::is_closed))
             .filter(|(_, w)| w.last_seen.is_none_or(|t| now.duration_since(t) > WORKER_LOST))
             .map(|(id, _)| id.clone())
             .collect();
@@ -537,12 +592,11 @@ async fn handle(
         }
     }
     let hold = if poll.running.is_some() { Duration::ZERO } else { super::protocol::IDLE_HOLD };
-    let fence_seconds = dispatcher.fence().as_secs();
     let answer = match dispatcher.poll(poll) {
         Ok(answer) => answer,
         Err(parked) => match tokio::time::timeout(hold, parked).await {
             Ok(Ok(answer)) => answer,
-            _ => Answer { fence_seconds, ..Default::default() },
+            _ => dispatcher.nothing(),
         },
     };
     match serde_json::to_vec(&answer) {
@@ -571,8 +625,18 @@ mod tests {
         }
     }
 
+    /// A request of `worker`'s agent, numbered by a counter shared by the tests' agents (rising, as an agent's are).
     fn poll(worker: &str) -> Poll {
-        Poll { pool: "ns/p".into(), worker: worker.into(), node: "n".into(), ..Default::default() }
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Poll {
+            pool: "ns/p".into(),
+            worker: worker.into(),
+            node: "n".into(),
+            instance: "i".into(),
+            seq,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -588,6 +652,7 @@ mod tests {
         assert_eq!(d.load("ns/p"), 1);
         let ended = Ended {
             key: "ns/a-1".into(),
+            run: assignment("a-1").run,
             exit_code: 3,
             reason: "Error".into(),
             finished_at: "2026-12-07T10:00:00Z".into(),
@@ -614,6 +679,40 @@ mod tests {
     }
 
     #[test]
+    fn a_new_leader_adopts_an_end_its_predecessor_never_recorded() {
+        let (d, mut woken) = dispatcher();
+        let before = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(30);
+        // Recorded as started under the old leader; its end, reported to the old leader, is reported again here.
+        d.dispatch("ns/p", assignment("f-1"), Some(before));
+        let ended = |key: &str| Ended {
+            key: format!("ns/{key}"),
+            run: assignment(key).run,
+            exit_code: 0,
+            reason: "Completed".into(),
+            finished_at: "2026-12-07T10:00:00Z".into(),
+        };
+        let _ = d.poll(Poll { ended: vec![ended("f-1"), ended("g-1")], ..poll("w1") });
+        for key in ["ns/f-1", "ns/g-1"] {
+            let state = d.state(key);
+            assert!(matches!(state, Some(AttemptState::Ended(Ending { exit_code: Some(0), .. }))), "{key}: {state:?}");
+        }
+        let runs: Vec<String> = std::iter::from_fn(|| woken.try_recv().ok()).map(|r| r.name).collect();
+        assert_eq!(runs, ["f", "g"]);
+    }
+
+    #[test]
+    fn a_stale_request_arriving_after_a_later_one_changes_nothing() {
+        let (d, _woken) = dispatcher();
+        d.dispatch("ns/p", assignment("h-1"), None);
+        let stale = poll("w1");
+        let _ = d.poll(poll("w1")); // assigned h-1
+        // The earlier request (running nothing) arrives late: h-1 is not lost, nothing else is handed out.
+        let answer = d.poll(stale).expect("answered at once");
+        assert_eq!(answer.assign, None);
+        assert_eq!(d.state("ns/h-1"), Some(AttemptState::Running { worker: "w1".into(), node: "n".into() }));
+    }
+
+    #[test]
     fn a_held_request_is_answered_by_the_next_dispatch() {
         let (d, _woken) = dispatcher();
         let Err(mut held) = d.poll(poll("w1")) else { panic!("held") };
@@ -635,6 +734,7 @@ mod tests {
         // Its end, reported after the kill, changes nothing.
         let ended = Ended {
             key: "ns/c-1".into(),
+            run: assignment("c-1").run,
             exit_code: 143,
             reason: "Killed".into(),
             finished_at: "2026-12-07T10:00:00Z".into(),

@@ -48,6 +48,12 @@ pub struct Poll {
     pub worker: String,
     #[serde(default)]
     pub node: String,
+    /// The agent process (random at its start) and its request's number, rising: a request that arrives after a
+    /// later one of the same agent (a retried or abandoned one) is stale and changes nothing.
+    #[serde(default)]
+    pub instance: String,
+    #[serde(default)]
+    pub seq: u64,
     /// The attempt running now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub running: Option<Running>,
@@ -68,6 +74,8 @@ pub struct Running {
 #[serde(rename_all = "camelCase")]
 pub struct Ended {
     pub key: String,
+    /// The attempt's run: a new leader adopts an end reported to its predecessor by it.
+    pub run: RunName,
     /// The exit code; a process ended by a signal reports 128 + the signal, as a container does.
     pub exit_code: i32,
     /// Why, in a container's words: Completed, Error, DeadlineExceeded (the agent killed it at the deadline),
@@ -90,4 +98,11 @@ pub struct Answer {
     /// How long the agent may go without an answer before it kills what it runs (self-fencing): a new leader
     /// waits this long before it declares unclaimed attempts lost.
     pub fence_seconds: u64,
+    /// Who answers: a new value is a new leader, to whom the agent reports again the ends of the last
+    /// `REREPORT` (its predecessor may have died before recording them).
+    #[serde(default)]
+    pub leader: String,
 }
+
+/// How long an agent remembers the attempts it ended, to report them again to a new leader.
+pub const REREPORT: Duration = Duration::from_secs(60);
