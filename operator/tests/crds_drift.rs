@@ -12,7 +12,7 @@ fn checked_in_crds_match_flowtel_crds_output() {
 
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
     let mut checked_in = String::new();
-    for file in ["flowtel.dev_workflowruns.yaml", "flowtel.dev_telemetrystacks.yaml"] {
+    for file in ["flowtel.dev_workflowruns.yaml", "flowtel.dev_telemetrystacks.yaml", "flowtel.dev_workerpools.yaml"] {
         let text = std::fs::read_to_string(root.join(file)).unwrap_or_else(|e| panic!("reading crds/{file}: {e}"));
         checked_in.push_str("---\n");
         checked_in.push_str(&text);
