@@ -342,3 +342,66 @@ pub async fn external_stack(client: &kube::Client, namespace: &str, name: &str, 
     .expect("the stack serves its endpoint")
     .expect("watch");
 }
+
+/// The ten workflow metrics of the seed as Prometheus names them (a histogram by its buckets).
+pub const WORKFLOW_METRICS: [&str; 10] = [
+    "workflow_run_total",
+    "workflow_run_duration_ms_bucket",
+    "workflow_run_status",
+    "workflow_step_duration_ms_bucket",
+    "workflow_step_status",
+    "workflow_retry_count",
+    "workflow_image_uploaded",
+    "workflow_image_size_bytes_bucket",
+    "workflow_db_upsert",
+    "workflow_db_upsert_duration_ms_bucket",
+];
+
+/// A run's trace as Jaeger returns it.
+pub struct RunTrace {
+    pub spans: Vec<Value>,
+}
+
+impl RunTrace {
+    /// Waits (up to `wait`) until Jaeger holds trace `trace_id` with the run's span and the root span of workflow
+    /// `workflow` (`workflow <name>`).
+    pub async fn fetch(jaeger_query: &str, trace_id: &str, workflow: &str, wait: std::time::Duration) -> Self {
+        let url = format!("{jaeger_query}/api/traces/{trace_id}");
+        let root = format!("workflow {workflow}");
+        let spans = crate::eventually(&format!("trace {trace_id} in Jaeger"), wait, async || {
+            let (code, body) = http_get(&url).await?;
+            let v: Value = serde_json::from_str(&body).ok()?;
+            let spans = v["data"][0]["spans"].as_array().cloned().unwrap_or_default();
+            let has = |name: &str| spans.iter().any(|s| s["operationName"] == name);
+            (code == 200 && has("workflow.run") && has(&root)).then_some(spans)
+        })
+        .await;
+        Self { spans }
+    }
+
+    /// The span named `name` (the first, if several).
+    pub fn span(&self, name: &str) -> &Value {
+        self.spans.iter().find(|s| s["operationName"] == name).unwrap_or_else(|| panic!("no span {name}"))
+    }
+
+    /// The span id of `span`'s parent.
+    pub fn parent_of(span: &Value) -> Option<&str> {
+        span["references"].as_array()?.iter().find(|r| r["refType"] == "CHILD_OF")?["spanID"].as_str()
+    }
+
+    /// The workflow's step spans (`step <name>`).
+    pub fn steps(&self) -> Vec<&Value> {
+        self.spans.iter().filter(|s| s["operationName"].as_str().is_some_and(|n| n.starts_with("step "))).collect()
+    }
+
+    /// Asserts the chain a run's trace must have: run → attempt → the workflow's root → each step.
+    pub fn assert_run_attempt_workflow_steps(&self, workflow: &str) {
+        let attempt = self.span("workflow.attempt");
+        let root = self.span(&format!("workflow {workflow}"));
+        assert_eq!(Self::parent_of(attempt), self.span("workflow.run")["spanID"].as_str(), "attempt under run");
+        assert_eq!(Self::parent_of(root), attempt["spanID"].as_str(), "the workflow's root under the attempt");
+        for step in self.steps() {
+            assert_eq!(Self::parent_of(step), root["spanID"].as_str(), "{} under the root", step["operationName"]);
+        }
+    }
+}

@@ -297,32 +297,13 @@ pub async fn exact(prom: &str, want: &BTreeMap<&'static str, f64>, within: Optio
     }
 }
 
-/// The Job's container environment as a process would see it: plain values, downward-API fields resolved, and
-/// `$(VAR)` references expanded as the kubelet expands them.
-pub fn job_environment(job: &Job, pod_name: &str) -> Vec<(String, String)> {
-    let env = job
-        .spec
+/// The Job's first container's environment, as the Job declares it (a test resolves it as the kubelet would with
+/// `flowtel::pool::agent::resolve_env`, the code a WorkerPool's agent resolves a pooled run's with).
+pub fn job_container_env(job: &Job) -> Vec<k8s_openapi::api::core::v1::EnvVar> {
+    job.spec
         .as_ref()
         .and_then(|s| s.template.spec.as_ref())
         .and_then(|p| p.containers.first())
         .and_then(|c| c.env.clone())
-        .unwrap_or_default();
-    let mut out: Vec<(String, String)> = Vec::new();
-    for var in env {
-        let value = match (&var.value, &var.value_from) {
-            (Some(v), _) => v.clone(),
-            (None, Some(from)) => match from.field_ref.as_ref().map(|f| f.field_path.as_str()) {
-                Some("metadata.name") => pod_name.to_string(),
-                Some("spec.nodeName") => "kwok-node-0".to_string(),
-                _ => String::new(),
-            },
-            _ => String::new(),
-        };
-        let mut expanded = value;
-        for (name, v) in &out {
-            expanded = expanded.replace(&format!("$({name})"), v);
-        }
-        out.push((var.name, expanded));
-    }
-    out
+        .unwrap_or_default()
 }

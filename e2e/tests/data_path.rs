@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use flowtel_crds::WorkflowRun;
 use flowtel_crds::workflow_run::WorkflowRunPhase;
-use flowtel_e2e::backends::{self, prometheus_query, sum};
-use flowtel_e2e::sync_runs::job_environment;
+use flowtel_e2e::backends::{self, RunTrace, prometheus_query, sum};
+use flowtel_e2e::sync_runs::job_container_env;
 use flowtel_e2e::{
     Collector, Operator, TEST_MANAGER, TestNamespace, client, eventually, flowtel_binary, http_get, install_crds,
     simple_run, with_query,
@@ -141,34 +141,12 @@ async fn a_workflow_run_lands_in_prometheus_jaeger_and_victorialogs_joined_to_it
 
     // Jaeger: the run's trace holds the operator's run and attempt spans and the workflow's spans beneath.
     for trace_id in &trace_ids {
-        let url = format!("{}/api/traces/{trace_id}", backends.jaeger_query);
-        let spans = eventually(&format!("trace {trace_id} in Jaeger"), WAIT, async || {
-            let (code, body) = http_get(&url).await?;
-            let v: Value = serde_json::from_str(&body).ok()?;
-            let spans = v["data"][0]["spans"].as_array().cloned().unwrap_or_default();
-            let names: BTreeSet<&str> = spans.iter().filter_map(|s| s["operationName"].as_str()).collect();
-            (code == 200 && names.contains("workflow.run") && names.contains("workflow sync")).then_some(spans)
-        })
-        .await;
-        let by_name = |name: &str| spans.iter().find(|s| s["operationName"] == name).cloned().expect(name);
-        let parent_of = |span: &Value| -> Option<String> {
-            span["references"].as_array()?.iter().find(|r| r["refType"] == "CHILD_OF")?["spanID"]
-                .as_str()
-                .map(str::to_string)
-        };
-        let attempt = by_name("workflow.attempt");
-        let root = by_name("workflow sync");
-        assert_eq!(parent_of(&attempt).as_deref(), by_name("workflow.run")["spanID"].as_str(), "attempt under run");
-        assert_eq!(parent_of(&root).as_deref(), attempt["spanID"].as_str(), "the workflow's root under the attempt");
-        let steps: Vec<&Value> =
-            spans.iter().filter(|s| s["operationName"].as_str().is_some_and(|n| n.starts_with("step "))).collect();
-        assert_eq!(steps.len(), 4, "fetch_source, transform, upsert_phones, upload_images");
-        let instrumented = by_name("transform_phones");
-        let transform = by_name("step transform");
-        assert_eq!(parent_of(&instrumented).as_deref(), transform["spanID"].as_str(), "#[instrument] under its step");
-        for step in steps {
-            assert_eq!(parent_of(step).as_deref(), root["spanID"].as_str(), "{} under the root", step["operationName"]);
-        }
+        let trace = RunTrace::fetch(&backends.jaeger_query, trace_id, "sync", WAIT).await;
+        trace.assert_run_attempt_workflow_steps("sync");
+        assert_eq!(trace.steps().len(), 4, "fetch_source, transform, upsert_phones, upload_images");
+        let instrumented = trace.span("transform_phones");
+        let transform = trace.span("step transform");
+        assert_eq!(RunTrace::parent_of(instrumented), transform["spanID"].as_str(), "#[instrument] under its step");
     }
 
     // VictoriaLogs: the workflow's log records carry the run's trace id.
@@ -226,4 +204,10 @@ async fn a_workflow_run_lands_in_prometheus_jaeger_and_victorialogs_joined_to_it
     for signal in ["traces", "metrics", "logs"] {
         assert!(default_collector.documents(signal).is_empty(), "{signal} reached the operator's default endpoint");
     }
+}
+
+/// The Job's container environment as its pod's process sees it (the kubelet's resolution, as the agent does it).
+fn job_environment(job: &k8s_openapi::api::batch::v1::Job, pod_name: &str) -> Vec<(String, String)> {
+    let namespace = job.metadata.namespace.clone().unwrap_or_default();
+    flowtel::pool::agent::resolve_env(&job_container_env(job), pod_name, "kwok-node-0", &namespace)
 }

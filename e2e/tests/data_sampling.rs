@@ -11,7 +11,7 @@ use std::time::Duration;
 use flowtel_crds::WorkflowRun;
 use flowtel_crds::workflow_run::WorkflowRunPhase;
 use flowtel_e2e::backends::{self, Options};
-use flowtel_e2e::sync_runs::job_environment;
+use flowtel_e2e::sync_runs::job_container_env;
 use flowtel_e2e::{
     Operator, TEST_MANAGER, TestNamespace, client, eventually, flowtel_binary, http_get, install_crds, simple_run,
 };
@@ -138,4 +138,10 @@ async fn a_thousand_runs_keep_every_failed_trace_whole_and_a_tenth_of_the_rest_d
     println!("kept {kept} of {} successful runs' traces: {share:.1} % (configured {KEPT_PERCENT} %)", RUNS - failed);
     // Binomial spread of 900 draws at 10 %: one standard deviation is 1 point; three keep this test from flaking.
     assert!((share - f64::from(KEPT_PERCENT)).abs() <= 3.0, "kept {share:.1} % of the successful runs");
+}
+
+/// The Job's container environment as its pod's process sees it (the kubelet's resolution, as the agent does it).
+fn job_environment(job: &k8s_openapi::api::batch::v1::Job, pod_name: &str) -> Vec<(String, String)> {
+    let namespace = job.metadata.namespace.clone().unwrap_or_default();
+    flowtel::pool::agent::resolve_env(&job_container_env(job), pod_name, "kwok-node-0", &namespace)
 }

@@ -4,7 +4,6 @@
 //! its faults end as a Job's would: a worker killed mid-run is a disruption retried on another worker, a hanging
 //! process ends at the deadline and is killed, and what the pool does not allow never runs.
 
-use std::collections::BTreeSet;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -12,9 +11,9 @@ use std::time::Duration;
 
 use flowtel_crds::workflow_run::{AttemptClassification, WorkflowRunPhase};
 use flowtel_crds::{WorkerPool, WorkflowRun};
-use flowtel_e2e::backends::{self, prometheus_query, sum};
+use flowtel_e2e::backends::{self, RunTrace, WORKFLOW_METRICS, prometheus_query, sum};
 use flowtel_e2e::{
-    Collector, Operator, Process, TEST_MANAGER, TestNamespace, client, eventually, flowtel_binary, free_port, http_get,
+    Collector, Operator, Process, TEST_MANAGER, TestNamespace, client, eventually, flowtel_binary, free_port,
     install_crds, service_account_token,
 };
 use kube::api::{Api, Patch, PatchParams};
@@ -142,18 +141,7 @@ async fn a_pooled_run_lands_the_same_trace_and_the_ten_metrics_as_a_job_run() {
     let prom = backends.prometheus.as_str();
     let total = sum(&prometheus_query(prom, "sum(workflow_run_total{workflow_name=\"sync\"})").await);
     assert_eq!(total, 2.0, "each run counted once");
-    for metric in [
-        "workflow_run_total",
-        "workflow_run_duration_ms_bucket",
-        "workflow_run_status",
-        "workflow_step_duration_ms_bucket",
-        "workflow_step_status",
-        "workflow_retry_count",
-        "workflow_image_uploaded",
-        "workflow_image_size_bytes_bucket",
-        "workflow_db_upsert",
-        "workflow_db_upsert_duration_ms_bucket",
-    ] {
+    for metric in WORKFLOW_METRICS {
         eventually(&format!("{metric} in Prometheus"), WAIT, async || {
             let r = prometheus_query(prom, &format!("{metric}{{workflow_name=\"sync\"}}")).await;
             (!r.is_empty()).then_some(())
@@ -161,29 +149,7 @@ async fn a_pooled_run_lands_the_same_trace_and_the_ten_metrics_as_a_job_run() {
         .await;
     }
     for trace_id in &trace_ids {
-        let url = format!("{}/api/traces/{trace_id}", backends.jaeger_query);
-        let spans = eventually(&format!("trace {trace_id} in Jaeger"), WAIT, async || {
-            let (code, body) = http_get(&url).await?;
-            let v: Value = serde_json::from_str(&body).ok()?;
-            let spans = v["data"][0]["spans"].as_array().cloned().unwrap_or_default();
-            let names: BTreeSet<&str> = spans.iter().filter_map(|s| s["operationName"].as_str()).collect();
-            (code == 200 && names.contains("workflow.run") && names.contains("workflow sync")).then_some(spans)
-        })
-        .await;
-        let by_name = |name: &str| spans.iter().find(|s| s["operationName"] == name).cloned().expect(name);
-        let parent_of = |span: &Value| -> Option<String> {
-            span["references"].as_array()?.iter().find(|r| r["refType"] == "CHILD_OF")?["spanID"]
-                .as_str()
-                .map(str::to_string)
-        };
-        let attempt = by_name("workflow.attempt");
-        let root = by_name("workflow sync");
-        assert_eq!(parent_of(&attempt).as_deref(), by_name("workflow.run")["spanID"].as_str(), "attempt under run");
-        assert_eq!(parent_of(&root).as_deref(), attempt["spanID"].as_str(), "the workflow's root under the attempt");
-        let steps = spans.iter().filter(|s| s["operationName"].as_str().is_some_and(|n| n.starts_with("step ")));
-        for step in steps {
-            assert_eq!(parent_of(step).as_deref(), root["spanID"].as_str(), "{} under the root", step["operationName"]);
-        }
+        RunTrace::fetch(&backends.jaeger_query, trace_id, "sync", WAIT).await.assert_run_attempt_workflow_steps("sync");
     }
     for signal in ["traces", "metrics", "logs"] {
         assert!(default_collector.documents(signal).is_empty(), "{signal} reached the operator's default endpoint");

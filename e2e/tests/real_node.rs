@@ -272,18 +272,7 @@ async fn helm_install_to_a_traced_run_on_a_real_node() {
 
     // 5. The ten metrics in the stack's Prometheus.
     let prometheus = service_url(&services, "team-prometheus", 9090).await;
-    for metric in [
-        "workflow_run_total",
-        "workflow_run_duration_ms_bucket",
-        "workflow_run_status",
-        "workflow_step_duration_ms_bucket",
-        "workflow_step_status",
-        "workflow_retry_count",
-        "workflow_image_uploaded",
-        "workflow_image_size_bytes_bucket",
-        "workflow_db_upsert",
-        "workflow_db_upsert_duration_ms_bucket",
-    ] {
+    for metric in flowtel_e2e::backends::WORKFLOW_METRICS {
         eventually(&format!("{metric} in the stack's Prometheus"), WAIT, async || {
             let r = prometheus_query(&prometheus, &format!("{metric}{{workflow_name=\"sync\"}}")).await;
             (!r.is_empty()).then_some(())

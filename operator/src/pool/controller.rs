@@ -11,8 +11,8 @@ use flowtel_crds::worker_pool::WorkerPoolStatus;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, ObjectFieldSelector, ProjectedVolumeSource,
-    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+    Container, EmptyDirVolumeSource, ProjectedVolumeSource, ServiceAccountTokenProjection, Volume, VolumeMount,
+    VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use kube::api::{Api, Patch, PatchParams};
@@ -24,7 +24,7 @@ use serde_json::json;
 
 use super::dispatch::Dispatcher;
 use crate::runtime::conditions::set_condition;
-use crate::runtime::{FIELD_MANAGER, MANAGED_BY, MANAGED_BY_LABEL};
+use crate::runtime::{FIELD_MANAGER, MANAGED_BY, MANAGED_BY_LABEL, env_from_field as field, env_var as plain};
 
 /// The label naming a worker's pool.
 pub const POOL_LABEL: &str = "flowtel.dev/pool";
@@ -131,8 +131,8 @@ pub fn build_deployment(pool: &WorkerPool, settings: &PoolSettings, replicas: i3
         main.volume_mounts.get_or_insert_with(Vec::new).extend([mount, token_mount]);
         let env = main.env.get_or_insert_with(Vec::new);
         env.push(plain("FLOWTEL_DISPATCH_URL", &settings.dispatch_url));
-        env.push(plain("FLOWTEL_POOL", &format!("{namespace}/{name}")));
-        env.push(plain("FLOWTEL_TOKEN_FILE", &format!("{TOKEN_DIR}/token")));
+        env.push(plain("FLOWTEL_POOL", format!("{namespace}/{name}")));
+        env.push(plain("FLOWTEL_TOKEN_FILE", format!("{TOKEN_DIR}/token")));
         env.push(field("POD_NAME", "metadata.name"));
         env.push(field("POD_NAMESPACE", "metadata.namespace"));
         env.push(field("NODE_NAME", "spec.nodeName"));
@@ -152,21 +152,6 @@ pub fn build_deployment(pool: &WorkerPool, settings: &PoolSettings, replicas: i3
             ..Default::default()
         },
         status: None,
-    }
-}
-
-fn plain(name: &str, value: &str) -> EnvVar {
-    EnvVar { name: name.into(), value: Some(value.into()), value_from: None }
-}
-
-fn field(name: &str, path: &str) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value: None,
-        value_from: Some(EnvVarSource {
-            field_ref: Some(ObjectFieldSelector { field_path: path.into(), api_version: None }),
-            ..Default::default()
-        }),
     }
 }
 

@@ -6,7 +6,9 @@
 //! - `OTEL_RESOURCE_ATTRIBUTES` goes last, after the downward-API variables it references as `$(VAR)`, because
 //!   Kubernetes expands `$(VAR)` only for variables defined earlier in the list.
 
-use k8s_openapi::api::core::v1::{EnvVar, EnvVarSource, ObjectFieldSelector};
+use k8s_openapi::api::core::v1::EnvVar;
+
+use crate::runtime::{env_from_field as field_ref, env_var as plain};
 
 /// Downward-API variable holding the pod's name (the name the OpenTelemetry Operator uses too).
 pub const POD_NAME_VAR: &str = "OTEL_RESOURCE_ATTRIBUTES_POD_NAME";
@@ -46,21 +48,6 @@ impl Injection {
             ("k8s.pod.name", format!("$({POD_NAME_VAR})")),
             ("k8s.node.name", format!("$({NODE_NAME_VAR})")),
         ]
-    }
-}
-
-fn plain(name: &str, value: impl Into<String>) -> EnvVar {
-    EnvVar { name: name.into(), value: Some(value.into()), value_from: None }
-}
-
-fn field_ref(name: &str, path: &str) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value: None,
-        value_from: Some(EnvVarSource {
-            field_ref: Some(ObjectFieldSelector { field_path: path.into(), api_version: None }),
-            ..Default::default()
-        }),
     }
 }
 
