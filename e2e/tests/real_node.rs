@@ -8,13 +8,12 @@
 //! The KWOK nodes are cordoned for the test (so that every pod lands on the real node) and uncordoned after; this
 //! binary's one test runs alone, as cargo runs test binaries one after another.
 
-use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use flowtel_crds::WorkflowRun;
 use flowtel_crds::workflow_run::WorkflowRunPhase;
-use flowtel_e2e::backends::{prometheus_query, sum};
+use flowtel_e2e::backends::{RunTrace, prometheus_query, sum};
 use flowtel_e2e::{TEST_MANAGER, TestNamespace, client, eventually, helm, http_get, kubectl, repo_root, run};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -249,26 +248,44 @@ async fn helm_install_to_a_traced_run_on_a_real_node() {
     // 4. Its trace in Jaeger: run → attempt → workflow → steps.
     let services: Api<Service> = Api::namespaced(client.clone(), &ns.name);
     let jaeger = service_url(&services, "jaeger", 16686).await;
-    let spans = eventually(&format!("trace {trace_id} in Jaeger"), WAIT, async || {
-        let (code, body) = http_get(&format!("{jaeger}/api/traces/{trace_id}")).await?;
-        let v: Value = serde_json::from_str(&body).ok()?;
-        let spans = v["data"][0]["spans"].as_array().cloned().unwrap_or_default();
-        let names: BTreeSet<String> =
-            spans.iter().filter_map(|s| s["operationName"].as_str().map(str::to_string)).collect();
-        (code == 200
-            && ["workflow.run", "workflow.attempt", "workflow sync"].iter().all(|n| names.contains(*n))
-            && names.iter().any(|n| n.starts_with("step ")))
-        .then_some(spans)
+    RunTrace::fetch(&jaeger, &trace_id, "sync", WAIT).await.assert_run_attempt_workflow_steps("sync");
+
+    // 4b. The same workflow pooled: a WorkerPool of the sync image on this node (the agent copied in from the flowtel
+    // image by its init container, the pod's token projected), a run executed by one of its workers, which asks the
+    // leader through the dispatch Service; its trace joined the same way.
+    let worker_env = json!([
+        {"name": "WORKFLOW_ITEMS", "value": "3"}, {"name": "WORKFLOW_STEP_MS", "value": "20"},
+        {"name": "WORKFLOW_FLAKY_PERCENT", "value": "40"}, {"name": "WORKFLOW_CONSOLE", "value": "1"},
+    ]);
+    let pool = json!({
+        "apiVersion": "flowtel.dev/v1alpha1", "kind": "WorkerPool", "metadata": {"name": "sync-pool"},
+        "spec": {
+            "template": {"spec": {"containers": [{
+                "name": "main", "image": image(0), "imagePullPolicy": "Never", "command": ["/usr/local/bin/sync"],
+                "env": worker_env,
+            }]}},
+            "allowedEnv": ["WORKFLOW_SEED"],
+            "replicas": {"min": 1, "max": 1}
+        }
+    });
+    apply(&ns.name, &pool);
+    let pooled = json!({
+        "apiVersion": "flowtel.dev/v1alpha1", "kind": "WorkflowRun", "metadata": {"name": "sync-pooled"},
+        "spec": {"workflowName": "sync", "telemetryStackRef": {"name": "team"},
+            "pool": {"name": "sync-pool", "env": [{"name": "WORKFLOW_SEED", "value": "1"}]}}
+    });
+    apply(&ns.name, &pooled);
+    let (pooled_trace, worker) = eventually("the pooled run Succeeded with its telemetry exported", WAIT, async || {
+        let s = runs.get_opt("sync-pooled").await.ok().flatten()?.status?;
+        assert_ne!(s.phase, Some(WorkflowRunPhase::Failed), "the pooled run failed: {:?}", s.attempts);
+        let done = s.phase == Some(WorkflowRunPhase::Succeeded) && s.telemetry.is_some_and(|t| t.finished);
+        done.then_some((s.trace_id?, s.attempts.last()?.pod_name.clone()?))
     })
     .await;
-    let by_name = |name: &str| spans.iter().find(|s| s["operationName"] == name).cloned().expect(name);
-    let parent_of = |span: &Value| {
-        span["references"].as_array()?.iter().find(|r| r["refType"] == "CHILD_OF")?["spanID"]
-            .as_str()
-            .map(str::to_string)
-    };
-    assert_eq!(parent_of(&by_name("workflow.attempt")).as_deref(), by_name("workflow.run")["spanID"].as_str());
-    assert_eq!(parent_of(&by_name("workflow sync")).as_deref(), by_name("workflow.attempt")["spanID"].as_str());
+    assert!(worker.starts_with("sync-pool-workers-"), "run by a worker pod: {worker}");
+    let worker_pod = first_pod(&pods, "flowtel.dev/pool=sync-pool", "the pool's worker pod").await;
+    assert_eq!(worker_pod.spec.as_ref().and_then(|s| s.node_name.as_deref()), Some("flowtel-real-node"));
+    RunTrace::fetch(&jaeger, &pooled_trace, "sync", WAIT).await.assert_run_attempt_workflow_steps("sync");
 
     // 5. The ten metrics in the stack's Prometheus.
     let prometheus = service_url(&services, "team-prometheus", 9090).await;
@@ -279,8 +296,13 @@ async fn helm_install_to_a_traced_run_on_a_real_node() {
         })
         .await;
     }
-    let runs_counted = sum(&prometheus_query(&prometheus, "sum(workflow_run_total{workflow_name=\"sync\"})").await);
-    assert_eq!(runs_counted, 1.0);
+    // The Job-mode run and the pooled one, each counted once.
+    let runs_counted = eventually("both runs counted", WAIT, async || {
+        let n = sum(&prometheus_query(&prometheus, "sum(workflow_run_total{workflow_name=\"sync\"})").await);
+        (n >= 2.0).then_some(n)
+    })
+    .await;
+    assert_eq!(runs_counted, 2.0);
 
     // 6. Its logs in VictoriaLogs, with the run's trace id.
     let victorialogs = service_url(&services, "victorialogs", 9428).await;
