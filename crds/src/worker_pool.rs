@@ -98,6 +98,16 @@ pub struct WorkerPoolStatus {
     /// Workers whose pods are ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_replicas: Option<i32>,
+    /// Runs waiting for a worker, as last written (at most every 10 s while it changes; the operator's
+    /// `flowtel_pool_queue_depth` is live).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued: Option<i32>,
+    /// Workers running a run, as last written (at most every 10 s while it changes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub busy: Option<i32>,
+    /// How long the oldest waiting run has waited, in seconds, as last written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_queued_seconds: Option<i64>,
     /// Ready: the workers' Deployment is available; Stalled: the pool cannot be built (the message names the field).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,

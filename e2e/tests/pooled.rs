@@ -247,6 +247,14 @@ async fn pooled_faults_end_as_a_jobs_would_and_refused_runs_never_execute() {
     let proc = PathBuf::from(format!("/proc/{}", hung[3]));
     eventually("the hanging process killed", Duration::from_secs(30), async || (!proc.exists()).then_some(())).await;
 
+    // The pool's status: its size, and its queue (empty now, every run over).
+    let pools: Api<WorkerPool> = Api::namespaced(client.clone(), &ns.name);
+    eventually("the pool's status with its size and an empty queue", WAIT, async || {
+        let s = pools.get_opt("shell").await.ok().flatten()?.status?;
+        (s.replicas == Some(2) && s.queued == Some(0) && s.busy == Some(0)).then_some(())
+    })
+    .await;
+
     // Refused runs never executed, and only the pool's own identity executed any.
     let all = marks(&marks_file);
     assert!(all.iter().all(|m| m[0] == "exits-3" || m[0] == "killed" || m[0] == "hangs"), "{all:?}");

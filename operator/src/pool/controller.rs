@@ -28,6 +28,11 @@ use crate::runtime::{FIELD_MANAGER, MANAGED_BY, MANAGED_BY_LABEL, env_from_field
 
 /// The label naming a worker's pool.
 pub const POOL_LABEL: &str = "flowtel.dev/pool";
+/// The annotation on the workers' Deployment with a hash of what flowtel applied: an unchanged Deployment is not
+/// applied again (each pool reconcile would otherwise cost a write, and a busy pool is reconciled as its queue grows).
+const APPLIED_HASH: &str = "flowtel.dev/applied-hash";
+/// How often, at most, a pool's status is written for its queue alone.
+const QUEUE_STATUS_EVERY: Duration = Duration::from_secs(10);
 /// Where the init container puts the agent, and the agent's path in the worker.
 const AGENT_DIR: &str = "/flowtel-agent";
 const AGENT_VOLUME: &str = "flowtel-agent";
@@ -63,6 +68,8 @@ struct Context {
     deployments: kube::runtime::reflector::Store<Deployment>,
     /// When each pool last needed as many workers as it has (its scale-down waits from there).
     busy_at: Mutex<HashMap<String, Instant>>,
+    /// When each pool's status was last written.
+    status_written: Mutex<HashMap<String, Instant>>,
 }
 
 /// The workers' Deployment's name.
@@ -197,7 +204,14 @@ pub async fn run(
         .default_backoff()
         .reflect(writer)
         .touched_objects();
-    let context = Arc::new(Context { client, dispatcher, settings, deployments: store, busy_at: Mutex::default() });
+    let context = Arc::new(Context {
+        client,
+        dispatcher,
+        settings,
+        deployments: store,
+        busy_at: Mutex::default(),
+        status_written: Mutex::default(),
+    });
     let controller = Controller::new(pools, watcher::Config::default());
     if let Some(auth) = auth {
         auth.read_pools_from(controller.store());
@@ -233,22 +247,64 @@ async fn reconcile(pool: Arc<WorkerPool>, ctx: Arc<Context>) -> Result<Action, P
         *at
     };
     let (replicas, recheck) = desired_replicas(current, load, &pool, busy_at, now);
-    let desired = build_deployment(&pool, &ctx.settings, replicas);
-    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
+    let mut desired = build_deployment(&pool, &ctx.settings, replicas);
+    let hash = applied_hash(&desired);
+    let applied = existing.as_ref().and_then(|d| d.metadata.annotations.as_ref()?.get(APPLIED_HASH).cloned());
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    deployments.patch(&name, &params, &Patch::Apply(&desired)).await.map_err(PoolError::ApplyDeployment)?;
+    if applied.as_deref() != Some(hash.as_str()) {
+        desired.metadata.annotations = Some(BTreeMap::from([(APPLIED_HASH.to_string(), hash)]));
+        let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
+        deployments.patch(&name, &params, &Patch::Apply(&desired)).await.map_err(PoolError::ApplyDeployment)?;
+    }
     let ready = existing.as_ref().and_then(|d| d.status.as_ref()?.ready_replicas).unwrap_or(0);
-    let status = pool_status(&pool, replicas, ready, jiff::Timestamp::now());
-    if pool.status.as_ref() != Some(&status) {
+    let (queued, busy, oldest) = ctx.dispatcher.queue_state(&key);
+    let mut status = pool_status(&pool, replicas, ready, jiff::Timestamp::now());
+    status.queued = Some(i32::try_from(queued).unwrap_or(i32::MAX));
+    status.busy = Some(i32::try_from(busy).unwrap_or(i32::MAX));
+    status.oldest_queued_seconds = Some(oldest.map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)));
+    let last_written = ctx.status_written.lock().unwrap_or_else(|e| e.into_inner()).get(&key).copied();
+    let write = status_worth_writing(pool.status.as_ref(), &status, last_written, now);
+    if write {
         let pools: Api<WorkerPool> = Api::namespaced(ctx.client.clone(), &namespace);
         let patch =
             json!({"apiVersion": WorkerPool::api_version(&()), "kind": WorkerPool::kind(&()), "status": status});
         pools.patch_status(&pool.name_any(), &params, &Patch::Apply(&patch)).await.map_err(PoolError::WriteStatus)?;
+        ctx.status_written.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone(), now);
     }
+    // A queue the status does not show yet is written once the throttle allows.
+    let stale_queue = !write && pool.status.as_ref() != Some(&status);
+    let recheck = recheck.or(stale_queue.then_some(QUEUE_STATUS_EVERY));
     // A pool above its floor looks again after the scale-down delay: its load may have dropped meanwhile.
     let after = Duration::from_secs(u64::try_from(pool.spec.replicas.scale_down_after_seconds).unwrap_or(0).max(1));
     let recheck = recheck.or((replicas > pool.spec.replicas.min).then_some(after));
     Ok(recheck.map_or_else(Action::await_change, Action::requeue))
+}
+
+/// A hash of the Deployment flowtel applies (`APPLIED_HASH`).
+fn applied_hash(desired: &Deployment) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_string(desired).unwrap_or_default().hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
+/// Whether to write the pool's status: always when its size, readiness or conditions change; for its queue alone
+/// (queued, busy, oldest wait), at most every `QUEUE_STATUS_EVERY`, so a busy pool costs a write per 10 s, not per
+/// run.
+pub fn status_worth_writing(
+    stored: Option<&WorkerPoolStatus>,
+    planned: &WorkerPoolStatus,
+    last_written: Option<Instant>,
+    now: Instant,
+) -> bool {
+    let Some(stored) = stored else { return true };
+    if stored == planned {
+        return false;
+    }
+    let without_queue =
+        |s: &WorkerPoolStatus| WorkerPoolStatus { queued: None, busy: None, oldest_queued_seconds: None, ..s.clone() };
+    without_queue(stored) != without_queue(planned)
+        || last_written.is_none_or(|at| now.duration_since(at) >= QUEUE_STATUS_EVERY)
 }
 
 /// The pool's status: its size, and Ready once a worker is.
@@ -302,6 +358,18 @@ mod tests {
             ["FLOWTEL_DISPATCH_URL", "FLOWTEL_POOL", "FLOWTEL_TOKEN_FILE", "POD_NAME", "POD_NAMESPACE", "NODE_NAME"]
         );
         assert_eq!(pod.init_containers.expect("init")[0].image.as_deref(), Some("flowtel:1"));
+    }
+
+    #[test]
+    fn the_queue_alone_is_written_at_most_every_ten_seconds() {
+        let now = Instant::now();
+        let stored = pool_status(&pool(), 2, 2, jiff::Timestamp::now());
+        let busier = WorkerPoolStatus { queued: Some(5), busy: Some(2), ..stored.clone() };
+        assert!(!status_worth_writing(Some(&stored), &stored, None, now), "nothing changed");
+        assert!(!status_worth_writing(Some(&stored), &busier, Some(now), now + Duration::from_secs(3)));
+        assert!(status_worth_writing(Some(&stored), &busier, Some(now), now + Duration::from_secs(10)));
+        let grown = WorkerPoolStatus { replicas: Some(3), ..busier.clone() };
+        assert!(status_worth_writing(Some(&stored), &grown, Some(now), now), "a size change at once");
     }
 
     #[test]

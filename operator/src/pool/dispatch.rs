@@ -187,6 +187,16 @@ impl Dispatcher {
         queued + busy
     }
 
+    /// `pool`'s queue as its status shows it: waiting attempts, busy workers, and how long the oldest has waited.
+    pub fn queue_state(&self, pool: &str) -> (usize, usize, Option<Duration>) {
+        let state = self.lock();
+        let queue = state.queues.get(pool);
+        let queued = queue.map_or(0, VecDeque::len);
+        let busy = state.workers.values().filter(|w| w.pool == pool && w.running.is_some()).count();
+        let oldest = queue.and_then(|q| q.front()).and_then(|k| state.attempts.get(k)).map(|a| a.queued_at.elapsed());
+        (queued, busy, oldest)
+    }
+
     /// Hands the attempt to a worker of `pool`, or queues it. `recorded_before` is when the run's status recorded
     /// the attempt: one recorded before this dispatcher started may still run on a worker of the previous leader,
     /// so it is claimed or declared lost, never dispatched again.
