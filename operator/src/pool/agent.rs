@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::EnvVar;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-use super::protocol::{Answer, Assignment, Ended, HEARTBEAT, IDLE_HOLD, POLL_PATH, Poll, REREPORT, RunName, Running};
+use super::protocol::{Answer, Assignment, Ended, HEARTBEAT, IDLE_HOLD, POLL_PATH, Poll, REREPORT, Running};
 
 /// How long a process has between SIGTERM and SIGKILL (a pod's default grace).
 const KILL_GRACE: Duration = Duration::from_secs(10);
@@ -306,7 +306,7 @@ fn end_of(current: &Current, status: std::io::Result<ExitStatus>) -> Ended {
 fn refused(assignment: &Assignment, reason: &str) -> Ended {
     Ended {
         key: assignment.key.clone(),
-        run: RunName::clone(&assignment.run),
+        run: assignment.run.clone(),
         exit_code: 127,
         reason: reason.into(),
         finished_at: jiff::Timestamp::now().to_string(),

@@ -635,6 +635,17 @@ mod tests {
         }
     }
 
+    /// How a worker reports attempt `key`'s end.
+    fn ended(key: &str, exit_code: i32, reason: &str) -> Ended {
+        Ended {
+            key: format!("ns/{key}"),
+            run: assignment(key).run,
+            exit_code,
+            reason: reason.into(),
+            finished_at: "2026-12-07T10:00:00Z".into(),
+        }
+    }
+
     /// A request of `worker`'s agent, numbered by a counter shared by the tests' agents (rising, as an agent's are).
     fn poll(worker: &str) -> Poll {
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -660,14 +671,7 @@ mod tests {
         // Dispatching the same attempt again changes nothing.
         d.dispatch("ns/p", assignment("a-1"), None);
         assert_eq!(d.load("ns/p"), 1);
-        let ended = Ended {
-            key: "ns/a-1".into(),
-            run: assignment("a-1").run,
-            exit_code: 3,
-            reason: "Error".into(),
-            finished_at: "2026-12-07T10:00:00Z".into(),
-        };
-        let next = d.poll(Poll { ended: vec![ended], ..poll("w1") });
+        let next = d.poll(Poll { ended: vec![ended("a-1", 3, "Error")], ..poll("w1") });
         assert!(next.is_err(), "nothing queued: the request is held");
         assert!(matches!(
             d.state("ns/a-1"),
@@ -694,14 +698,8 @@ mod tests {
         let before = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(30);
         // Recorded as started under the old leader; its end, reported to the old leader, is reported again here.
         d.dispatch("ns/p", assignment("f-1"), Some(before));
-        let ended = |key: &str| Ended {
-            key: format!("ns/{key}"),
-            run: assignment(key).run,
-            exit_code: 0,
-            reason: "Completed".into(),
-            finished_at: "2026-12-07T10:00:00Z".into(),
-        };
-        let _ = d.poll(Poll { ended: vec![ended("f-1"), ended("g-1")], ..poll("w1") });
+        let completed = |key: &str| ended(key, 0, "Completed");
+        let _ = d.poll(Poll { ended: vec![completed("f-1"), completed("g-1")], ..poll("w1") });
         for key in ["ns/f-1", "ns/g-1"] {
             let state = d.state(key);
             assert!(matches!(state, Some(AttemptState::Ended(Ending { exit_code: Some(0), .. }))), "{key}: {state:?}");
@@ -742,14 +740,7 @@ mod tests {
         assert_eq!(answer.kill.as_deref(), Some("ns/c-1"));
         assert_eq!(d.state("ns/c-1"), Some(AttemptState::Stopped));
         // Its end, reported after the kill, changes nothing.
-        let ended = Ended {
-            key: "ns/c-1".into(),
-            run: assignment("c-1").run,
-            exit_code: 143,
-            reason: "Killed".into(),
-            finished_at: "2026-12-07T10:00:00Z".into(),
-        };
-        let _ = d.poll(Poll { ended: vec![ended], ..poll("w1") });
+        let _ = d.poll(Poll { ended: vec![ended("c-1", 143, "Killed")], ..poll("w1") });
         assert_eq!(d.state("ns/c-1"), Some(AttemptState::Stopped));
     }
 
