@@ -24,9 +24,54 @@ pub struct Process {
 
 impl Drop for Process {
     fn drop(&mut self) {
+        kill_tree(self.child.id());
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The parent of every live process, from /proc.
+fn parents() -> Vec<(u32, u32)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return vec![] };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // After "comm) ": state, then the parent's pid.
+            let ppid = stat.rsplit_once(") ")?.1.split_whitespace().nth(1)?.parse().ok()?;
+            Some((pid, ppid))
+        })
+        .collect()
+}
+
+/// `pid` and every process descended from it.
+pub fn process_tree(pid: u32) -> Vec<u32> {
+    let parents = parents();
+    let mut tree = vec![pid];
+    let mut i = 0;
+    while let Some(&parent) = tree.get(i) {
+        tree.extend(parents.iter().filter(|(_, pp)| *pp == parent).map(|(p, _)| *p));
+        i += 1;
+    }
+    tree
+}
+
+/// SIGKILLs `pid` and everything it started, as a pod's deletion with no grace ends all of a pod's processes
+/// (a worker agent runs each attempt in a process group of its own). Stopped first, so that none forks or is
+/// re-parented in between.
+pub fn kill_tree(pid: u32) {
+    let signal = |sig: &str, pids: &[u32]| {
+        let _ = std::process::Command::new("kill")
+            .arg(sig)
+            .args(pids.iter().map(u32::to_string))
+            .stderr(std::process::Stdio::null())
+            .status();
+    };
+    let tree = process_tree(pid);
+    signal("-STOP", &tree);
+    let mut tree_now = process_tree(pid);
+    tree_now.extend(tree);
+    signal("-KILL", &tree_now);
 }
 
 pub(crate) fn versions_env(key: &str) -> Option<String> {

@@ -93,9 +93,18 @@ impl RunBuilder {
         self
     }
 
+    /// Executed by a worker of WorkerPool `pool` with `args` after its command, instead of a Job of the template.
+    pub fn pool(mut self, pool: &str, args: &[&str]) -> Self {
+        let args = args.iter().map(|a| (*a).to_string()).collect();
+        self.spec.pool = Some(flowtel_crds::workflow_run::PoolRun { name: pool.into(), args, env: vec![] });
+        self
+    }
+
     pub fn build(self) -> WorkflowRun {
         let mut spec = self.spec;
-        spec.template = Arc::new(self.template);
+        if spec.pool.is_none() {
+            spec.template = Arc::new(self.template);
+        }
         WorkflowRun::new(&self.name, spec)
     }
 

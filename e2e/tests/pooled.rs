@@ -4,7 +4,6 @@
 //! its faults end as a Job's would: a worker killed mid-run is a disruption retried on another worker, a hanging
 //! process ends at the deadline and is killed, and what the pool does not allow never runs.
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -21,7 +20,7 @@ use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(120);
 
-/// A worker agent as a pool's pod would run it, in its own process group (a pod's processes die with it).
+/// A worker agent as a pool's pod would run it (a pod's processes die with it: `kill_tree`).
 fn worker(dispatch: &str, pool: &str, name: &str, token: &Path, command: &[&str], env: &[(&str, &str)]) -> Process {
     let child = Command::new(flowtel_binary().expect("flowtel"))
         .args(["worker", "--dispatch-url", dispatch, "--pool", pool, "--pod-name", name, "--node-name", "kwok-node-0"])
@@ -30,7 +29,6 @@ fn worker(dispatch: &str, pool: &str, name: &str, token: &Path, command: &[&str]
         .arg("--")
         .args(command)
         .envs(env.iter().copied())
-        .process_group(0)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(std::env::temp_dir().join(format!("flowtel-worker-{name}.log"))).expect("log"))
         .spawn()
@@ -40,9 +38,21 @@ fn worker(dispatch: &str, pool: &str, name: &str, token: &Path, command: &[&str]
 
 /// Kills a worker and everything it started, as a pod's deletion with no grace would.
 fn kill_pod(worker: &Process) {
-    let group = format!("-{}", worker.child.id());
-    let status = Command::new("kill").args(["-KILL", "--", &group]).status().expect("kill");
-    assert!(status.success(), "killing the worker's process group");
+    let tree = flowtel_e2e::process::process_tree(worker.child.id());
+    assert!(tree.len() > 1, "the worker runs its attempt: {tree:?}");
+    flowtel_e2e::process::kill_tree(worker.child.id());
+}
+
+/// Live processes whose environment holds `var` (`NAME=value`): what is left of a run's attempt.
+fn processes_with_env(var: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return vec![] };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == var.as_bytes()))
+        })
+        .collect()
 }
 
 async fn apply(client: &kube::Client, ns: &str, object: Value) {
@@ -246,6 +256,11 @@ async fn pooled_faults_end_as_a_jobs_would_and_refused_runs_never_execute() {
     let hung = marks(&marks_file).into_iter().find(|m| m[0] == "hangs").expect("it ran");
     let proc = PathBuf::from(format!("/proc/{}", hung[3]));
     eventually("the hanging process killed", Duration::from_secs(30), async || (!proc.exists()).then_some(())).await;
+    // And what it started (the shell's `sleep`): nothing of the run outlives it on the worker.
+    eventually("nothing of the hanging run left", Duration::from_secs(30), async || {
+        processes_with_env("RUN=hangs").is_empty().then_some(())
+    })
+    .await;
 
     // The pool's status: its size, and its queue (empty now, every run over).
     let pools: Api<WorkerPool> = Api::namespaced(client.clone(), &ns.name);

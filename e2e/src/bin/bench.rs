@@ -71,6 +71,9 @@ struct Cli {
     /// skips the stage.
     #[arg(long, default_value_t = 128)]
     pooled_workers: usize,
+    /// Only the pooled stage (no bare-Job ceiling, so no ratio): for measuring a change to pooled execution.
+    #[arg(long)]
+    pooled_only: bool,
     /// Where the figures go, as JSON.
     #[arg(long, default_value = "target/bench.json")]
     out: std::path::PathBuf,
@@ -84,6 +87,7 @@ struct Args {
     shard_rate: Option<f64>,
     floor_from: Option<f64>,
     pooled_workers: usize,
+    pooled_only: bool,
     out: std::path::PathBuf,
 }
 
@@ -105,6 +109,7 @@ fn args() -> Args {
         shard_rate: cli.shard_rate,
         floor_from: cli.floor_from,
         pooled_workers: cli.pooled_workers,
+        pooled_only: cli.pooled_only,
         out: cli.out,
     }
 }
@@ -346,7 +351,13 @@ async fn pooled_stage(
         past: f64::INFINITY,
         cpu_of: Some(pid),
     };
+    let cpu_before = control_plane_cpu();
+    let (operator_before, workers_before) = (cpu_seconds(pid), workers_cpu(&workers));
     let (steps, _) = sweep(client, sweep_spec, a.rates.iter().copied(), a, &t, deadline).await;
+    let runs_offered: usize = steps.iter().map(|s| s.offered).sum();
+    let mut cpu = cpu_per_object(&cpu_before, &control_plane_cpu(), runs_offered, Some(cpu_seconds(pid) - operator_before));
+    cpu["workers"] = json!((workers_cpu(&workers) - workers_before) * 1000.0 / runs_offered.max(1) as f64);
+    print_cpu("pooled run", &cpu);
     let ceiling = steps.iter().filter(|s| s.sustained).map(|s| s.rate).fold(0.0, f64::max);
     let ratio = if bare_ceiling > 0.0 { ceiling / bare_ceiling } else { f64::NAN };
     println!("ceiling: bare Jobs {bare_ceiling}/s, pooled {ceiling}/s: {ratio:.2}x");
@@ -392,7 +403,7 @@ async fn pooled_stage(
     drop(policy);
     Ok(json!({"steps": steps.iter().map(step_json).collect::<Vec<_>>(), "ceiling": ceiling,
         "ratio_to_bare_jobs": ratio, "latency": latency, "latency_by_rate": latencies,
-        "apiserver_writes_per_run": writes_per_run,
+        "apiserver_writes_per_run": writes_per_run, "cpu_ms_per_run": cpu,
         "workers": a.pooled_workers}))
 }
 
@@ -628,6 +639,20 @@ fn is_write(verb: &str) -> bool {
     matches!(verb, "create" | "update" | "patch" | "delete" | "deletecollection")
 }
 
+/// CPU seconds of the worker agents (with the processes they ran and waited for).
+fn workers_cpu(workers: &[flowtel_e2e::Process]) -> f64 {
+    workers.iter().map(|w| cpu_seconds_with_children(w.child.id())).sum()
+}
+
+/// utime + stime of `pid` and of its waited-for children, in seconds.
+fn cpu_seconds_with_children(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or_default();
+    (ticks(11) + ticks(12) + ticks(13) + ticks(14)) / 100.0
+}
+
 /// utime + stime of `pid`, in seconds.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -828,6 +853,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     install_crds(&client).await?;
     let collector = Collector::start("bench").await?;
     let mut report = serde_json::Map::new();
+    if a.pooled_only {
+        let pooled = pooled_stage(&client, &a, &collector.endpoint, 0.0, deadline).await?;
+        report.insert("pooled".into(), pooled);
+        std::fs::write(&a.out, serde_json::to_string_pretty(&Value::Object(report))?)?;
+        return Ok(());
+    }
     println!(
         "flowtel bench: rates {:?}/s, {} s a step, a 1 s pod; budget {} min",
         a.rates,
@@ -848,7 +879,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let bare_count: usize = bare_steps.iter().map(|s| s.offered).sum();
     let bare_cpu = cpu_per_object(&bare_cpu_before, &control_plane_cpu(), bare_count, None);
 
-    // 2. WorkflowRuns, the operator exporting to the collector.
+    // 2. WorkflowRuns, the operator exporting to the collector. Each stage starts on a control plane at rest: an
+    // overloaded step leaves a backlog (pods to start and end, garbage to collect) that would load the next stage.
+    println!("WorkflowRuns: waited {:.0} s for the control plane to go idle", settle().await.as_secs_f64());
     let ns = TestNamespace::new(&client, "bench-flowtel").await?;
     // As the chart installs flowtel with an endpoint: the finalizer comes with the create.
     let policy = admit_with_finalizer(&ns.name, &collector.endpoint)?;
@@ -937,6 +970,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // 3b. Pooled runs: the same 1 s of work as a process on a warm worker, through the leader's dispatcher.
     let pooled_report = if a.pooled_workers > 0 && Instant::now() < deadline {
+        println!("pooled runs: waited {:.0} s for the control plane to go idle", settle().await.as_secs_f64());
         pooled_stage(&client, &a, &collector.endpoint, bare_ceiling, deadline).await?
     } else {
         Value::Null

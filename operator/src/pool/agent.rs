@@ -183,8 +183,10 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
                 .flatten()
                 .min()
                 .map_or(Instant::now() + HEARTBEAT, |at| at.min(Instant::now() + HEARTBEAT));
+            let group = group_of(&c.child);
             tokio::select! {
                 status = c.child.wait() => {
+                    end_group(group);
                     let c = current.take().expect("current");
                     ended.push(end_of(&c, status));
                 }
@@ -193,7 +195,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
                     if now >= c.deadline && c.stopping.is_none() {
                         stop(c, "DeadlineExceeded");
                     } else if let Some((_, at)) = c.stopping && now >= at + KILL_GRACE {
-                        _ = c.child.start_kill();
+                        kill_group(c);
                     }
                 }
                 () = &mut shutdown, if !stopping => {
@@ -247,7 +249,8 @@ fn start(config: &AgentConfig, assignment: &Assignment) -> std::io::Result<Curre
     let argv = if assignment.argv.is_empty() { &config.command } else { &assignment.argv };
     let (program, args) = argv.split_first().ok_or_else(|| std::io::Error::other("empty command"))?;
     let mut command = Command::new(program);
-    command.args(args).kill_on_drop(true);
+    // Its own process group: whatever the attempt starts is signalled with it, and ends with it (`end_group`).
+    command.args(args).kill_on_drop(true).process_group(0);
     for var in AGENT_VARS {
         command.env_remove(var);
     }
@@ -265,19 +268,38 @@ fn start(config: &AgentConfig, assignment: &Assignment) -> std::io::Result<Curre
     })
 }
 
-/// SIGTERM now, SIGKILL after the grace.
+/// The attempt's process group (its leader's pid), while its leader has not been waited for.
+fn group_of(child: &Child) -> Option<rustix::process::Pid> {
+    child.id().and_then(|pid| rustix::process::Pid::from_raw(i32::try_from(pid).ok()?))
+}
+
+/// SIGTERM to the attempt's process group now, SIGKILL after the grace.
 fn stop(current: &mut Current, why: &'static str) {
     if current.stopping.is_some() {
         return;
     }
     current.stopping = Some((why, Instant::now()));
-    let terminated = current
-        .child
-        .id()
-        .and_then(|pid| rustix::process::Pid::from_raw(i32::try_from(pid).ok()?))
-        .map(|pid| rustix::process::kill_process(pid, rustix::process::Signal::TERM));
+    let terminated = group_of(&current.child)
+        .map(|group| rustix::process::kill_process_group(group, rustix::process::Signal::TERM));
     if !matches!(terminated, Some(Ok(()))) {
         _ = current.child.start_kill();
+    }
+}
+
+/// SIGKILL to the whole process group.
+fn kill_group(current: &mut Current) {
+    if let Some(group) = group_of(&current.child) {
+        _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+    }
+    _ = current.child.start_kill();
+}
+
+/// What the attempt's main process left running ends with it, as a container's processes end with its main one:
+/// nothing of one run outlives it into the next. The group's id is the main process's pid, not reused while a
+/// member of the group lives.
+fn end_group(group: Option<rustix::process::Pid>) {
+    if let Some(group) = group {
+        _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
     }
 }
 

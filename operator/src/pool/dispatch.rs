@@ -284,6 +284,23 @@ impl Dispatcher {
         self.measure(&state, &pool);
     }
 
+    /// Stops whatever of `run` a worker still runs, the run being over. A new leader adopts what workers report
+    /// running, and the run's end may have been recorded by its predecessor, whose kill went with it.
+    pub fn stop_run(&self, run: &RunName) {
+        let running: Vec<String> = {
+            let state = self.lock();
+            state
+                .workers
+                .values()
+                .filter_map(|w| w.running.clone())
+                .filter(|key| state.attempts.get(key).is_some_and(|a| a.run == *run))
+                .collect()
+        };
+        for key in running {
+            self.stop(&key);
+        }
+    }
+
     /// A worker's request: what it reports is recorded, and the answer is ready now or when there is one (the
     /// receiver; the caller answers "nothing" after its hold).
     pub fn poll(&self, poll: Poll) -> Result<Answer, oneshot::Receiver<Answer>> {
@@ -755,5 +772,19 @@ mod tests {
         let answer = d.poll(Poll { running, ..poll("w9") }).expect("at once");
         assert_eq!(answer.kill, None);
         assert_eq!(d.state("ns/d-1"), Some(AttemptState::Running { worker: "w9".into(), node: "n".into() }));
+    }
+
+    #[test]
+    fn an_adopted_attempt_of_a_run_that_is_over_is_killed() {
+        let (d, _woken) = dispatcher();
+        // A worker reports an attempt this (young) leader never dispatched: adopted.
+        let running = || Some(super::super::protocol::Running { key: "ns/e-1".into(), run: assignment("e-1").run });
+        let answer = d.poll(Poll { running: running(), ..poll("w1") }).expect("at once");
+        assert_eq!(answer.kill, None);
+        // The run's end was recorded by the previous leader: its reconcile stops what still runs.
+        d.stop_run(&assignment("e-1").run);
+        d.stop_run(&assignment("other-1").run);
+        let answer = d.poll(Poll { running: running(), ..poll("w1") }).expect("at once");
+        assert_eq!(answer.kill.as_deref(), Some("ns/e-1"));
     }
 }

@@ -241,6 +241,16 @@ pub fn dispatch(
     Ok(Ok(()))
 }
 
+/// The run is over or going: nothing of it may go on running on a worker (an attempt adopted by a new leader after
+/// its predecessor recorded the end, the kill lost with it). A Job of a deleted run goes with it by owner reference.
+pub fn stop_if_over(run: &WorkflowRun, ctx: &Context) {
+    let over = run.status.as_ref().is_some_and(super::plan::is_terminal) || run.meta().deletion_timestamp.is_some();
+    if let (Some(dispatcher), true, true) = (ctx.dispatcher.as_ref(), over, run.spec.pool.is_some()) {
+        let namespace = run.namespace().unwrap_or_default();
+        dispatcher.stop_run(&RunName { namespace, name: run.name_any() });
+    }
+}
+
 /// Stops a pooled attempt (cancel, deadline).
 pub fn stop(run: &WorkflowRun, ctx: &Context, job_name: &str) {
     if let Some(dispatcher) = ctx.dispatcher.as_ref() {

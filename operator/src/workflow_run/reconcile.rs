@@ -142,6 +142,7 @@ async fn reconcile_body(
     written: &mut Vec<Arc<WorkflowRun>>,
 ) -> Result<Next, ReconcileError> {
     let stored = run.status.clone().unwrap_or_default();
+    pooled::stop_if_over(run, ctx);
     if let Some(next) = hold_finalizer(run, ctx, &stored, written).await? {
         return Ok(next);
     }

@@ -29,6 +29,13 @@ pub(crate) struct Cli {
     /// default run must equal.
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     pub(crate) economy: String,
+    /// Pooled execution: every run names a WorkerPool whose workers (`--workers` agents, host processes standing in
+    /// for its pods) run each kind as a process; the schedule also kills workers, as pods deleted with no grace.
+    #[arg(long)]
+    pub(crate) pooled: bool,
+    /// Worker agents of the pooled mode.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=512))]
+    pub(crate) workers: u64,
 }
 
 pub(crate) fn positive(value: &str) -> std::result::Result<f64, String> {
@@ -53,6 +60,8 @@ pub(crate) struct Args {
     pub(crate) faults_scale: f64,
     pub(crate) settle: Duration,
     pub(crate) economy: String,
+    /// Worker agents when the runs are pooled.
+    pub(crate) pooled: Option<usize>,
 }
 
 /// The command line; a malformed or unknown flag ends the run with clap's message naming it.
@@ -68,5 +77,6 @@ pub(crate) fn parse_args() -> Args {
         faults_scale: cli.faults_scale,
         settle: Duration::from_secs(cli.settle_secs),
         economy: cli.economy,
+        pooled: cli.pooled.then_some(cli.workers as usize),
     }
 }

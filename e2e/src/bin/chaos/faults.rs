@@ -31,6 +31,8 @@ pub(crate) struct OperatorCtl {
     pub(crate) generation: usize,
     pub(crate) admin: String,
     pub(crate) economy: String,
+    /// The dispatcher's address in the pooled mode: fixed, as a Service's, so that workers find every process.
+    pub(crate) dispatch: Option<String>,
 }
 
 impl OperatorCtl {
@@ -41,6 +43,7 @@ impl OperatorCtl {
         let child = Command::new(&self.bin)
             .args(["run", "--namespace", &self.namespace, "--otlp-endpoint", &self.otlp])
             .args(["--admin-addr", &self.admin, "--concurrency", "32", "--write-economy", &self.economy])
+            .args(self.dispatch.iter().flat_map(|addr| ["--dispatch-addr", addr.as_str()]))
             // As the chart runs it: the journal on the pod's emptyDir outlives each killed process.
             .arg("--export-journal")
             .arg(self.log.with_file_name("exports.journal"))
@@ -72,6 +75,62 @@ fn ended(current: &mut Option<Proc>) -> Option<ExitStatus> {
     let status = current.as_mut().and_then(|p| p.0.try_wait().ok().flatten())?;
     *current = None;
     Some(status)
+}
+
+/// The pool's workers: `flowtel worker` agents, host processes standing in for the pool's pods (KWOK's pods run
+/// nothing). A killed worker is replaced by a new one with a new name, as a Deployment replaces a pod.
+pub(crate) struct WorkersCtl {
+    pub(crate) bin: PathBuf,
+    pub(crate) dispatch_url: String,
+    /// `<namespace>/<pool>`.
+    pub(crate) pool: String,
+    pub(crate) token: PathBuf,
+    pub(crate) executions: PathBuf,
+    pub(crate) log: PathBuf,
+    pub(crate) slots: Vec<Option<Proc>>,
+    pub(crate) starts: usize,
+}
+
+impl WorkersCtl {
+    pub(crate) fn spawn(&mut self, slot: usize) -> Result<()> {
+        self.starts += 1;
+        let name = format!("chaos-w-{slot}-{}", self.starts);
+        let log = append_log(&self.log, &format!("worker {name}"))?;
+        let child = Command::new(&self.bin)
+            .args(["worker", "--dispatch-url", &self.dispatch_url, "--pool", &self.pool, "--pod-name", &name])
+            .args(["--node-name", "kwok-node-0", "--token-file"])
+            .arg(&self.token)
+            .arg("--")
+            .args(["/bin/sh", "-c", POOL_SCRIPT, "chaos-worker"])
+            .env("CHAOS_EXECUTIONS", &self.executions)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", self.bin.display()))?;
+        self.slots[slot] = Some(Proc(child));
+        Ok(())
+    }
+
+    /// SIGKILL to the worker and everything it runs; false when the slot was empty.
+    pub(crate) fn kill(&mut self, slot: usize) -> bool {
+        let Some(mut worker) = self.slots[slot].take() else { return false };
+        flowtel_e2e::process::kill_tree(worker.0.id());
+        let _ = worker.0.wait();
+        true
+    }
+
+    /// The slots whose worker ended by itself (and are empty now).
+    pub(crate) fn exited(&mut self) -> Vec<usize> {
+        (0..self.slots.len()).filter(|slot| ended(&mut self.slots[*slot]).is_some()).collect()
+    }
+
+    pub(crate) fn kill_all(&mut self) {
+        for slot in 0..self.slots.len() {
+            self.kill(slot);
+        }
+    }
 }
 
 /// The real OpenTelemetry Collector on one fixed port, appending to files that outlive its restarts.
@@ -161,9 +220,13 @@ pub(crate) struct Schedule {
     pub(crate) operator_kills: Vec<(f64, f64)>,
     pub(crate) control_plane: Vec<(f64, &'static str)>,
     pub(crate) collector_kills: Vec<(f64, f64)>,
+    /// (when, which worker slot, how long until its replacement starts); pooled mode only.
+    pub(crate) worker_kills: Vec<(f64, usize, f64)>,
 }
 
-pub(crate) fn schedule(rng: &mut Rng, window: f64, scale: f64) -> Schedule {
+/// The schedule, with worker kills when there are `workers` (drawn last: a seed gives the same other faults in both
+/// modes).
+pub(crate) fn schedule(rng: &mut Rng, window: f64, scale: f64, workers: Option<usize>) -> Schedule {
     // From a few seconds in (the first runs are in flight) to a bit after the last submission.
     let (lo, hi) = (3.0, window);
     let operator_kills = spread(rng, scaled(10.0, scale), lo, hi, 4.0)
@@ -179,7 +242,32 @@ pub(crate) fn schedule(rng: &mut Rng, window: f64, scale: f64) -> Schedule {
     let control_plane = spread(rng, which.len(), lo, hi, 12.0).into_iter().zip(which).collect();
     let collector_kills =
         spread(rng, scaled(2.0, scale), lo, hi, 10.0).into_iter().map(|t| (t, rng.range(2.0, 6.0))).collect();
-    Schedule { operator_kills, control_plane, collector_kills }
+    let worker_kills = match workers {
+        Some(n) if n > 0 => spread(rng, scaled(10.0, scale), lo, hi, 2.0)
+            .into_iter()
+            .map(|t| (t, (rng.next_u64() % n as u64) as usize, rng.range(1.0, 5.0)))
+            .collect(),
+        _ => vec![],
+    };
+    Schedule { operator_kills, control_plane, collector_kills, worker_kills }
+}
+
+pub(crate) async fn worker_faults(ctx: Arc<Ctx>, kills: Vec<(f64, usize, f64)>) -> Result<()> {
+    let Some(workers) = ctx.workers.clone() else { return Ok(()) };
+    for (at, slot, delay) in kills {
+        tokio::time::sleep_until(ctx.clock.at(at)).await;
+        if !lock(&workers).kill(slot) {
+            ctx.journal.record("harness", format!("worker kill: slot {slot} was empty"));
+            continue;
+        }
+        ctx.journal.record("worker-kill", format!("worker slot {slot} SIGKILLed; replaced in {delay:.1} s"));
+        tokio::time::sleep(Duration::from_secs_f64(delay)).await;
+        let mut w = lock(&workers);
+        if w.slots[slot].is_none() {
+            w.spawn(slot)?;
+        }
+    }
+    Ok(())
 }
 
 pub(crate) async fn operator_faults(ctx: Arc<Ctx>, kills: Vec<(f64, f64)>) -> Result<()> {
@@ -254,6 +342,14 @@ pub(crate) async fn scrape_once(ctx: &Ctx) -> Result<()> {
         }
         (op.generation, op.admin.clone())
     };
+    if let Some(workers) = &ctx.workers {
+        let mut w = lock(workers);
+        for slot in w.exited() {
+            // A disrupt-once run's first attempt ends its worker; the Deployment would start another pod.
+            ctx.journal.record("worker-exit", format!("worker slot {slot} ended; replaced"));
+            w.spawn(slot)?;
+        }
+    }
     if !ctx.collector_down.load(Ordering::SeqCst) {
         let mut c = lock(&ctx.collector);
         if let Some(status) = c.exited() {

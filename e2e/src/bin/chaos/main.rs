@@ -7,7 +7,7 @@
 //! Needs the cluster and the debug build; `e2e/chaos` does both and runs this:
 //!
 //!     e2e/chaos [--runs 1000] [--seed N] [--out FILE.json] [--rate 20] [--faults-scale 1] [--settle-secs 180]
-//!               [--economy on|off]
+//!               [--economy on|off] [--pooled [--workers 64]]
 //!
 //! It restarts the control plane's etcd and kube-apiserver (`e2e/cluster restart`): anything else using the same
 //! cluster sees those outages too.
@@ -65,6 +65,8 @@ struct Ctx {
     journal: Journal,
     operator: Arc<Mutex<OperatorCtl>>,
     collector: Arc<Mutex<CollectorCtl>>,
+    /// The pool's workers, in the pooled mode.
+    workers: Option<Arc<Mutex<WorkersCtl>>>,
     /// Last `/metrics` sample per operator process: the counters are per process, so the totals are their sums.
     scraped: Arc<Mutex<BTreeMap<usize, BTreeMap<String, f64>>>>,
     /// Kept false while a fault task has the collector down on purpose, so the watchdog does not restart it.
@@ -108,7 +110,7 @@ struct Submitted {
 
 async fn submit(ctx: Arc<Ctx>, run: PlannedRun) -> Submitted {
     let workflow = format!("{}-{}", ctx.prefix, run.kind.name());
-    let manifest = run.kind.manifest(&run.name, &workflow);
+    let manifest = run.kind.manifest(&run.name, &workflow, ctx.workers.is_some());
     let params = PatchParams::apply(MANAGER).force();
     let api = ctx.runs.clone();
     let body = Patch::Apply(&manifest);
@@ -269,15 +271,16 @@ async fn chaos(
     let plan: BTreeMap<String, Kind> = planned.iter().map(|p| (p.name.clone(), p.kind)).collect();
     let submit_secs = args.runs as f64 / args.rate;
     let window = submit_secs.max(20.0) + 15.0;
-    let s = schedule(rng, window, args.faults_scale);
+    let s = schedule(rng, window, args.faults_scale, args.pooled);
     eprintln!(
         "[chaos {:7.1} s] {} runs over {submit_secs:.0} s; faults over 3–{window:.0} s: {} operator kills, {} \
-         control-plane restarts, {} collector kills",
+         control-plane restarts, {} collector kills, {} worker kills",
         ctx.clock.secs(),
         args.runs,
         s.operator_kills.len(),
         s.control_plane.len(),
-        s.collector_kills.len()
+        s.collector_kills.len(),
+        s.worker_kills.len()
     );
 
     let start = ctx.clock.secs();
@@ -285,6 +288,7 @@ async fn chaos(
         tokio::spawn(operator_faults(ctx.clone(), s.operator_kills.iter().map(|(t, d)| (start + t, *d)).collect())),
         tokio::spawn(control_plane_faults(ctx.clone(), s.control_plane.iter().map(|(t, c)| (start + t, *c)).collect())),
         tokio::spawn(collector_faults(ctx.clone(), s.collector_kills.iter().map(|(t, d)| (start + t, *d)).collect())),
+        tokio::spawn(worker_faults(ctx.clone(), s.worker_kills.iter().map(|(t, w, d)| (start + t, *w, *d)).collect())),
     ];
     let mut submissions = Vec::with_capacity(planned.len());
     for (i, run) in planned.into_iter().enumerate() {
@@ -331,6 +335,31 @@ async fn main_inner() -> Result<()> {
     let client = flowtel_e2e::client().await?;
     flowtel_e2e::install_crds(&client).await?;
     create_namespace(&client, &namespace).await?;
+    let dispatch = args.pooled.map(|_| format!("127.0.0.1:{}", flowtel_e2e::free_port()));
+    let workers = match (args.pooled, &dispatch) {
+        (Some(n), Some(addr)) => {
+            let pools = Api::<DynamicObject>::namespaced_with(
+                client.clone(),
+                &namespace,
+                &ApiResource::from_gvk_with_plural(
+                    &GroupVersionKind::gvk("flowtel.dev", "v1alpha1", "WorkerPool"),
+                    "workerpools",
+                ),
+            );
+            pools.patch(POOL, &PatchParams::apply(MANAGER), &Patch::Apply(pool_manifest())).await?;
+            Some(Arc::new(Mutex::new(WorkersCtl {
+                bin: dir.join("flowtel"),
+                dispatch_url: format!("http://{addr}"),
+                pool: format!("{namespace}/{POOL}"),
+                token: flowtel_e2e::service_account_token(&namespace, "default").await,
+                executions: dir.join("executions"),
+                log: dir.join("workers.log"),
+                slots: (0..n).map(|_| None).collect(),
+                starts: 0,
+            })))
+        }
+        _ => None,
+    };
 
     let port = flowtel_e2e::free_port();
     let config = dir.join("collector.yaml");
@@ -350,6 +379,7 @@ async fn main_inner() -> Result<()> {
         generation: 0,
         admin: String::new(),
         economy: args.economy.clone(),
+        dispatch,
     };
     let ctx = Arc::new(Ctx {
         runs: run_api(&client, &namespace),
@@ -360,6 +390,7 @@ async fn main_inner() -> Result<()> {
         journal: Journal { clock, entries: Arc::default() },
         operator: Arc::new(Mutex::new(operator)),
         collector: Arc::new(Mutex::new(collector)),
+        workers,
         scraped: Arc::default(),
         collector_down: Arc::new(AtomicBool::new(true)),
         kubeconfig,
@@ -374,6 +405,9 @@ async fn main_inner() -> Result<()> {
     // Cleanup whatever happened: the namespace first, while the operator still runs to release its finalizers.
     let cleanup = delete_namespace(&ctx).await;
     lock(&ctx.operator).kill();
+    if let Some(workers) = &ctx.workers {
+        lock(workers).kill_all();
+    }
     lock(&ctx.collector).current = None;
     // The copy of the operator is large and the log names the build anyway.
     let _ = std::fs::remove_file(dir.join("flowtel"));
@@ -409,6 +443,12 @@ async fn measure(ctx: Arc<Ctx>, args: &Args, rng: &mut Rng) -> Result<(Value, St
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    if let Some(workers) = &ctx.workers {
+        let mut w = lock(workers);
+        for slot in 0..w.slots.len() {
+            w.spawn(slot)?;
+        }
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let scraping = tokio::spawn(scraper(ctx.clone(), stop.clone()));
 
@@ -423,23 +463,26 @@ async fn measure(ctx: Arc<Ctx>, args: &Args, rng: &mut Rng) -> Result<(Value, St
     let mut result = report(&ctx, &plan, &subs, &runs).await?;
     let faults = lock(&ctx.journal.entries).clone();
     let header = format!(
-        "chaos run {} (namespace {}, seed {}, economy {}, {} runs at {}/s): {} operator kills, {} control-plane \
-         restarts, {} collector kills, {:.0} s",
+        "chaos run {} (namespace {}, seed {}, economy {}, {} runs at {}/s{}): {} operator kills, {} control-plane \
+         restarts, {} collector kills, {} worker kills, {:.0} s",
         ctx.prefix,
         ctx.namespace,
         args.seed,
         args.economy,
         args.runs,
         args.rate,
+        args.pooled.map_or_else(String::new, |n| format!(", pooled on {n} workers")),
         ctx.journal.count("operator-kill"),
         ctx.journal.count("restart"),
         ctx.journal.count("collector-kill"),
+        ctx.journal.count("worker-kill"),
         ctx.clock.secs(),
     );
     let table = table(&result, &ctx, &header);
     result["chaos"] = json!({
         "prefix": ctx.prefix, "namespace": ctx.namespace, "seed": args.seed, "runs": args.runs, "rate": args.rate,
-        "faults_scale": args.faults_scale, "economy": args.economy, "files": ctx.dir, "faults": faults,
+        "faults_scale": args.faults_scale, "economy": args.economy, "pooled_workers": args.pooled,
+        "files": ctx.dir, "faults": faults,
     });
     Ok((result, table))
 }

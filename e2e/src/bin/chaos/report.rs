@@ -10,6 +10,8 @@ pub(crate) struct RunView {
     pub(crate) phase: String,
     pub(crate) reason: String,
     pub(crate) attempts: i64,
+    /// Attempts ended by a disruption (not counted against the retry budget).
+    pub(crate) disruptions: i64,
     pub(crate) finished: bool,
     pub(crate) dropped: bool,
 }
@@ -29,6 +31,7 @@ impl RunView {
             phase: text(&status["phase"]),
             reason,
             attempts: status["attemptCount"].as_i64().unwrap_or_default(),
+            disruptions: status["disruptions"].as_i64().unwrap_or_default(),
             finished: status["telemetry"]["finished"].as_bool().unwrap_or(false),
             dropped: status["telemetry"]["dropped"].as_bool().unwrap_or(false),
         }
@@ -49,6 +52,47 @@ impl RunView {
             (_, "Cancelled") => "cancelled",
             _ => "failure",
         }
+    }
+}
+
+/// What the pool's workers executed: `(run, attempt)` → how many processes (`POOL_SCRIPT`'s lines).
+pub(crate) fn executions(path: &Path) -> BTreeMap<(String, i64), usize> {
+    let mut out = BTreeMap::new();
+    for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
+        let mut fields = line.split_whitespace();
+        if let (Some(run), Some(attempt)) = (fields.next(), fields.next().and_then(|a| a.parse().ok())) {
+            *out.entry((run.to_string(), attempt)).or_default() += 1;
+        }
+    }
+    out
+}
+
+/// Live processes of the runs `uids` (their environment's resource attributes name the run): `run uid pid`.
+pub(crate) fn live_run_processes(uids: &BTreeSet<&str>) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return vec![] };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+            let attributes = env.split(|b| *b == 0).find_map(|v| v.strip_prefix(b"OTEL_RESOURCE_ATTRIBUTES="))?;
+            let attributes = String::from_utf8_lossy(attributes);
+            let uid = attributes.split(',').find_map(|kv| kv.strip_prefix("workflow.run_id="))?;
+            uids.contains(uid).then(|| format!("{uid} {pid}"))
+        })
+        .collect()
+}
+
+/// Waits (up to 30 s: a stopped process has a 10 s grace) until no process of a finished run is left; returns how
+/// many were at the first look and what is left.
+pub(crate) async fn processes_at_rest(uids: &BTreeSet<&str>) -> (usize, Vec<String>) {
+    let until = Instant::now() + Duration::from_secs(30);
+    let first = live_run_processes(uids).len();
+    loop {
+        let left = live_run_processes(uids);
+        if left.is_empty() || Instant::now() > until {
+            return (first, left);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
@@ -283,13 +327,25 @@ pub(crate) async fn report(
     }
     let mut by_kind = BTreeMap::<&str, Value>::new();
     let mut mismatched = Vec::new();
+    let pooled = ctx.workers.is_some();
+    // Pooled, a worker killed under an attempt (or an operator kill past the fence) disrupts it and the run goes on
+    // with one more attempt: expected, as for a Job whose pod is evicted, and counted apart.
+    let unplanned = |kind: Kind, r: &RunView| {
+        if pooled { (r.disruptions - i64::from(kind == Kind::DisruptOnce)).max(0) } else { 0 }
+    };
+    let mut unplanned_disruptions = 0;
     for kind in Kind::ALL {
         let of_kind: Vec<&&RunView> = terminal.iter().filter(|r| plan.get(&r.name) == Some(&kind)).collect();
+        unplanned_disruptions += of_kind.iter().map(|r| unplanned(kind, r)).sum::<i64>();
         let (phase, reason, attempts) = kind.expected();
         let odd: Vec<&&RunView> = of_kind
             .iter()
             .copied()
-            .filter(|r| r.phase != phase || r.reason != reason || attempts.is_some_and(|a| a != r.attempts))
+            .filter(|r| {
+                r.phase != phase
+                    || r.reason != reason
+                    || attempts.is_some_and(|a| a + unplanned(kind, r) != r.attempts)
+            })
             .collect();
         mismatched.extend(
             odd.iter()
@@ -387,6 +443,37 @@ pub(crate) async fn report(
         })
         .collect();
 
+    // Pooled: what the workers executed, from the pool's command's own lines, and what is left running.
+    let pooled_report = if pooled {
+        let executed = executions(&ctx.dir.join("executions"));
+        let twice: Vec<String> =
+            executed.iter().filter(|(_, n)| **n > 1).map(|((run, a), n)| format!("{run} attempt {a} ({n}×)")).collect();
+        let more_than_attempts: Vec<String> = terminal
+            .iter()
+            .filter_map(|r| {
+                let n = executed.keys().filter(|(run, _)| *run == r.name).count();
+                (n as i64 > r.attempts).then(|| format!("{} ({n} executed, {} attempts)", r.name, r.attempts))
+            })
+            .collect();
+        let uids: BTreeSet<&str> = terminal.iter().map(|r| r.uid.as_str()).collect();
+        let (at_first, left) = processes_at_rest(&uids).await;
+        json!({
+            "executions": executed.values().sum::<usize>(),
+            "attempts_executed_more_than_once": twice.len(),
+            "attempts_executed_more_than_once_examples": examples(twice),
+            "runs_with_more_executions_than_attempts": more_than_attempts.len(),
+            "runs_with_more_executions_than_attempts_examples": examples(more_than_attempts),
+            "processes_of_finished_runs_at_first_look": at_first,
+            "processes_left_running_by_finished_runs": left.len(),
+            "processes_left_running_examples": examples(left),
+            "attempts_disrupted_by_kills": unplanned_disruptions,
+            "worker_kills": ctx.journal.count("worker-kill"),
+            "worker_exits": ctx.journal.count("worker-exit"),
+        })
+    } else {
+        Value::Null
+    };
+
     // The operator's own counters, summed over its processes.
     let mut counters = BTreeMap::<String, f64>::new();
     for sample in lock(&ctx.scraped).values() {
@@ -452,6 +539,7 @@ pub(crate) async fn report(
             "runs_whose_attempt_spans_differ_from_attempts": attempt_span_mismatch.len(),
             "attempt_span_examples": examples(attempt_span_mismatch),
         },
+        "pooled": pooled_report,
         "operator": {
             "processes": processes,
             "processes_scraped": scraped,
@@ -520,6 +608,26 @@ pub(crate) fn table(r: &Value, ctx: &Ctx, header: &str) -> String {
         "",
     );
     row("Jobs left running by finished runs (after up to 90 s)", n(&r["jobs"]["left_running_by_finished_runs"]), "0");
+    let p = &r["pooled"];
+    if !p.is_null() {
+        row("pooled: attempts executed more than once", n(&p["attempts_executed_more_than_once"]), "0");
+        row("pooled: runs with more executions than attempts", n(&p["runs_with_more_executions_than_attempts"]), "0");
+        row(
+            "pooled: processes left running by finished runs (30 s)",
+            n(&p["processes_left_running_by_finished_runs"]),
+            "0",
+        );
+        row(
+            "pooled: attempts disrupted by worker/operator kills",
+            n(&p["attempts_disrupted_by_kills"]),
+            "each retried",
+        );
+        row(
+            "pooled: workers killed / ended by disrupt-once runs",
+            format!("{} / {}", n(&p["worker_kills"]), n(&p["worker_exits"])),
+            "",
+        );
+    }
     let m = &r["metrics"];
     let worst = format!("0, at worst +1 per kill ({})", kills + exits);
     row("workflow.run.total (all processes) - terminal runs", signed(&m["workflow.run.total"]["difference"]), &worst);

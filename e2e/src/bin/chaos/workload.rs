@@ -82,10 +82,15 @@ impl Kind {
         }
     }
 
-    pub(crate) fn manifest(self, name: &str, workflow: &str) -> Value {
+    /// The run: a Job of a pod KWOK plays out, or, when `pooled`, a process of the pool's command (`POOL_SCRIPT`)
+    /// told its kind and run by its arguments. The retry policy and deadline are the same in both modes.
+    pub(crate) fn manifest(self, name: &str, workflow: &str, pooled: bool) -> Value {
         use flowtel_crds::workflow_run::{Backoff, RetryPolicy};
         use flowtel_e2e::runs::{SIM_EXIT_CODE, SIM_OUTCOME};
-        let run = flowtel_e2e::RunBuilder::new(name, workflow).image("registry.example/chaos:1.0");
+        let mut run = flowtel_e2e::RunBuilder::new(name, workflow).image("registry.example/chaos:1.0");
+        if pooled {
+            run = run.pool(POOL, &[self.name(), name]);
+        }
         let retry = |limit| RetryPolicy { limit, ..RetryPolicy::default() };
         let run = match self {
             Kind::Success => run.runs_for("1s"),
@@ -105,6 +110,39 @@ impl Kind {
         };
         run.json()
     }
+}
+
+/// The WorkerPool of the pooled mode.
+pub(crate) const POOL: &str = "chaos";
+
+/// The pool's one command, `sh -c POOL_SCRIPT chaos-worker KIND RUN`: each kind as a process. Every execution
+/// appends `RUN ATTEMPT PID` to `$CHAOS_EXECUTIONS` (a variable of the workers' own, not the run's), its attempt from
+/// the resource attributes flowtel injects. fail-once fails, and disrupt-once kills its worker and itself (a pod
+/// deleted mid-run), in the first execution that gets that far (a marker file beside the list): a worker killed by
+/// the schedule before then only adds a disrupted attempt, as it does to the other kinds.
+pub(crate) const POOL_SCRIPT: &str = r#"attempt=$(printf %s "$OTEL_RESOURCE_ATTRIBUTES" | tr , '\n' | sed -n 's/^workflow.attempt=//p')
+echo "$2 $attempt $$" >> "$CHAOS_EXECUTIONS"
+marker="$CHAOS_EXECUTIONS.$2"
+case "$1" in
+success) sleep 1 ;;
+fail-once) sleep 1; if [ ! -e "$marker" ]; then : > "$marker"; exit 3; fi ;;
+fail) sleep 1; exit 42 ;;
+disrupt-once) sleep 0.5; if [ ! -e "$marker" ]; then : > "$marker"; kill -KILL "$PPID" 0; fi; sleep 0.5 ;;
+*) sleep 3600 ;;
+esac"#;
+
+/// The WorkerPool: the script above as its command, arguments allowed (the kind and the run), a one-pod
+/// Deployment that KWOK simulates (the real workers are the harness's agents).
+pub(crate) fn pool_manifest() -> Value {
+    json!({
+        "apiVersion": "flowtel.dev/v1alpha1", "kind": "WorkerPool", "metadata": {"name": POOL},
+        "spec": {
+            "template": {"spec": {"containers": [{"name": "main", "image": "registry.example/chaos:1.0",
+                "command": ["/bin/sh", "-c", POOL_SCRIPT, "chaos-worker"]}]}},
+            "allowArgs": true,
+            "replicas": {"min": 1, "max": 1}
+        }
+    })
 }
 
 /// One planned run: its kind, and for a cancel, how long after its submission the cancel is sent.
