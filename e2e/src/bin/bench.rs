@@ -355,7 +355,8 @@ async fn pooled_stage(
     let (operator_before, workers_before) = (cpu_seconds(pid), workers_cpu(&workers));
     let (steps, _) = sweep(client, sweep_spec, a.rates.iter().copied(), a, &t, deadline).await;
     let runs_offered: usize = steps.iter().map(|s| s.offered).sum();
-    let mut cpu = cpu_per_object(&cpu_before, &control_plane_cpu(), runs_offered, Some(cpu_seconds(pid) - operator_before));
+    let mut cpu =
+        cpu_per_object(&cpu_before, &control_plane_cpu(), runs_offered, Some(cpu_seconds(pid) - operator_before));
     cpu["workers"] = json!((workers_cpu(&workers) - workers_before) * 1000.0 / runs_offered.max(1) as f64);
     print_cpu("pooled run", &cpu);
     let ceiling = steps.iter().filter(|s| s.sustained).map(|s| s.rate).fold(0.0, f64::max);

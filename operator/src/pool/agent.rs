@@ -279,8 +279,8 @@ fn stop(current: &mut Current, why: &'static str) {
         return;
     }
     current.stopping = Some((why, Instant::now()));
-    let terminated = group_of(&current.child)
-        .map(|group| rustix::process::kill_process_group(group, rustix::process::Signal::TERM));
+    let terminated =
+        group_of(&current.child).map(|group| rustix::process::kill_process_group(group, rustix::process::Signal::TERM));
     if !matches!(terminated, Some(Ok(()))) {
         _ = current.child.start_kill();
     }

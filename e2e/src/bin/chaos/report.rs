@@ -342,9 +342,7 @@ pub(crate) async fn report(
             .iter()
             .copied()
             .filter(|r| {
-                r.phase != phase
-                    || r.reason != reason
-                    || attempts.is_some_and(|a| a + unplanned(kind, r) != r.attempts)
+                r.phase != phase || r.reason != reason || attempts.is_some_and(|a| a + unplanned(kind, r) != r.attempts)
             })
             .collect();
         mismatched.extend(
