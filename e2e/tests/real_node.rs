@@ -322,6 +322,10 @@ async fn helm_install_to_a_traced_run_on_a_real_node() {
     assert!(ok && logs.contains("workflow started"), "kubectl flowtel logs: {stderr}\n{logs}");
     let (ok, same, _) = flowtel_e2e::kubectl_flowtel(&ns.name, &["logs", "sync-1", "--attempt", "1"]);
     assert!(ok && same == logs, "the only attempt is the latest");
+    // A pooled run's lines, from its worker's log, without the agent's marks or its own lines.
+    let (ok, pooled_logs, stderr) = flowtel_e2e::kubectl_flowtel(&ns.name, &["logs", "sync-pooled"]);
+    assert!(ok && pooled_logs.contains("workflow started"), "kubectl flowtel logs (pooled): {stderr}\n{pooled_logs}");
+    assert!(!pooled_logs.contains("[sync-pooled-1]"), "the agent's marks are not shown: {pooled_logs}");
     let (ok, links, stderr) = flowtel_e2e::kubectl_flowtel(&ns.name, &["trace", "sync-1"]);
     assert!(ok, "kubectl flowtel trace: {stderr}");
     let jaeger_page = format!("jaeger  http://jaeger.{}.svc:16686/trace/{trace_id}", ns.name);

@@ -14,6 +14,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, LogParams, ObjectMeta, PostParams};
 use kube::{Client, ResourceExt};
 
+use crate::pool::protocol::{log_end, log_prefix};
 use crate::runtime::names::shorten;
 use crate::workflow_run::job::{ATTEMPT_LABEL, RUN_LABEL};
 use crate::workflow_run::plan;
@@ -93,7 +94,8 @@ impl Runs {
         Ok(())
     }
 
-    /// `logs RUN [--attempt N] [-f]`: the logs of an attempt's pod (the latest attempt by default).
+    /// `logs RUN [--attempt N] [-f]`: the logs of an attempt's pod (the latest attempt by default); a pooled attempt's
+    /// lines from its worker's log.
     pub async fn logs(
         &self,
         name: &str,
@@ -114,6 +116,10 @@ impl Runs {
             return Err(CliError::NoAttempt { run: name.into(), attempt: number, kept });
         }
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
+        if run.spec.pool.is_some() {
+            let attempt = recorded.ok_or_else(|| CliError::NoPod { run: name.into(), attempt: number })?;
+            return self.pooled_logs(&pods, name, attempt, follow, container, out).await;
+        }
         // The pod the status recorded; else (an attempt still running) the attempt's pods by label, newest first.
         let pod = match recorded.and_then(|a| a.pod_name.clone()) {
             Some(pod) => pod,
@@ -138,6 +144,41 @@ impl Runs {
             lines.try_next().await.map_err(|source| CliError::LogStream { pod: pod.clone(), source })?
         {
             writeln!(out, "{line}")?;
+        }
+        Ok(())
+    }
+
+    /// A pooled attempt's lines in its worker's log (the agent marks them, `pool::protocol::log_prefix`), up to its
+    /// end; the worker's own lines and other attempts' are left out.
+    async fn pooled_logs(
+        &self,
+        pods: &Api<Pod>,
+        run: &str,
+        attempt: &flowtel_crds::workflow_run::AttemptStatus,
+        follow: bool,
+        container: Option<String>,
+        out: &mut (impl std::io::Write + Send),
+    ) -> Result<(), CliError> {
+        let no_pod = || CliError::NoPod { run: run.into(), attempt: attempt.number };
+        let pod = attempt.pod_name.clone().ok_or_else(no_pod)?;
+        // From a second before the attempt started: a worker's log holds every run it has executed.
+        let since_time = attempt.start_time.as_ref().map(|t| t.0 - jiff::SignedDuration::from_secs(1));
+        let params = LogParams { follow, container, since_time, ..LogParams::default() };
+        let stream = pods.log_stream(&pod, &params).await.map_err(|source| match &source {
+            kube::Error::Api(s) if s.code == 404 => no_pod(),
+            _ => CliError::Logs { pod: pod.clone(), source },
+        })?;
+        let (prefix, end) = (log_prefix(&attempt.job_name), log_end(&attempt.job_name));
+        let mut lines = stream.lines();
+        while let Some(line) =
+            lines.try_next().await.map_err(|source| CliError::LogStream { pod: pod.clone(), source })?
+        {
+            if line == end {
+                break;
+            }
+            if let Some(output) = line.strip_prefix(&prefix) {
+                writeln!(out, "{output}")?;
+            }
         }
         Ok(())
     }

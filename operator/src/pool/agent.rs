@@ -14,8 +14,13 @@ use k8s_openapi::api::core::v1::EnvVar;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-use super::protocol::{Answer, Assignment, Ended, HEARTBEAT, IDLE_HOLD, POLL_PATH, Poll, REREPORT, Running};
+use super::protocol::{
+    Answer, Assignment, Ended, HEARTBEAT, IDLE_HOLD, POLL_PATH, Poll, REREPORT, Running, job_name_of, log_end,
+    log_prefix,
+};
 
+/// How long the last of an ended attempt's output may take to reach the log (what it started is killed by then).
+const OUTPUT_DRAIN: Duration = Duration::from_secs(1);
 /// How long a process has between SIGTERM and SIGKILL (a pod's default grace).
 const KILL_GRACE: Duration = Duration::from_secs(10);
 /// Variables of the agent's own, not passed to the workload.
@@ -74,6 +79,8 @@ pub fn resolve_env(env: &[EnvVar], pod_name: &str, node_name: &str, namespace: &
 struct Current {
     assignment: Assignment,
     child: Child,
+    /// The tasks copying its stdout and stderr to the worker's, each line marked with the attempt (`log_prefix`).
+    output: Vec<tokio::task::JoinHandle<()>>,
     deadline: Instant,
     /// Why the agent is stopping it, once it is.
     stopping: Option<(&'static str, Instant)>,
@@ -187,7 +194,8 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
             tokio::select! {
                 status = c.child.wait() => {
                     end_group(group);
-                    let c = current.take().expect("current");
+                    let mut c = current.take().expect("current");
+                    drain_output(&mut c).await;
                     ended.push(end_of(&c, status));
                 }
                 () = tokio::time::sleep_until(wake) => {
@@ -257,15 +265,60 @@ fn start(config: &AgentConfig, assignment: &Assignment) -> std::io::Result<Curre
     let env: HashMap<String, String> =
         resolve_env(&assignment.env, &config.pod_name, &config.node_name, &config.namespace).into_iter().collect();
     command.envs(env);
-    let child = command.spawn()?;
+    command.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let mut child = command.spawn()?;
+    let prefix = log_prefix(job_name_of(&assignment.key));
+    let mut output = Vec::new();
+    if let Some(stdout) = child.stdout.take() {
+        output.push(tokio::spawn(forward(stdout, tokio::io::stdout(), prefix.clone())));
+    }
+    if let Some(stderr) = child.stderr.take() {
+        output.push(tokio::spawn(forward(stderr, tokio::io::stderr(), prefix)));
+    }
     tracing::info!(attempt = %assignment.key, pid = child.id(), "started");
     let seconds = u64::try_from(assignment.deadline_seconds.max(1)).unwrap_or(1);
     Ok(Current {
         assignment: assignment.clone(),
         child,
+        output,
         deadline: Instant::now() + Duration::from_secs(seconds),
         stopping: None,
     })
+}
+
+/// Copies `from` to `to` line by line, each behind `prefix`, as it comes (bytes as they are: not all output is text).
+async fn forward(from: impl tokio::io::AsyncRead + Unpin, mut to: impl tokio::io::AsyncWrite + Unpin, prefix: String) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let mut from = tokio::io::BufReader::new(from);
+    let mut line = prefix.clone().into_bytes();
+    loop {
+        line.truncate(prefix.len());
+        match from.read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if line.last() != Some(&b'\n') {
+            line.push(b'\n');
+        }
+        if to.write_all(&line).await.is_err() || to.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Waits for the ended attempt's last output (bounded: something outside its process group may hold a pipe), then
+/// marks its end in the log.
+async fn drain_output(current: &mut Current) {
+    use tokio::io::AsyncWriteExt;
+    let tasks = std::mem::take(&mut current.output);
+    let aborts: Vec<tokio::task::AbortHandle> = tasks.iter().map(tokio::task::JoinHandle::abort_handle).collect();
+    if tokio::time::timeout(OUTPUT_DRAIN, futures::future::join_all(tasks)).await.is_err() {
+        aborts.iter().for_each(tokio::task::AbortHandle::abort);
+    }
+    let end = format!("{}\n", log_end(job_name_of(&current.assignment.key)));
+    let mut stdout = tokio::io::stdout();
+    _ = stdout.write_all(end.as_bytes()).await;
+    _ = stdout.flush().await;
 }
 
 /// The attempt's process group (its leader's pid), while its leader has not been waited for.
@@ -339,6 +392,16 @@ fn refused(assignment: &Assignment, reason: &str) -> Ended {
 mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::{EnvVarSource, ObjectFieldSelector};
+
+    #[tokio::test]
+    async fn each_line_of_the_output_is_marked_with_its_attempt() {
+        let mut out = Vec::new();
+        forward(&b"one\ntwo\n\nno newline at the end"[..], &mut out, log_prefix("r-1")).await;
+        assert_eq!(
+            String::from_utf8(out).expect("text"),
+            "[r-1] one\n[r-1] two\n[r-1] \n[r-1] no newline at the end\n"
+        );
+    }
 
     #[test]
     fn field_references_and_earlier_variables_resolve_as_the_kubelet_would() {

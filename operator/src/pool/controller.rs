@@ -66,6 +66,7 @@ struct Context {
     dispatcher: Dispatcher,
     settings: PoolSettings,
     deployments: kube::runtime::reflector::Store<Deployment>,
+    pools: kube::runtime::reflector::Store<WorkerPool>,
     /// When each pool last needed as many workers as it has (its scale-down waits from there).
     busy_at: Mutex<HashMap<String, Instant>>,
     /// When each pool's status was last written.
@@ -204,15 +205,16 @@ pub async fn run(
         .default_backoff()
         .reflect(writer)
         .touched_objects();
+    let controller = Controller::new(pools, watcher::Config::default());
     let context = Arc::new(Context {
         client,
         dispatcher,
         settings,
         deployments: store,
+        pools: controller.store(),
         busy_at: Mutex::default(),
         status_written: Mutex::default(),
     });
-    let controller = Controller::new(pools, watcher::Config::default());
     if let Some(auth) = auth {
         auth.read_pools_from(controller.store());
     }
@@ -238,6 +240,7 @@ async fn reconcile(pool: Arc<WorkerPool>, ctx: Arc<Context>) -> Result<Action, P
     let current = existing.as_ref().and_then(|d| d.spec.replicas).unwrap_or(pool.spec.replicas.min);
     let load = ctx.dispatcher.load(&key);
     let now = Instant::now();
+    forget_deleted_pools(&ctx);
     let busy_at = {
         let mut busy = ctx.busy_at.lock().unwrap_or_else(|e| e.into_inner());
         let at = busy.entry(key.clone()).or_insert(now);
@@ -278,6 +281,16 @@ async fn reconcile(pool: Arc<WorkerPool>, ctx: Arc<Context>) -> Result<Action, P
     let after = Duration::from_secs(u64::try_from(pool.spec.replicas.scale_down_after_seconds).unwrap_or(0).max(1));
     let recheck = recheck.or((replicas > pool.spec.replicas.min).then_some(after));
     Ok(recheck.map_or_else(Action::await_change, Action::requeue))
+}
+
+/// Drops what is remembered of pools no longer in the cache (a deleted pool gets no reconcile of its own).
+fn forget_deleted_pools(ctx: &Context) {
+    let exists = |key: &String| {
+        let (namespace, name) = key.split_once('/').unwrap_or(("", key));
+        ctx.pools.get(&ObjectRef::new(name).within(namespace)).is_some()
+    };
+    ctx.busy_at.lock().unwrap_or_else(|e| e.into_inner()).retain(|key, _| exists(key));
+    ctx.status_written.lock().unwrap_or_else(|e| e.into_inner()).retain(|key, _| exists(key));
 }
 
 /// A hash of the Deployment flowtel applies (`APPLIED_HASH`).

@@ -384,6 +384,7 @@ impl Dispatcher {
             *a = lost(a.run.clone(), &a.pool, now, Some(poll.worker.clone()));
             woken.push(a.run.clone());
         }
+        state.queues.entry(poll.pool.clone()).or_default();
         let worker = state.workers.entry(id).or_default();
         worker.instance.clone_from(&poll.instance);
         worker.seq = poll.seq;
@@ -513,6 +514,24 @@ impl Dispatcher {
             !matches!(a.state, AttemptState::Ended(_) | AttemptState::Stopped)
                 || now.duration_since(a.since) < ENDED_KEPT
         });
+        // A pool with nothing queued, no worker and no attempt left (deleted, or idle at zero) is forgotten, its
+        // gauges with it: pools come and go, and each would otherwise stay in memory and on /metrics.
+        let gone: Vec<PoolKey> = state
+            .queues
+            .iter()
+            .filter(|(pool, queue)| {
+                queue.is_empty()
+                    && !state.workers.keys().any(|(p, _)| p == *pool)
+                    && !state.attempts.values().any(|a| a.pool == **pool)
+            })
+            .map(|(pool, _)| pool.clone())
+            .collect();
+        for pool in &gone {
+            state.queues.remove(pool);
+            let labels = pool_labels(pool);
+            self.metrics.queue_depth.remove(&labels);
+            self.metrics.busy_workers.remove(&labels);
+        }
         let pools: Vec<PoolKey> = state.queues.keys().cloned().collect();
         for pool in pools {
             self.measure(&state, &pool);
@@ -772,6 +791,21 @@ mod tests {
         let answer = d.poll(Poll { running, ..poll("w9") }).expect("at once");
         assert_eq!(answer.kill, None);
         assert_eq!(d.state("ns/d-1"), Some(AttemptState::Running { worker: "w9".into(), node: "n".into() }));
+    }
+
+    #[test]
+    fn a_pool_with_no_worker_queue_or_attempt_left_is_forgotten_with_its_gauges() {
+        let (d, _woken) = dispatcher();
+        let _ = d.poll(Poll { pool: "ns/gone".into(), ..poll("w1") });
+        let _ = d.poll(poll("w2"));
+        let gauge = |pool: &str| d.metrics.busy_workers.get(&pool_labels(pool)).is_some();
+        assert!(gauge("ns/gone") && gauge("ns/p"));
+        // Its workers went with its Deployment (taken for lost after WORKER_LOST).
+        d.lock().workers.retain(|(pool, _), _| pool != "ns/gone");
+        d.sweep();
+        assert!(!d.lock().queues.contains_key("ns/gone"), "forgotten");
+        assert!(!gauge("ns/gone"), "its gauges gone from /metrics");
+        assert!(d.lock().queues.contains_key("ns/p") && gauge("ns/p"), "a pool with a worker stays");
     }
 
     #[test]

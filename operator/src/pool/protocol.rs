@@ -15,6 +15,22 @@ pub const IDLE_HOLD: Duration = Duration::from_secs(20);
 /// How often a busy worker reports that it is still running its attempt.
 pub const HEARTBEAT: Duration = Duration::from_secs(3);
 
+/// What a worker's log shows of an attempt: each line of its process's stdout and stderr behind `[<job name>] `, then
+/// `[<job name>: ended]` once the process and all it started are gone (`kubectl flowtel logs` reads these).
+pub fn log_prefix(job_name: &str) -> String {
+    format!("[{job_name}] ")
+}
+
+/// The line after an attempt's last (`log_prefix`).
+pub fn log_end(job_name: &str) -> String {
+    format!("[{job_name}: ended]")
+}
+
+/// The attempt's job name: its key without the namespace.
+pub fn job_name_of(key: &str) -> &str {
+    key.split_once('/').map_or(key, |(_, job)| job)
+}
+
 /// One attempt handed to a worker.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
