@@ -315,6 +315,15 @@ pub fn sum(result: &[Value]) -> f64 {
     result.iter().filter_map(|s| s["value"][1].as_str()?.parse::<f64>().ok()).sum()
 }
 
+/// Waits (up to `wait`) until Prometheus holds `workflow_run_total` of `workflow` summed to at least `count`.
+pub async fn await_run_total(prometheus: &str, workflow: &str, count: f64, wait: std::time::Duration) {
+    let query = format!("sum(workflow_run_total{{workflow_name=\"{workflow}\"}})");
+    crate::eventually(&format!("workflow_run_total of {workflow} reaching {count}"), wait, async || {
+        (sum(&prometheus_query(prometheus, &query).await) >= count).then_some(())
+    })
+    .await;
+}
+
 /// Applies a TelemetryStack `name` in `namespace` whose collector is the external `endpoint` (one of these
 /// backends' collectors), every other component off, and waits until its status publishes that endpoint: runs that
 /// name it send it all their telemetry.

@@ -77,12 +77,7 @@ async fn a_workflow_run_lands_in_prometheus_jaeger_and_victorialogs_joined_to_it
         trace_ids.push(trace_id);
         // The stack's collector forwards each series' total once per interval: the next run waits until this
         // one's count is stored, so that the two land in two samples (rate() needs two).
-        let counted = trace_ids.len() as f64;
-        eventually(&format!("workflow_run_total reaching {counted}"), WAIT, async || {
-            let r = prometheus_query(&backends.prometheus, "sum(workflow_run_total{workflow_name=\"sync\"})").await;
-            (sum(&r) >= counted).then_some(())
-        })
-        .await;
+        backends::await_run_total(&backends.prometheus, "sync", trace_ids.len() as f64, WAIT).await;
     }
     let prom = backends.prometheus.as_str();
 

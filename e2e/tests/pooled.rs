@@ -141,12 +141,7 @@ async fn a_pooled_run_lands_the_same_trace_and_the_ten_metrics_as_a_job_run() {
         let attempt = &status.attempts[0];
         assert!(attempt.pod_name.as_deref().is_some_and(|p| p.starts_with("sync-w-")), "run by a worker: {attempt:?}");
         trace_ids.push(status.trace_id.expect("traceId"));
-        let counted = trace_ids.len() as f64;
-        eventually(&format!("workflow_run_total reaching {counted}"), WAIT, async || {
-            let r = prometheus_query(&backends.prometheus, "sum(workflow_run_total{workflow_name=\"sync\"})").await;
-            (sum(&r) >= counted).then_some(())
-        })
-        .await;
+        backends::await_run_total(&backends.prometheus, "sync", trace_ids.len() as f64, WAIT).await;
     }
     let prom = backends.prometheus.as_str();
     let total = sum(&prometheus_query(prom, "sum(workflow_run_total{workflow_name=\"sync\"})").await);
