@@ -287,13 +287,15 @@ fn start(config: &AgentConfig, assignment: &Assignment) -> std::io::Result<Curre
 }
 
 /// Copies `from` to `to` line by line, each behind `prefix`, as it comes (bytes as they are: not all output is text).
+/// A line longer than `LINE_MAX` goes out in pieces, as the kubelet splits long log lines.
 async fn forward(from: impl tokio::io::AsyncRead + Unpin, mut to: impl tokio::io::AsyncWrite + Unpin, prefix: String) {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    const LINE_MAX: u64 = 16 * 1024;
     let mut from = tokio::io::BufReader::new(from);
     let mut line = prefix.clone().into_bytes();
     loop {
         line.truncate(prefix.len());
-        match from.read_until(b'\n', &mut line).await {
+        match (&mut from).take(LINE_MAX).read_until(b'\n', &mut line).await {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
@@ -401,6 +403,11 @@ mod tests {
             String::from_utf8(out).expect("text"),
             "[r-1] one\n[r-1] two\n[r-1] \n[r-1] no newline at the end\n"
         );
+        // No unbounded line in memory: 40 KiB without a newline goes out in three marked pieces.
+        let mut out = Vec::new();
+        forward(&vec![b'x'; 40 * 1024][..], &mut out, log_prefix("r-1")).await;
+        let pieces: Vec<&[u8]> = out.split(|b| *b == b'\n').filter(|l| !l.is_empty()).collect();
+        assert_eq!(pieces.iter().map(|l| l.len() - "[r-1] ".len()).collect::<Vec<_>>(), [16384, 16384, 8192]);
     }
 
     #[test]
