@@ -15,8 +15,7 @@ use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
 use super::protocol::{
-    Answer, Assignment, Ended, HEARTBEAT, IDLE_HOLD, POLL_PATH, Poll, REREPORT, Running, job_name_of, log_end,
-    log_prefix,
+    Answer, Assignment, Ended, HEARTBEAT, IDLE_HOLD, POLL_PATH, Poll, Running, job_name_of, log_end, log_prefix,
 };
 
 /// How long the last of an ended attempt's output may take to reach the log (what it started is killed by then).
@@ -101,9 +100,6 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     let mut fence = Duration::from_secs(15);
     let mut last_answer = Instant::now();
     let mut stopping = false;
-    // The ends reported lately, for a new leader (`Answer::leader`), and who answered last.
-    let mut recent: Vec<(Ended, Instant)> = Vec::new();
-    let mut leader: Option<String> = None;
     let instance = instance_id();
     let mut seq = 0u64;
     tokio::pin!(shutdown);
@@ -135,16 +131,8 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         match answer {
             Some(answer) => {
                 last_answer = Instant::now();
-                ended.retain(|e| !poll.ended.contains(e));
-                recent.retain(|(_, at)| at.elapsed() < REREPORT);
-                recent.extend(poll.ended.iter().cloned().map(|e| (e, Instant::now())));
-                if leader.as_ref().is_some_and(|l| *l != answer.leader) {
-                    // A new leader: its predecessor may have died before recording these.
-                    let again: Vec<Ended> =
-                        recent.iter().map(|(e, _)| e.clone()).filter(|e| !ended.contains(e)).collect();
-                    ended.extend(again);
-                }
-                leader = Some(answer.leader.clone());
+                // Kept until recorded: a leader that heard an end may die before its run's status holds it.
+                ended.retain(|e| !answer.recorded.contains(&e.key));
                 fence = Duration::from_secs(answer.fence_seconds.max(1));
                 if let (Some(key), Some(c)) = (&answer.kill, current.as_mut())
                     && *key == c.assignment.key

@@ -11,7 +11,7 @@
 //!   it waits for a worker to claim it, and declares it lost only after `fence`, when any worker that could not
 //!   reach it has killed it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -82,6 +82,8 @@ struct Worker {
     running: Option<String>,
     kill: Option<String>,
     parked: Option<oneshot::Sender<Answer>>,
+    /// Ends it reported that no run's status holds yet: until they are recorded it is given no new attempt.
+    holding: Vec<String>,
 }
 
 #[derive(Default)]
@@ -89,6 +91,8 @@ struct State {
     attempts: HashMap<String, Attempt>,
     queues: HashMap<PoolKey, VecDeque<String>>,
     workers: HashMap<(PoolKey, String), Worker>,
+    /// Ended attempts whose end the run's status holds.
+    recorded: HashSet<String>,
 }
 
 /// The dispatcher's metrics on the operator's `/metrics`.
@@ -301,6 +305,60 @@ impl Dispatcher {
         }
     }
 
+    /// The runs' statuses hold these attempts' ends: their workers forget them and may take new attempts.
+    pub fn recorded(&self, keys: &[String]) {
+        let mut state = self.lock();
+        let known: Vec<String> = keys.iter().filter(|k| state.attempts.contains_key(*k)).cloned().collect();
+        state.recorded.extend(known);
+        let holders: Vec<(PoolKey, String)> = state
+            .workers
+            .iter()
+            .filter(|(_, w)| w.holding.iter().any(|k| keys.contains(k)))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in holders {
+            let Some(w) = state.workers.get_mut(&id) else { continue };
+            let acks: Vec<String> = w.holding.iter().filter(|k| keys.contains(k)).cloned().collect();
+            w.holding.retain(|k| !keys.contains(k));
+            let free = w.holding.is_empty() && w.running.is_none();
+            let Some(parked) = w.parked.take().filter(|p| !p.is_closed()) else { continue };
+            let assign = if free { self.next_for(&mut state, &id.0, &id.1) } else { None };
+            let answer = Answer {
+                assign: assign.map(Box::new),
+                fence_seconds: self.fence.as_secs(),
+                leader: self.id.clone(),
+                recorded: acks,
+                ..Default::default()
+            };
+            if let Err(answer) = parked.send(answer)
+                && let Some(assignment) = answer.assign
+            {
+                // The request went away as it was answered: the attempt goes back to the queue's front.
+                if let Some(a) = state.attempts.get_mut(&assignment.key) {
+                    a.state = AttemptState::Queued;
+                }
+                state.queues.entry(id.0.clone()).or_default().push_front(assignment.key);
+            }
+        }
+    }
+
+    /// Every end of `run` that a worker holds is recorded: the run is over, its status holds them all.
+    pub fn recorded_run(&self, run: &RunName) {
+        let keys: Vec<String> = {
+            let state = self.lock();
+            state
+                .workers
+                .values()
+                .flat_map(|w| w.holding.iter())
+                .filter(|k| state.attempts.get(*k).is_some_and(|a| a.run == *run))
+                .cloned()
+                .collect()
+        };
+        if !keys.is_empty() {
+            self.recorded(&keys);
+        }
+    }
+
     /// A worker's request: what it reports is recorded, and the answer is ready now or when there is one (the
     /// receiver; the caller answers "nothing" after its hold).
     pub fn poll(&self, poll: Poll) -> Result<Answer, oneshot::Receiver<Answer>> {
@@ -334,6 +392,17 @@ impl Dispatcher {
                 }
                 _ => {}
             }
+        }
+        // Which reported ends are safe to forget: recorded, or not this leader's to record (stale, long over), or
+        // past the fence (a run that never records them must not hold its worker for ever).
+        let (mut acks, mut holding) = (Vec::new(), Vec::new());
+        for ended in &poll.ended {
+            let hold = state.attempts.get(&ended.key).is_some_and(|a| {
+                matches!(a.state, AttemptState::Ended(_))
+                    && !state.recorded.contains(&ended.key)
+                    && now.duration_since(a.since) < self.fence
+            });
+            if hold { holding.push(ended.key.clone()) } else { acks.push(ended.key.clone()) }
         }
         let mut kill = None;
         let running = match &poll.running {
@@ -392,24 +461,32 @@ impl Dispatcher {
         worker.node.clone_from(&poll.node);
         worker.last_seen = Some(now);
         worker.running.clone_from(&running);
+        worker.holding = holding;
+        let holds = !worker.holding.is_empty();
         // An earlier request of this worker, still held, is answered "nothing": the new one replaces it.
         worker.parked = None;
         let kill = kill.or_else(|| worker.kill.take().filter(|k| running.as_ref() == Some(k)));
         let fence_seconds = self.fence.as_secs();
+        let answer = |assign: Option<Assignment>, kill: Option<String>, recorded: Vec<String>| Answer {
+            assign: assign.map(Box::new),
+            kill,
+            fence_seconds,
+            leader: self.id.clone(),
+            recorded,
+        };
         let answer = if kill.is_some() {
-            Ok(Answer { kill, fence_seconds, leader: self.id.clone(), ..Default::default() })
-        } else if running.is_none() {
+            Ok(answer(None, kill, acks))
+        } else if running.is_none() && !holds {
             match self.next_for(&mut state, &poll.pool, &poll.worker) {
-                Some(assign) => Ok(Answer {
-                    assign: Some(Box::new(assign)),
-                    fence_seconds,
-                    leader: self.id.clone(),
-                    ..Default::default()
-                }),
-                None => Err(()),
+                Some(assign) => Ok(answer(Some(assign), None, acks)),
+                None if acks.is_empty() => Err(()),
+                None => Ok(answer(None, None, acks)),
             }
+        } else if running.is_none() && acks.is_empty() {
+            // Idle, holding an end: held until the run's status records it (`recorded`).
+            Err(())
         } else {
-            Ok(Answer { fence_seconds, leader: self.id.clone(), ..Default::default() })
+            Ok(answer(None, None, acks))
         };
         let answer = answer.map_err(|()| {
             let (tx, rx) = oneshot::channel();
@@ -453,7 +530,10 @@ impl Dispatcher {
                 .workers
                 .iter()
                 .find(|((p, _), w)| {
-                    p == pool && w.running.is_none() && w.parked.as_ref().is_some_and(|t| !t.is_closed())
+                    p == pool
+                        && w.running.is_none()
+                        && w.holding.is_empty()
+                        && w.parked.as_ref().is_some_and(|t| !t.is_closed())
                 })
                 .map(|((_, name), _)| name.clone());
             let Some(name) = idle else { return };
@@ -514,6 +594,8 @@ impl Dispatcher {
             !matches!(a.state, AttemptState::Ended(_) | AttemptState::Stopped)
                 || now.duration_since(a.since) < ENDED_KEPT
         });
+        let State { attempts, recorded, .. } = &mut *state;
+        recorded.retain(|key| attempts.contains_key(key));
         // A pool with nothing queued, no worker and no attempt left (deleted, or idle at zero) is forgotten, its
         // gauges with it: pools come and go, and each would otherwise stay in memory and on /metrics.
         let gone: Vec<PoolKey> = state
@@ -791,6 +873,34 @@ mod tests {
         let answer = d.poll(Poll { running, ..poll("w9") }).expect("at once");
         assert_eq!(answer.kill, None);
         assert_eq!(d.state("ns/d-1"), Some(AttemptState::Running { worker: "w9".into(), node: "n".into() }));
+    }
+
+    #[test]
+    fn a_worker_holding_an_unrecorded_end_gets_no_new_attempt_until_the_run_records_it() {
+        let (d, _woken) = dispatcher();
+        d.dispatch("ns/p", assignment("h-1"), None);
+        let _ = d.poll(poll("w1"));
+        d.dispatch("ns/p", assignment("i-1"), None);
+        // h-1 ended; its run has not written it yet: the end is not acknowledged and i-1 waits for another worker.
+        let reported = || Poll { ended: vec![ended("h-1", 0, "Completed")], ..poll("w1") };
+        let mut held = match d.poll(reported()) {
+            Err(held) => held,
+            Ok(answer) => panic!("answered at once: {answer:?}"),
+        };
+        assert_eq!(d.state("ns/i-1"), Some(AttemptState::Queued));
+        // The leader dies before the write: a new one hears the same end again (the agent kept it).
+        let (successor, _woken) = dispatcher();
+        assert!(successor.poll(reported()).is_err(), "adopted, and held again");
+        // The run's status records the end: the held request is answered with it, and with the next attempt.
+        d.recorded(&["ns/h-1".to_string()]);
+        let answer = held.try_recv().expect("answered");
+        assert_eq!(answer.recorded, ["ns/h-1"]);
+        assert_eq!(answer.assign.map(|a| a.key).as_deref(), Some("ns/i-1"));
+        // Reported again, running i-1 now (the answer crossed a retry): acknowledged at once, i-1 untouched.
+        let running = Some(super::super::protocol::Running { key: "ns/i-1".into(), run: assignment("i-1").run });
+        let again = d.poll(Poll { running, ..reported() });
+        assert!(again.is_ok_and(|a| a.recorded == ["ns/h-1"] && a.assign.is_none()));
+        assert_eq!(d.state("ns/i-1"), Some(AttemptState::Running { worker: "w1".into(), node: "n".into() }));
     }
 
     #[test]

@@ -73,7 +73,8 @@ pub struct Poll {
     /// The attempt running now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub running: Option<Running>,
-    /// Attempts that ended since the last answered request, oldest first.
+    /// Attempts that ended and whose end the leader has not yet said is recorded (`Answer::recorded`), oldest
+    /// first: sent again with every request, to whichever leader answers.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ended: Vec<Ended>,
 }
@@ -114,11 +115,12 @@ pub struct Answer {
     /// How long the agent may go without an answer before it kills what it runs (self-fencing): a new leader
     /// waits this long before it declares unclaimed attempts lost.
     pub fence_seconds: u64,
-    /// Who answers: a new value is a new leader, to whom the agent reports again the ends of the last
-    /// `REREPORT` (its predecessor may have died before recording them).
+    /// Who answers (each leader process has its own id).
     #[serde(default)]
     pub leader: String,
+    /// Reported ends that the run's status now holds (or that are past saving): the agent forgets them. Until then
+    /// it reports them again and is given no new attempt, so an end is never lost with the leader that heard it
+    /// (the leader may have exported the run's report already) while its worker goes on to other runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recorded: Vec<String>,
 }
-
-/// How long an agent remembers the attempts it ended, to report them again to a new leader.
-pub const REREPORT: Duration = Duration::from_secs(60);

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use flowtel_crds::workflow_run::WorkflowRunStatus;
 use flowtel_crds::{WorkerPool, WorkflowRun};
 use k8s_openapi::api::batch::v1::{Job, JobCondition, JobStatus};
 use k8s_openapi::api::core::v1::{
@@ -242,12 +243,24 @@ pub fn dispatch(
 }
 
 /// The run is over or going: nothing of it may go on running on a worker (an attempt adopted by a new leader after
-/// its predecessor recorded the end, the kill lost with it). A Job of a deleted run goes with it by owner reference.
+/// its predecessor recorded the end, the kill lost with it), and every end of it is recorded. A Job of a deleted run
+/// goes with it by owner reference.
 pub fn stop_if_over(run: &WorkflowRun, ctx: &Context) {
     let over = run.status.as_ref().is_some_and(super::plan::is_terminal) || run.meta().deletion_timestamp.is_some();
     if let (Some(dispatcher), true, true) = (ctx.dispatcher.as_ref(), over, run.spec.pool.is_some()) {
-        let namespace = run.namespace().unwrap_or_default();
-        dispatcher.stop_run(&RunName { namespace, name: run.name_any() });
+        let name = RunName { namespace: run.namespace().unwrap_or_default(), name: run.name_any() };
+        dispatcher.stop_run(&name);
+        dispatcher.recorded_run(&name);
+    }
+}
+
+/// `status` is what the apiserver holds: the ends it records free their workers for new attempts.
+pub fn note_recorded(run: &WorkflowRun, ctx: &Context, status: &WorkflowRunStatus) {
+    let Some(dispatcher) = ctx.dispatcher.as_ref().filter(|_| run.spec.pool.is_some()) else { return };
+    let ended: Vec<String> =
+        status.attempts.iter().filter(|a| a.end_time.is_some()).map(|a| attempt_key(run, a.number)).collect();
+    if !ended.is_empty() {
+        dispatcher.recorded(&ended);
     }
 }
 

@@ -162,6 +162,7 @@ async fn reconcile_body(
         plan.status.telemetry = Some(ended.report);
     }
     let (plan, status_written) = act_and_record(run, ctx, plan, &stored, &read.target, obs.now, written).await?;
+    pooled::note_recorded(run, ctx, if status_written { &plan.status } else { &stored });
     // Events describe the changes a status write records; a deferred change is announced when it is written.
     if status_written {
         for note in plan.events.iter().filter(|n| n.warning || ctx.normal_events) {
