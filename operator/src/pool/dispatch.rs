@@ -291,15 +291,7 @@ impl Dispatcher {
     /// Stops whatever of `run` a worker still runs, the run being over. A new leader adopts what workers report
     /// running, and the run's end may have been recorded by its predecessor, whose kill went with it.
     pub fn stop_run(&self, run: &RunName) {
-        let running: Vec<String> = {
-            let state = self.lock();
-            state
-                .workers
-                .values()
-                .filter_map(|w| w.running.clone())
-                .filter(|key| state.attempts.get(key).is_some_and(|a| a.run == *run))
-                .collect()
-        };
+        let running = of_run(&self.lock(), run, |w| w.running.iter());
         for key in running {
             self.stop(&key);
         }
@@ -333,27 +325,14 @@ impl Dispatcher {
             if let Err(answer) = parked.send(answer)
                 && let Some(assignment) = answer.assign
             {
-                // The request went away as it was answered: the attempt goes back to the queue's front.
-                if let Some(a) = state.attempts.get_mut(&assignment.key) {
-                    a.state = AttemptState::Queued;
-                }
-                state.queues.entry(id.0.clone()).or_default().push_front(assignment.key);
+                requeue_front(&mut state, &id.0, assignment.key);
             }
         }
     }
 
     /// Every end of `run` that a worker holds is recorded: the run is over, its status holds them all.
     pub fn recorded_run(&self, run: &RunName) {
-        let keys: Vec<String> = {
-            let state = self.lock();
-            state
-                .workers
-                .values()
-                .flat_map(|w| w.holding.iter())
-                .filter(|k| state.attempts.get(*k).is_some_and(|a| a.run == *run))
-                .cloned()
-                .collect()
-        };
+        let keys = of_run(&self.lock(), run, |w| w.holding.iter());
         if !keys.is_empty() {
             self.recorded(&keys);
         }
@@ -551,11 +530,7 @@ impl Dispatcher {
                 ..Default::default()
             };
             if let Some(Err(_)) = parked.map(|p| p.send(answer)) {
-                // The request went away as it was answered: the attempt goes back to the queue's front.
-                if let Some(a) = state.attempts.get_mut(&key) {
-                    a.state = AttemptState::Queued;
-                }
-                state.queues.entry(pool.into()).or_default().push_front(key);
+                requeue_front(state, pool, key);
             }
         }
     }
@@ -631,6 +606,28 @@ impl Dispatcher {
         self.metrics.queue_depth.get_or_create(&labels).set(i64::try_from(queued).unwrap_or(i64::MAX));
         self.metrics.busy_workers.get_or_create(&labels).set(i64::try_from(busy).unwrap_or(i64::MAX));
     }
+}
+
+/// The attempt keys of `run` among what `pick` takes from each worker (what it runs, the ends it holds).
+fn of_run<'a, I>(state: &'a State, run: &RunName, pick: impl Fn(&'a Worker) -> I) -> Vec<String>
+where
+    I: Iterator<Item = &'a String>,
+{
+    state
+        .workers
+        .values()
+        .flat_map(pick)
+        .filter(|key| state.attempts.get(*key).is_some_and(|a| a.run == *run))
+        .cloned()
+        .collect()
+}
+
+/// A handed-out attempt whose request went away as it was answered: back to the front of its queue.
+fn requeue_front(state: &mut State, pool: &str, key: String) {
+    if let Some(a) = state.attempts.get_mut(&key) {
+        a.state = AttemptState::Queued;
+    }
+    state.queues.entry(pool.into()).or_default().push_front(key);
 }
 
 fn pool_labels(pool: &str) -> Vec<(String, String)> {
