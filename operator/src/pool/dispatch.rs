@@ -1,6 +1,6 @@
 //! The leader's dispatcher: the queue of pooled attempts, the workers that poll for them, and what each attempt came
-//! to. Memory only: the attempt is recorded in the run's status before it is dispatched (`workflow_run::pooled`),
-//! and a worker is the truth of what it runs, so a new leader rebuilds this from the workers' reports.
+//! to. Memory only: a worker is the truth of what it runs, so a new leader rebuilds this from the workers' reports.
+//! An attempt's start is recorded in the run's status after `running_status_delay` or with its end, as a Job's is.
 //!
 //! The rules that keep a run from executing twice at once or getting lost:
 //! - an attempt's key (`<namespace>/<job name>`) is fixed by its number; dispatching a known key does nothing;
@@ -9,7 +9,10 @@
 //!   answer, which is shorter than `WORKER_LOST` plus its heartbeat;
 //! - a new leader (this dispatcher younger than `fence`) does not dispatch an attempt recorded before it started:
 //!   it waits for a worker to claim it, and declares it lost only after `fence`, when any worker that could not
-//!   reach it has killed it.
+//!   reach it has killed it;
+//! - nor, while young, an unrecorded attempt of a run created before it started (its predecessor may have handed it
+//!   out before the start was written): it waits for a claim the same way, and is queued after `fence`, when no
+//!   worker can still run it.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -69,6 +72,19 @@ struct Attempt {
     queued_at: Instant,
     /// When a claim is awaited (Unclaimed) until, or when it ended (Ended).
     since: Instant,
+    /// When the attempt started, as its run's status records it (or will: the planner reads it from here).
+    started_at: jiff::Timestamp,
+}
+
+/// What the run says of an attempt handed to `Dispatcher::dispatch`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Dispatched {
+    /// When the attempt started (the planner's start, which a Job's would carry).
+    pub started_at: jiff::Timestamp,
+    /// Whether the run's status held the attempt before this dispatch.
+    pub recorded: bool,
+    /// When the run was created: a run created after this leader started was never another leader's to hand out.
+    pub run_created: Option<jiff::Timestamp>,
 }
 
 #[derive(Default)]
@@ -131,6 +147,8 @@ pub struct Dispatcher {
     state: Arc<Mutex<State>>,
     notify: mpsc::UnboundedSender<ObjectRef<WorkflowRun>>,
     started: Instant,
+    /// `started` on the wall clock, which runs' timestamps are on.
+    started_wall: jiff::Timestamp,
     fence: Duration,
     metrics: DispatchMetrics,
     /// Wakes a pool whose queue grew (the pool controller sizes it from `load`).
@@ -153,7 +171,16 @@ impl Dispatcher {
             Err(_) => u64::try_from(jiff::Timestamp::now().as_nanosecond()).unwrap_or_default(),
         };
         let id = format!("{id:016x}");
-        Self { state: Arc::default(), notify, started: Instant::now(), fence, metrics, pool_wakes: Arc::default(), id }
+        Self {
+            state: Arc::default(),
+            notify,
+            started: Instant::now(),
+            started_wall: jiff::Timestamp::now(),
+            fence,
+            metrics,
+            pool_wakes: Arc::default(),
+            id,
+        }
     }
 
     /// Where to say that a pool's queue grew.
@@ -183,6 +210,11 @@ impl Dispatcher {
         self.lock().attempts.get(key).map(|a| a.state.clone())
     }
 
+    /// When the attempt `key` started, if this dispatcher knows it.
+    pub fn started_at(&self, key: &str) -> Option<jiff::Timestamp> {
+        self.lock().attempts.get(key).map(|a| a.started_at)
+    }
+
     /// Queued and running attempts of `pool`: what its size follows.
     pub fn load(&self, pool: &str) -> usize {
         let state = self.lock();
@@ -201,38 +233,43 @@ impl Dispatcher {
         (queued, busy, oldest)
     }
 
-    /// Hands the attempt to a worker of `pool`, or queues it. `recorded_before` is when the run's status recorded
-    /// the attempt: one recorded before this dispatcher started may still run on a worker of the previous leader,
-    /// so it is claimed or declared lost, never dispatched again.
-    pub fn dispatch(&self, pool: &str, assignment: Assignment, recorded_before: Option<jiff::Timestamp>) {
+    /// Hands the attempt to a worker of `pool`, or queues it. An attempt the run recorded before this dispatcher
+    /// started may still run on a worker of the previous leader, so it is claimed or declared lost, never
+    /// dispatched again; an unrecorded one of a run older than this dispatcher is claimed, or queued after the fence.
+    pub fn dispatch(&self, pool: &str, assignment: Assignment, attempt: Dispatched) {
         let mut state = self.lock();
         if state.attempts.contains_key(&assignment.key) {
             return;
         }
         let now = Instant::now();
-        let age = recorded_before.map(|t| jiff::Timestamp::now().duration_since(t));
-        let older_than_us = age.is_some_and(|a| a.unsigned_abs() > self.started.elapsed());
+        let young = self.started.elapsed() < self.fence;
+        let recorded_before_us = attempt.recorded && attempt.started_at < self.started_wall;
+        // Creation times are whole seconds: a run created in this dispatcher's first second counts as older.
+        let maybe_handed_out =
+            !attempt.recorded && attempt.run_created.is_none_or(|c| c.as_second() <= self.started_wall.as_second());
         let key = assignment.key.clone();
-        if older_than_us && self.started.elapsed() < self.fence {
+        if young && (recorded_before_us || maybe_handed_out) {
             let until = self.started + self.fence;
             state.attempts.insert(
                 key,
                 Attempt {
                     run: assignment.run.clone(),
                     pool: pool.into(),
-                    assignment: None,
+                    // Kept for the unrecorded one, queued if nobody claims it (`sweep`).
+                    assignment: maybe_handed_out.then_some(assignment),
                     state: AttemptState::Unclaimed,
                     queued_at: now,
                     since: until,
+                    started_at: attempt.started_at,
                 },
             );
             return;
         }
-        if older_than_us {
+        if recorded_before_us {
             // Recorded before this leader, and unclaimed past the fence: every worker has killed what it could not
             // report, so this attempt is lost; the run retries with the next one.
             let run = assignment.run.clone();
-            state.attempts.insert(key, lost(run, pool, now, None));
+            state.attempts.insert(key, lost(run, pool, now, None, attempt.started_at));
             drop(state);
             self.wake(&assignment.run);
             return;
@@ -247,6 +284,7 @@ impl Dispatcher {
                 state: AttemptState::Queued,
                 queued_at: now,
                 since: now,
+                started_at: attempt.started_at,
             },
         );
         state.queues.entry(pool.into()).or_default().push_back(key);
@@ -364,7 +402,7 @@ impl Dispatcher {
                 }
                 // An end the previous leader may not have recorded: adopted while this leader is young.
                 None if young => {
-                    let mut adopted = lost(ended.run.clone(), &poll.pool, now, None);
+                    let mut adopted = lost(ended.run.clone(), &poll.pool, now, None, jiff::Timestamp::now());
                     adopted.state = AttemptState::Ended(ending(ended, &poll.worker));
                     state.attempts.insert(ended.key.clone(), adopted);
                     woken.push(ended.run.clone());
@@ -410,6 +448,7 @@ impl Dispatcher {
                             state: AttemptState::Running { worker: poll.worker.clone(), node: poll.node.clone() },
                             queued_at: now,
                             since: now,
+                            started_at: jiff::Timestamp::now(),
                         },
                     );
                     woken.push(r.run.clone());
@@ -429,7 +468,7 @@ impl Dispatcher {
             && let Some(a) = state.attempts.get_mut(&previous)
             && matches!(&a.state, AttemptState::Running { worker, .. } if *worker == poll.worker)
         {
-            *a = lost(a.run.clone(), &a.pool, now, Some(poll.worker.clone()));
+            *a = lost(a.run.clone(), &a.pool, now, Some(poll.worker.clone()), a.started_at);
             woken.push(a.run.clone());
         }
         state.queues.entry(poll.pool.clone()).or_default();
@@ -538,8 +577,11 @@ impl Dispatcher {
     /// Ends what lost its worker or its claim, forgets what ended long ago. Liveness is a heartbeat's absence, so
     /// only a clock sees it: this runs every second.
     pub fn sweep(&self) {
+        self.sweep_at(Instant::now());
+    }
+
+    fn sweep_at(&self, now: Instant) {
         let mut state = self.lock();
-        let now = Instant::now();
         let mut woken = Vec::new();
         let lost_workers: Vec<(PoolKey, String)> = state
             .workers
@@ -555,15 +597,26 @@ impl Dispatcher {
             if let Some(a) = state.attempts.get_mut(&key)
                 && matches!(a.state, AttemptState::Running { .. })
             {
-                *a = lost(a.run.clone(), &a.pool, now, Some(id.1.clone()));
+                *a = lost(a.run.clone(), &a.pool, now, Some(id.1.clone()), a.started_at);
                 woken.push(a.run.clone());
             }
         }
-        for a in state.attempts.values_mut() {
+        let mut unclaimed = Vec::new();
+        for (key, a) in &mut state.attempts {
             if a.state == AttemptState::Unclaimed && now >= a.since {
-                *a = lost(a.run.clone(), &a.pool, now, None);
-                woken.push(a.run.clone());
+                if a.assignment.is_some() {
+                    // Unrecorded and unclaimed past the fence: no worker runs it, so it runs now, as it is.
+                    a.state = AttemptState::Queued;
+                    unclaimed.push((a.pool.clone(), key.clone()));
+                } else {
+                    *a = lost(a.run.clone(), &a.pool, now, None, a.started_at);
+                    woken.push(a.run.clone());
+                }
             }
+        }
+        for (pool, key) in unclaimed {
+            state.queues.entry(pool.clone()).or_default().push_back(key);
+            self.hand_out(&mut state, &pool);
         }
         state.attempts.retain(|_, a| {
             !matches!(a.state, AttemptState::Ended(_) | AttemptState::Stopped)
@@ -635,7 +688,7 @@ fn pool_labels(pool: &str) -> Vec<(String, String)> {
     vec![("namespace".into(), namespace.into()), ("pool".into(), name.into())]
 }
 
-fn lost(run: RunName, pool: &str, now: Instant, worker: Option<String>) -> Attempt {
+fn lost(run: RunName, pool: &str, now: Instant, worker: Option<String>, started_at: jiff::Timestamp) -> Attempt {
     Attempt {
         run,
         pool: pool.into(),
@@ -649,6 +702,7 @@ fn lost(run: RunName, pool: &str, now: Instant, worker: Option<String>) -> Attem
         }),
         queued_at: now,
         since: now,
+        started_at,
     }
 }
 
@@ -740,6 +794,21 @@ mod tests {
         (Dispatcher::new(tx, Duration::from_secs(15), metrics), rx)
     }
 
+    /// A new attempt of a run created after the dispatcher started.
+    fn fresh() -> Dispatched {
+        let now = jiff::Timestamp::now();
+        Dispatched {
+            started_at: now,
+            recorded: false,
+            run_created: now.checked_add(jiff::SignedDuration::from_secs(2)).ok(),
+        }
+    }
+
+    /// An attempt the run's status recorded as started at `at`.
+    fn recorded(at: jiff::Timestamp) -> Dispatched {
+        Dispatched { started_at: at, recorded: true, run_created: Some(at) }
+    }
+
     fn assignment(key: &str) -> Assignment {
         Assignment {
             key: format!("ns/{key}"),
@@ -778,13 +847,13 @@ mod tests {
     #[test]
     fn an_idle_worker_gets_the_queued_attempt_and_its_end_wakes_the_run() {
         let (d, mut woken) = dispatcher();
-        d.dispatch("ns/p", assignment("a-1"), None);
+        d.dispatch("ns/p", assignment("a-1"), fresh());
         assert_eq!(d.state("ns/a-1"), Some(AttemptState::Queued));
         let answer = d.poll(poll("w1")).expect("an answer now");
         assert_eq!(answer.assign.map(|a| a.key).as_deref(), Some("ns/a-1"));
         assert_eq!(d.state("ns/a-1"), Some(AttemptState::Running { worker: "w1".into(), node: "n".into() }));
         // Dispatching the same attempt again changes nothing.
-        d.dispatch("ns/p", assignment("a-1"), None);
+        d.dispatch("ns/p", assignment("a-1"), fresh());
         assert_eq!(d.load("ns/p"), 1);
         let next = d.poll(Poll { ended: vec![ended("a-1", 3, "Error")], ..poll("w1") });
         assert!(next.is_err(), "nothing queued: the request is held");
@@ -798,7 +867,7 @@ mod tests {
     #[test]
     fn an_attempt_its_worker_no_longer_reports_is_lost_as_a_disruption() {
         let (d, mut woken) = dispatcher();
-        d.dispatch("ns/p", assignment("e-1"), None);
+        d.dispatch("ns/p", assignment("e-1"), fresh());
         let _ = d.poll(poll("w1"));
         // The agent restarted (or never got the answer): it asks again, running nothing, reporting no end.
         let _ = d.poll(poll("w1"));
@@ -812,7 +881,7 @@ mod tests {
         let (d, mut woken) = dispatcher();
         let before = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(30);
         // Recorded as started under the old leader; its end, reported to the old leader, is reported again here.
-        d.dispatch("ns/p", assignment("f-1"), Some(before));
+        d.dispatch("ns/p", assignment("f-1"), recorded(before));
         let completed = |key: &str| ended(key, 0, "Completed");
         let _ = d.poll(Poll { ended: vec![completed("f-1"), completed("g-1")], ..poll("w1") });
         for key in ["ns/f-1", "ns/g-1"] {
@@ -826,7 +895,7 @@ mod tests {
     #[test]
     fn a_stale_request_arriving_after_a_later_one_changes_nothing() {
         let (d, _woken) = dispatcher();
-        d.dispatch("ns/p", assignment("h-1"), None);
+        d.dispatch("ns/p", assignment("h-1"), fresh());
         let stale = poll("w1");
         let _ = d.poll(poll("w1")); // assigned h-1
         // The earlier request (running nothing) arrives late: h-1 is not lost, nothing else is handed out.
@@ -839,7 +908,7 @@ mod tests {
     fn a_held_request_is_answered_by_the_next_dispatch() {
         let (d, _woken) = dispatcher();
         let Err(mut held) = d.poll(poll("w1")) else { panic!("held") };
-        d.dispatch("ns/p", assignment("b-1"), None);
+        d.dispatch("ns/p", assignment("b-1"), fresh());
         let answer = held.try_recv().expect("answered");
         assert_eq!(answer.assign.map(|a| a.key).as_deref(), Some("ns/b-1"));
     }
@@ -847,7 +916,7 @@ mod tests {
     #[test]
     fn a_stopped_running_attempt_is_killed_on_the_workers_next_request() {
         let (d, _woken) = dispatcher();
-        d.dispatch("ns/p", assignment("c-1"), None);
+        d.dispatch("ns/p", assignment("c-1"), fresh());
         let _ = d.poll(poll("w1"));
         d.stop("ns/c-1");
         let running = Some(super::super::protocol::Running { key: "ns/c-1".into(), run: assignment("c-1").run });
@@ -863,7 +932,7 @@ mod tests {
     fn an_attempt_recorded_before_a_new_leader_waits_for_its_claim_and_is_adopted() {
         let (d, _woken) = dispatcher();
         let before = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(30);
-        d.dispatch("ns/p", assignment("d-1"), Some(before));
+        d.dispatch("ns/p", assignment("d-1"), recorded(before));
         assert_eq!(d.state("ns/d-1"), Some(AttemptState::Unclaimed));
         assert_eq!(d.load("ns/p"), 0, "never queued");
         let running = Some(super::super::protocol::Running { key: "ns/d-1".into(), run: assignment("d-1").run });
@@ -873,11 +942,42 @@ mod tests {
     }
 
     #[test]
+    fn a_new_leader_holds_an_unrecorded_attempt_of_an_older_run_until_it_is_claimed_or_the_fence_passes() {
+        let (d, _woken) = dispatcher();
+        let now = jiff::Timestamp::now();
+        // Its start not written yet (`running_status_delay`): the previous leader may have handed it out.
+        let older = Dispatched {
+            started_at: now,
+            recorded: false,
+            run_created: Some(now - jiff::SignedDuration::from_secs(30)),
+        };
+        d.dispatch("ns/p", assignment("j-1"), older);
+        d.dispatch("ns/p", assignment("k-1"), older);
+        assert_eq!(d.state("ns/k-1"), Some(AttemptState::Unclaimed));
+        assert_eq!(d.load("ns/p"), 0, "never queued while a worker may run it");
+        let mut idle = d.poll(poll("w1")).expect_err("an idle worker gets neither");
+        // A worker of the previous leader reports j-1 running: adopted, started when the run planned it.
+        let running = Some(super::super::protocol::Running { key: "ns/j-1".into(), run: assignment("j-1").run });
+        let answer = d.poll(Poll { running, ..poll("w9") }).expect("at once");
+        assert_eq!(answer.kill, None);
+        assert_eq!(d.state("ns/j-1"), Some(AttemptState::Running { worker: "w9".into(), node: "n".into() }));
+        assert_eq!(d.started_at("ns/j-1"), Some(now));
+        // A run created after this leader started was nobody else's: dispatched at once, to the idle worker.
+        d.dispatch("ns/p", assignment("m-1"), fresh());
+        assert_eq!(idle.try_recv().expect("answered").assign.expect("an attempt").key, "ns/m-1");
+        // Past the fence no worker can still run k-1: it runs as it is, the same attempt, no disruption.
+        d.sweep_at(Instant::now() + Duration::from_secs(16));
+        assert_eq!(d.state("ns/k-1"), Some(AttemptState::Queued));
+        let next = d.poll(poll("w2")).expect("at once").assign.expect("k-1").key;
+        assert_eq!(next, "ns/k-1");
+    }
+
+    #[test]
     fn a_worker_holding_an_unrecorded_end_gets_no_new_attempt_until_the_run_records_it() {
         let (d, _woken) = dispatcher();
-        d.dispatch("ns/p", assignment("h-1"), None);
+        d.dispatch("ns/p", assignment("h-1"), fresh());
         let _ = d.poll(poll("w1"));
-        d.dispatch("ns/p", assignment("i-1"), None);
+        d.dispatch("ns/p", assignment("i-1"), fresh());
         // h-1 ended; its run has not written it yet: the end is not acknowledged and i-1 waits for another worker.
         let reported = || Poll { ended: vec![ended("h-1", 0, "Completed")], ..poll("w1") };
         let mut held = match d.poll(reported()) {

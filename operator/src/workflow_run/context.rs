@@ -52,16 +52,6 @@ pub struct Context {
 const API_FRESH: Duration = Duration::from_millis(500);
 
 impl Context {
-    /// The planner's settings for `run`. A pooled attempt's start is always recorded before it is dispatched: the
-    /// dispatcher keeps no record a new leader could read, so status is what keeps an attempt from running twice.
-    pub fn settings_for(&self, run: &WorkflowRun) -> Settings {
-        let mut settings = self.settings.clone();
-        if run.spec.pool.is_some() {
-            settings.running_status_delay = jiff::SignedDuration::ZERO;
-        }
-        settings
-    }
-
     /// The apiserver failed to answer (unreachable, 5xx, 429): the next report waits for a read from etcd.
     pub fn note_outage(&self) {
         *self.api_answered.lock().unwrap_or_else(|e| e.into_inner()) = None;

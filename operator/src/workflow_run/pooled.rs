@@ -21,7 +21,7 @@ use super::context::Context;
 use super::env::inject;
 use super::job::{self, BuildError, DISRUPTED_JOB_REASON, OtlpTarget, RUN_NAME_ANNOTATION, STARTED_AT_ANNOTATION};
 use super::plan::reason;
-use crate::pool::dispatch::{AttemptState, Ending};
+use crate::pool::dispatch::{AttemptState, Dispatched, Ending};
 use crate::pool::protocol::{Assignment, RunName};
 
 /// Why a pooled attempt was refused before anything ran (reason, message naming the field).
@@ -112,7 +112,13 @@ pub fn observe(run: &WorkflowRun, ctx: &Context) -> (Vec<Arc<Job>>, Vec<Arc<Pod>
         let Some(state) = dispatcher.state(&attempt_key(run, number)).filter(|s| *s != AttemptState::Stopped) else {
             continue;
         };
-        let started = attempts.iter().find(|a| a.number == number).and_then(|a| a.start_time.as_ref()).map(|t| t.0);
+        // Unrecorded yet (`running_status_delay`), its start is the dispatcher's, as a Job's would be the Job's.
+        let started = attempts
+            .iter()
+            .find(|a| a.number == number)
+            .and_then(|a| a.start_time.as_ref())
+            .map(|t| t.0)
+            .or_else(|| dispatcher.started_at(&attempt_key(run, number)));
         let (job, pod) = as_job_and_pod(run, number, &state, started);
         jobs.push(Arc::new(job));
         pods.extend(pod.map(Arc::new));
@@ -214,11 +220,12 @@ fn ended_pod(mut metadata: ObjectMeta, job_name: &str, ending: &Ending, succeede
     }
 }
 
-/// Hands attempt `attempt` to the run's pool, or says why it cannot run.
+/// Hands attempt `attempt`, started at `started_at`, to the run's pool, or says why it cannot run.
 pub fn dispatch(
     run: &WorkflowRun,
     ctx: &Context,
     attempt: i32,
+    started_at: jiff::Timestamp,
     target: &OtlpTarget,
     deadline_seconds: i64,
 ) -> Result<Result<(), Refusal>, BuildError> {
@@ -231,14 +238,10 @@ pub fn dispatch(
         Err(refusal) => return Ok(Err(refusal)),
     };
     let assignment = build_assignment(run, &pool, attempt, target, deadline_seconds)?;
-    let recorded = run
-        .status
-        .as_ref()
-        .and_then(|s| s.attempts.iter().find(|a| a.number == attempt))
-        .and_then(|a| a.start_time.as_ref())
-        .map(|t| t.0);
+    let recorded = run.status.as_ref().is_some_and(|s| s.attempts.iter().any(|a| a.number == attempt));
+    let run_created = run.metadata.creation_timestamp.as_ref().map(|t| t.0);
     let pool_key = format!("{}/{}", pool.namespace().unwrap_or_default(), pool.name_any());
-    dispatcher.dispatch(&pool_key, assignment, recorded);
+    dispatcher.dispatch(&pool_key, assignment, Dispatched { started_at, recorded, run_created });
     Ok(Ok(()))
 }
 

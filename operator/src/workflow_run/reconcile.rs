@@ -151,7 +151,7 @@ async fn reconcile_body(
     }
     let read = read(run, ctx, &stored).await?;
     let mut obs = read.observation();
-    let settings = ctx.settings_for(run);
+    let settings = ctx.settings.clone();
     let mut plan = plan::plan(run, &obs, &settings);
     plan.status.telemetry = Some(read.reports.report.clone());
     let ended = export::export_the_end_first(run, ctx, &stored, &plan.status);
@@ -310,7 +310,7 @@ fn replay(
     }
     let reports = export::report_telemetry(written, ctx, &stored);
     let obs = Observation { telemetry_degraded: reports.degraded.or(target_degraded), ..obs.clone() };
-    let mut plan = plan::plan(written, &obs, &ctx.settings_for(written));
+    let mut plan = plan::plan(written, &obs, &ctx.settings);
     plan.status.telemetry = Some(reports.report);
     Replay::Planned(Box::new(Replayed { plan, stored, retry_after: reports.retry_after }))
 }
@@ -344,7 +344,7 @@ async fn act(
                 ctx.rates.record(&ns, &stack.name, Instant::now());
             }
             if run.spec.pool.is_some() {
-                return Ok(match pooled::dispatch(run, ctx, *attempt, target, *deadline_seconds)? {
+                return Ok(match pooled::dispatch(run, ctx, *attempt, *started_at, target, *deadline_seconds)? {
                     Ok(()) => ActOutcome::Done,
                     Err((reason, message)) => ActOutcome::JobRefused { reason, message },
                 });
@@ -419,7 +419,7 @@ async fn write_status(
     planned: &WorkflowRunStatus,
     stored: &WorkflowRunStatus,
 ) -> Result<Option<Arc<WorkflowRun>>, ReconcileError> {
-    if !ctx.economy.worth_writing(run, planned, stored, &ctx.settings_for(run), jiff::Timestamp::now()) {
+    if !ctx.economy.worth_writing(run, planned, stored, &ctx.settings, jiff::Timestamp::now()) {
         return Ok(None);
     }
     put_status(run, ctx, planned, stored).await.map(Some)
