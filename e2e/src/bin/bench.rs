@@ -122,7 +122,8 @@ struct Timeline {
     pod_done: HashMap<String, Instant>,
     done: HashMap<String, Instant>,
     failed_creates: usize,
-    /// Pooled runs have no Job: their start is the status write that records the attempt (before its dispatch).
+    /// Pooled runs have no Job: their start is the attempt's, as status records it (when the leader dispatched it;
+    /// a short run's start is written with its end).
     started_from_status: bool,
 }
 
@@ -236,8 +237,16 @@ fn watch_all(client: &kube::Client, ns: &str, timeline: &Shared, flowtel: bool, 
         on_each(client, ns, move |r: WorkflowRun| {
             let name = r.metadata.name.clone().unwrap_or_default();
             let mut t = lock(&t);
-            if t.started_from_status && r.status.as_ref().is_some_and(|s| !s.attempts.is_empty()) {
-                t.job_seen.entry(name.clone()).or_insert_with(Instant::now);
+            let attempt_start = r.status.as_ref().and_then(|s| s.attempts.first()?.start_time.clone());
+            if t.started_from_status
+                && let Some(start) = attempt_start
+            {
+                // The wall clock's start on the monotonic clock the bench's create times are on.
+                let now_ms = std::time::SystemTime::UNIX_EPOCH.elapsed().map_or(0, |d| d.as_millis());
+                let start_ms = u128::try_from(start.0.as_millisecond()).unwrap_or_default();
+                let ago = Duration::from_millis(u64::try_from(now_ms.saturating_sub(start_ms)).unwrap_or_default());
+                let at = Instant::now().checked_sub(ago).unwrap_or_else(Instant::now);
+                t.job_seen.entry(name.clone()).or_insert(at);
             }
             if r.status.as_ref().and_then(|s| s.completion_time.as_ref()).is_some() {
                 t.done.entry(name).or_insert_with(Instant::now);
@@ -295,8 +304,8 @@ async fn offer(
 
 /// Pooled runs at rising rates: a WorkerPool whose command is a 1 s `sleep`, `a.pooled_workers` agents (host
 /// processes standing in for its pods, which KWOK only simulates), the operator serving them; the ceiling against
-/// bare Jobs', created → running (the status write recording the attempt, made before its dispatch), and every
-/// client's apiserver writes per run from the audit log.
+/// bare Jobs', created → running (the attempt's start in status: the leader dispatching it) and the dispatcher's
+/// wait for a worker, and every client's apiserver writes per run from the audit log.
 async fn pooled_stage(
     client: &kube::Client,
     a: &Args,
@@ -306,6 +315,7 @@ async fn pooled_stage(
 ) -> Result<Value, Box<dyn std::error::Error>> {
     let ns = TestNamespace::new(client, "bench-pooled").await?;
     let policy = admit_with_finalizer(&ns.name, collector)?;
+    finalizer_policy_in_force(client, &ns.name).await;
     let pool: flowtel_crds::WorkerPool = serde_json::from_value(json!({
         "apiVersion": "flowtel.dev/v1alpha1", "kind": "WorkerPool", "metadata": {"name": "sleep"},
         "spec": {"template": {"spec": {"containers": [{"name": "main", "image": "registry.example/app:1.0", "command": ["/bin/sleep", "1"]}]}},
@@ -350,6 +360,7 @@ async fn pooled_stage(
         load: Load::Pooled { pool: "sleep".into() },
         past: f64::INFINITY,
         cpu_of: Some(pid),
+        dispatcher: Some(&operator),
     };
     let cpu_before = control_plane_cpu();
     let (operator_before, workers_before) = (cpu_seconds(pid), workers_cpu(&workers));
@@ -374,15 +385,16 @@ async fn pooled_stage(
                 .filter_map(|n| Some(t.job_seen.get(n)?.duration_since(*t.created.get(n)?).as_secs_f64()))
                 .collect();
             json!({"rate": s.rate, "created_to_running_p50_s": percentile(started.clone(), 50.0),
-                "created_to_running_p99_s": percentile(started, 99.0)})
+                "created_to_running_p99_s": percentile(started, 99.0), "dispatch_wait_p99_s": s.dispatch_wait_p99})
         })
         .collect();
     for l in &latencies {
         println!(
-            "latency at {}/s: run created → running p50 {:.3} s p99 {:.3} s",
+            "latency at {}/s: run created → running p50 {:.3} s p99 {:.3} s; dispatched → on a worker p99 ≤ {} s",
             l["rate"],
             l["created_to_running_p50_s"].as_f64().unwrap_or(f64::NAN),
-            l["created_to_running_p99_s"].as_f64().unwrap_or(f64::NAN)
+            l["created_to_running_p99_s"].as_f64().unwrap_or(f64::NAN),
+            l["dispatch_wait_p99_s"]
         );
     }
     let latency = latencies.last().cloned();
@@ -478,6 +490,7 @@ async fn floor(
         load: Load::Floor { job: Arc::new(job) },
         past: bare_ceiling,
         cpu_of: None,
+        dispatcher: None,
     };
     let rates = a.rates.iter().copied().filter(|r| *r >= from);
     let (steps, _) = sweep(client, floor, rates, a, &t, deadline).await;
@@ -507,6 +520,8 @@ struct Sweep<'a> {
     past: f64,
     /// The process whose CPU each step reports (the operator), if any.
     cpu_of: Option<u32>,
+    /// The operator whose dispatch wait each step reports (pooled runs).
+    dispatcher: Option<&'a Operator>,
 }
 
 /// Offers the sweep's load at each of `rates` in turn, until a rate is not sustained, one above `past` was offered,
@@ -523,8 +538,15 @@ async fn sweep(
     let (mut steps, mut cpu_per_step) = (Vec::new(), Vec::new());
     for (i, rate) in rates.into_iter().enumerate() {
         let cpu_at_start = cpu();
-        let s = step(client, sweep.ns, &format!("{}{i}", sweep.prefix), rate, a, t, sweep.load.clone()).await;
+        let waits_at_start = match sweep.dispatcher {
+            Some(operator) => dispatch_waits(operator).await,
+            None => vec![],
+        };
+        let mut s = step(client, sweep.ns, &format!("{}{i}", sweep.prefix), rate, a, t, sweep.load.clone()).await;
         let spent = cpu() - cpu_at_start;
+        if let Some(operator) = sweep.dispatcher {
+            s.dispatch_wait_p99 = bucket_percentile(&waits_at_start, &dispatch_waits(operator).await, 99.0);
+        }
         print_step(sweep.kind, &s);
         if sweep.cpu_of.is_some() {
             // An overloaded step costs more per run (runs outlast --running-status-delay, retries): each step's own.
@@ -538,6 +560,31 @@ async fn sweep(
         }
     }
     (steps, cpu_per_step)
+}
+
+/// The operator's `flowtel_pool_wait_seconds` histogram: (bucket bound, cumulative count).
+async fn dispatch_waits(operator: &Operator) -> Vec<(f64, f64)> {
+    use prometheus_parse::{Scrape, Value};
+    let Some((_, body)) = operator.get("/metrics").await else { return vec![] };
+    let Ok(scrape) = Scrape::parse(body.lines().map(|l| Ok(l.to_string()))) else { return vec![] };
+    scrape
+        .samples
+        .into_iter()
+        .filter(|s| s.metric == "flowtel_pool_wait_seconds")
+        .find_map(|s| match s.value {
+            Value::Histogram(h) => Some(h.iter().map(|b| (b.less_than, b.count)).collect()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+/// The bound of the bucket holding the p-th percentile of what a histogram observed between two scrapes.
+fn bucket_percentile(before: &[(f64, f64)], after: &[(f64, f64)], p: f64) -> Option<f64> {
+    let earlier = |bound: f64| before.iter().find(|(b, _)| *b == bound).map_or(0.0, |(_, n)| *n);
+    let observed: Vec<(f64, f64)> = after.iter().map(|(bound, n)| (*bound, n - earlier(*bound))).collect();
+    let total = observed.iter().map(|(_, n)| *n).fold(0.0, f64::max);
+    (total > 0.0).then_some(())?;
+    observed.iter().find(|(_, n)| *n >= total * p / 100.0).map(|(bound, _)| *bound)
 }
 
 fn percentile(mut v: Vec<f64>, p: f64) -> Option<f64> {
@@ -559,6 +606,8 @@ struct StepResult {
     lag_p99: Option<f64>,
     lag_max: Option<f64>,
     names: Vec<String>,
+    /// Pooled: the operator's dispatch → worker wait p99 over the step (its `flowtel_pool_wait_seconds` bucket).
+    dispatch_wait_p99: Option<f64>,
 }
 
 async fn step(
@@ -604,12 +653,14 @@ async fn step(
         lag_p99: percentile(lags.clone(), 99.0),
         lag_max,
         names,
+        dispatch_wait_p99: None,
     }
 }
 
 fn step_json(s: &StepResult) -> Value {
     json!({"rate": s.rate, "offered": s.offered, "completed": s.completed, "sustained": s.sustained,
-        "completions_per_s": s.completions_per_s, "lag_p50_s": s.lag_p50, "lag_p99_s": s.lag_p99, "lag_max_s": s.lag_max})
+        "completions_per_s": s.completions_per_s, "lag_p50_s": s.lag_p50, "lag_p99_s": s.lag_p99, "lag_max_s": s.lag_max,
+        "dispatch_wait_p99_s": s.dispatch_wait_p99})
 }
 
 fn print_step(kind: &str, s: &StepResult) {
@@ -874,7 +925,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let bare_cpu_before = control_plane_cpu();
     println!("bare Jobs:");
     let bare =
-        Sweep { ns: &bare_ns.name, prefix: "j", kind: "Jobs", load: Load::Jobs, past: f64::INFINITY, cpu_of: None };
+        Sweep { ns: &bare_ns.name, prefix: "j", kind: "Jobs", load: Load::Jobs, past: f64::INFINITY, cpu_of: None, dispatcher: None };
     let (bare_steps, _) = sweep(&client, bare, a.rates.iter().copied(), &a, &bare_t, deadline).await;
     let bare_ceiling = bare_steps.iter().filter(|s| s.sustained).map(|s| s.rate).fold(0.0, f64::max);
     let bare_count: usize = bare_steps.iter().map(|s| s.offered).sum();
@@ -905,6 +956,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         load: Load::Runs { shards: 1 },
         past: bare_ceiling,
         cpu_of: Some(pid),
+        dispatcher: None,
     };
     // The operator's CPU over each step (its runs' tails included): stage 7's one-shard figure.
     let (steps, step_cpu) = sweep(&client, runs, a.rates.iter().copied(), &a, &t, deadline).await;
