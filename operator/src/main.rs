@@ -104,8 +104,8 @@ struct RunArgs {
     #[arg(long, env = "FLOWTEL_DURATION_BUCKETS", value_delimiter = ',', default_values_t = DEFAULT_DURATION_BOUNDARIES)]
     duration_buckets: Vec<f64>,
     /// How long a started attempt waits for its end before status records it as Running: an attempt that ends
-    /// sooner costs one status write instead of two (the run shows no phase meanwhile). 0 records it before its Job
-    /// is created.
+    /// sooner costs one status write instead of two (the run shows no phase meanwhile); pooled attempts too. 0
+    /// records it before its Job is created or it is dispatched.
     #[arg(long, env = "FLOWTEL_RUNNING_STATUS_DELAY", default_value = "3s", value_parser = parse_duration)]
     running_status_delay: Duration,
     /// The write economy (`on`, the default): fewer status writes, reconciles and watch echoes for the same outcome

@@ -924,8 +924,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     watch_all(&client, &bare_ns.name, &bare_t, false, None);
     let bare_cpu_before = control_plane_cpu();
     println!("bare Jobs:");
-    let bare =
-        Sweep { ns: &bare_ns.name, prefix: "j", kind: "Jobs", load: Load::Jobs, past: f64::INFINITY, cpu_of: None, dispatcher: None };
+    let bare = Sweep {
+        ns: &bare_ns.name,
+        prefix: "j",
+        kind: "Jobs",
+        load: Load::Jobs,
+        past: f64::INFINITY,
+        cpu_of: None,
+        dispatcher: None,
+    };
     let (bare_steps, _) = sweep(&client, bare, a.rates.iter().copied(), &a, &bare_t, deadline).await;
     let bare_ceiling = bare_steps.iter().filter(|s| s.sustained).map(|s| s.rate).fold(0.0, f64::max);
     let bare_count: usize = bare_steps.iter().map(|s| s.offered).sum();

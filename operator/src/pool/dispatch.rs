@@ -11,8 +11,8 @@
 //!   it waits for a worker to claim it, and declares it lost only after `fence`, when any worker that could not
 //!   reach it has killed it;
 //! - nor, while young, an unrecorded attempt of a run created before it started (its predecessor may have handed it
-//!   out before the start was written): it waits for a claim the same way, and is queued after `fence`, when no
-//!   worker can still run it.
+//!   out before the start was written, `running_status_delay`): it waits for a claim the same way, and is lost after
+//!   `fence`, as the attempt may have run on a worker that died with the leader; the run goes on with the next one.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -77,14 +77,15 @@ struct Attempt {
 }
 
 /// What the run says of an attempt handed to `Dispatcher::dispatch`.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Dispatched {
     /// When the attempt started (the planner's start, which a Job's would carry).
     pub started_at: jiff::Timestamp,
     /// Whether the run's status held the attempt before this dispatch.
     pub recorded: bool,
-    /// When the run was created: a run created after this leader started was never another leader's to hand out.
-    pub run_created: Option<jiff::Timestamp>,
+    /// The run's UID: a run this leader's first list did not hold was created after it started, and was never
+    /// another leader's to hand out (`Dispatcher::listed`).
+    pub run_uid: String,
 }
 
 #[derive(Default)]
@@ -109,6 +110,10 @@ struct State {
     workers: HashMap<(PoolKey, String), Worker>,
     /// Ended attempts whose end the run's status holds.
     recorded: HashSet<String>,
+    /// The runs (UIDs) this leader's first list of runs held, and whether that list is complete: the runs a previous
+    /// leader may have seen. Kept while young.
+    listed: HashSet<String>,
+    listed_complete: bool,
 }
 
 /// The dispatcher's metrics on the operator's `/metrics`.
@@ -233,9 +238,9 @@ impl Dispatcher {
         (queued, busy, oldest)
     }
 
-    /// Hands the attempt to a worker of `pool`, or queues it. An attempt the run recorded before this dispatcher
-    /// started may still run on a worker of the previous leader, so it is claimed or declared lost, never
-    /// dispatched again; an unrecorded one of a run older than this dispatcher is claimed, or queued after the fence.
+    /// Hands the attempt to a worker of `pool`, or queues it. An attempt the previous leader may have handed out (the
+    /// run recorded it before this dispatcher started, or, while this one is young, an unrecorded one of an older
+    /// run) may still run on one of its workers: it is claimed or declared lost, never dispatched again.
     pub fn dispatch(&self, pool: &str, assignment: Assignment, attempt: Dispatched) {
         let mut state = self.lock();
         if state.attempts.contains_key(&assignment.key) {
@@ -244,25 +249,10 @@ impl Dispatcher {
         let now = Instant::now();
         let young = self.started.elapsed() < self.fence;
         let recorded_before_us = attempt.recorded && attempt.started_at < self.started_wall;
-        // Creation times are whole seconds: a run created in this dispatcher's first second counts as older.
-        let maybe_handed_out =
-            !attempt.recorded && attempt.run_created.is_none_or(|c| c.as_second() <= self.started_wall.as_second());
+        let maybe_handed_out = !attempt.recorded && state.listed_before(&attempt.run_uid);
         let key = assignment.key.clone();
         if young && (recorded_before_us || maybe_handed_out) {
-            let until = self.started + self.fence;
-            state.attempts.insert(
-                key,
-                Attempt {
-                    run: assignment.run.clone(),
-                    pool: pool.into(),
-                    // Kept for the unrecorded one, queued if nobody claims it (`sweep`).
-                    assignment: maybe_handed_out.then_some(assignment),
-                    state: AttemptState::Unclaimed,
-                    queued_at: now,
-                    since: until,
-                    started_at: attempt.started_at,
-                },
-            );
+            state.attempts.insert(key, self.unclaimed(assignment.run, pool, now, attempt.started_at));
             return;
         }
         if recorded_before_us {
@@ -295,6 +285,42 @@ impl Dispatcher {
         if waiting && let Some(wakes) = self.pool_wakes.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             let (namespace, name) = pool.split_once('/').unwrap_or(("", pool));
             _ = wakes.send(ObjectRef::new(name).within(namespace));
+        }
+    }
+
+    /// While this dispatcher is young: the unrecorded attempt `key` of a run created before it started, unknown to
+    /// it, may run on a worker of the previous leader. It stands as unclaimed (claimed by its worker's report, or lost
+    /// after the fence), so the run neither starts it again nor ends (a cancel, a deadline) without it.
+    pub fn may_run_elsewhere(&self, pool: &str, key: &str, run: RunName, run_uid: &str) {
+        let young = self.started.elapsed() < self.fence;
+        let mut state = self.lock();
+        if young && state.listed_before(run_uid) && !state.attempts.contains_key(key) {
+            let attempt = self.unclaimed(run, pool, Instant::now(), jiff::Timestamp::now());
+            state.attempts.insert(key.into(), attempt);
+        }
+    }
+
+    /// The run controller's first list of runs, as it comes: each run (`Some(uid)`), then its end (`None`). Runs it
+    /// holds existed when this leader started; one created later was never another leader's.
+    pub fn listed(&self, run_uid: Option<&str>) {
+        let mut state = self.lock();
+        match run_uid {
+            _ if state.listed_complete => {}
+            Some(uid) => _ = state.listed.insert(uid.to_string()),
+            None => state.listed_complete = true,
+        }
+    }
+
+    /// An attempt awaiting its claim until the fence.
+    fn unclaimed(&self, run: RunName, pool: &str, now: Instant, started_at: jiff::Timestamp) -> Attempt {
+        Attempt {
+            run,
+            pool: pool.into(),
+            assignment: None,
+            state: AttemptState::Unclaimed,
+            queued_at: now,
+            since: self.started + self.fence,
+            started_at,
         }
     }
 
@@ -601,22 +627,11 @@ impl Dispatcher {
                 woken.push(a.run.clone());
             }
         }
-        let mut unclaimed = Vec::new();
-        for (key, a) in &mut state.attempts {
+        for a in state.attempts.values_mut() {
             if a.state == AttemptState::Unclaimed && now >= a.since {
-                if a.assignment.is_some() {
-                    // Unrecorded and unclaimed past the fence: no worker runs it, so it runs now, as it is.
-                    a.state = AttemptState::Queued;
-                    unclaimed.push((a.pool.clone(), key.clone()));
-                } else {
-                    *a = lost(a.run.clone(), &a.pool, now, None, a.started_at);
-                    woken.push(a.run.clone());
-                }
+                *a = lost(a.run.clone(), &a.pool, now, None, a.started_at);
+                woken.push(a.run.clone());
             }
-        }
-        for (pool, key) in unclaimed {
-            state.queues.entry(pool.clone()).or_default().push_back(key);
-            self.hand_out(&mut state, &pool);
         }
         state.attempts.retain(|_, a| {
             !matches!(a.state, AttemptState::Ended(_) | AttemptState::Stopped)
@@ -624,6 +639,10 @@ impl Dispatcher {
         });
         let State { attempts, recorded, .. } = &mut *state;
         recorded.retain(|key| attempts.contains_key(key));
+        if now.duration_since(self.started) >= self.fence && state.listed_complete {
+            // Asked only while young.
+            state.listed = HashSet::new();
+        }
         // A pool with nothing queued, no worker and no attempt left (deleted, or idle at zero) is forgotten, its
         // gauges with it: pools come and go, and each would otherwise stay in memory and on /metrics.
         let gone: Vec<PoolKey> = state
@@ -658,6 +677,13 @@ impl Dispatcher {
         let busy = state.workers.values().filter(|w| w.pool == pool && w.running.is_some()).count();
         self.metrics.queue_depth.get_or_create(&labels).set(i64::try_from(queued).unwrap_or(i64::MAX));
         self.metrics.busy_workers.get_or_create(&labels).set(i64::try_from(busy).unwrap_or(i64::MAX));
+    }
+}
+
+impl State {
+    /// Whether the run existed when this leader started (in its first list, or that list is not complete yet).
+    fn listed_before(&self, run_uid: &str) -> bool {
+        !self.listed_complete || self.listed.contains(run_uid)
     }
 }
 
@@ -791,22 +817,21 @@ mod tests {
     fn dispatcher() -> (Dispatcher, mpsc::UnboundedReceiver<ObjectRef<WorkflowRun>>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let metrics = DispatchMetrics::register(&mut Registry::default());
-        (Dispatcher::new(tx, Duration::from_secs(15), metrics), rx)
+        let d = Dispatcher::new(tx, Duration::from_secs(15), metrics);
+        d.listed(Some("old"));
+        d.listed(None);
+        (d, rx)
     }
 
-    /// A new attempt of a run created after the dispatcher started.
+    /// A new attempt of a run created after the dispatcher started (its first list held only the run "old").
     fn fresh() -> Dispatched {
         let now = jiff::Timestamp::now();
-        Dispatched {
-            started_at: now,
-            recorded: false,
-            run_created: now.checked_add(jiff::SignedDuration::from_secs(2)).ok(),
-        }
+        Dispatched { started_at: now, recorded: false, run_uid: "new".into() }
     }
 
     /// An attempt the run's status recorded as started at `at`.
     fn recorded(at: jiff::Timestamp) -> Dispatched {
-        Dispatched { started_at: at, recorded: true, run_created: Some(at) }
+        Dispatched { started_at: at, recorded: true, run_uid: "old".into() }
     }
 
     fn assignment(key: &str) -> Assignment {
@@ -942,20 +967,20 @@ mod tests {
     }
 
     #[test]
-    fn a_new_leader_holds_an_unrecorded_attempt_of_an_older_run_until_it_is_claimed_or_the_fence_passes() {
-        let (d, _woken) = dispatcher();
+    fn a_new_leader_holds_an_unrecorded_attempt_of_an_older_run_until_it_is_claimed_or_lost_at_the_fence() {
+        let (d, mut woken) = dispatcher();
         let now = jiff::Timestamp::now();
         // Its start not written yet (`running_status_delay`): the previous leader may have handed it out.
-        let older = Dispatched {
-            started_at: now,
-            recorded: false,
-            run_created: Some(now - jiff::SignedDuration::from_secs(30)),
-        };
-        d.dispatch("ns/p", assignment("j-1"), older);
+        let older = Dispatched { started_at: now, recorded: false, run_uid: "old".into() };
+        d.dispatch("ns/p", assignment("j-1"), older.clone());
         d.dispatch("ns/p", assignment("k-1"), older);
-        assert_eq!(d.state("ns/k-1"), Some(AttemptState::Unclaimed));
+        // The run controller asks before it acts on a run whose next attempt it has not heard of (a cancel).
+        d.may_run_elsewhere("ns/p", "ns/l-1", assignment("l-1").run, "old");
+        for key in ["ns/k-1", "ns/l-1"] {
+            assert_eq!(d.state(key), Some(AttemptState::Unclaimed), "{key}");
+        }
         assert_eq!(d.load("ns/p"), 0, "never queued while a worker may run it");
-        let mut idle = d.poll(poll("w1")).expect_err("an idle worker gets neither");
+        let mut idle = d.poll(poll("w1")).expect_err("an idle worker gets none of them");
         // A worker of the previous leader reports j-1 running: adopted, started when the run planned it.
         let running = Some(super::super::protocol::Running { key: "ns/j-1".into(), run: assignment("j-1").run });
         let answer = d.poll(Poll { running, ..poll("w9") }).expect("at once");
@@ -964,12 +989,19 @@ mod tests {
         assert_eq!(d.started_at("ns/j-1"), Some(now));
         // A run created after this leader started was nobody else's: dispatched at once, to the idle worker.
         d.dispatch("ns/p", assignment("m-1"), fresh());
+        d.may_run_elsewhere("ns/p", "ns/n-1", assignment("n-1").run, "new");
+        assert_eq!(d.state("ns/n-1"), None);
         assert_eq!(idle.try_recv().expect("answered").assign.expect("an attempt").key, "ns/m-1");
-        // Past the fence no worker can still run k-1: it runs as it is, the same attempt, no disruption.
+        _ = std::iter::from_fn(|| woken.try_recv().ok()).count();
+        // Past the fence, unclaimed: it may have run on a worker that died with the old leader, so it is lost (a
+        // disruption; the run's next attempt, with its own span, runs instead), never run again as it was.
         d.sweep_at(Instant::now() + Duration::from_secs(16));
-        assert_eq!(d.state("ns/k-1"), Some(AttemptState::Queued));
-        let next = d.poll(poll("w2")).expect("at once").assign.expect("k-1").key;
-        assert_eq!(next, "ns/k-1");
+        for key in ["ns/k-1", "ns/l-1"] {
+            let state = d.state(key);
+            assert!(matches!(state, Some(AttemptState::Ended(Ending { disrupted: true, .. }))), "{key}: {state:?}");
+        }
+        let runs: Vec<String> = std::iter::from_fn(|| woken.try_recv().ok()).map(|r| r.name).collect();
+        assert!(runs.contains(&"k".to_string()) && runs.contains(&"l".to_string()), "{runs:?}");
     }
 
     #[test]

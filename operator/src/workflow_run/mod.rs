@@ -173,6 +173,8 @@ pub async fn run(
         rates,
     });
     let echoes = context.clone();
+    // A new leader's dispatcher learns which runs existed before it (`Dispatcher::listed`).
+    let first_list = context.dispatcher.clone();
     let run_stream = futures::stream::once(async move {
         children_synced.opened().await;
         watcher(runs_api, owned_runs)
@@ -180,6 +182,17 @@ pub async fn run(
             .map_ok(slim::unwrap_event)
             .modify(trim_for_cache)
             .reflect(runs_writer)
+            .inspect(move |event| {
+                if let (Some(dispatcher), Ok(event)) = (&first_list, event) {
+                    match event {
+                        watcher::Event::InitApply(run) if run.metadata.uid.is_some() => {
+                            dispatcher.listed(run.metadata.uid.as_deref());
+                        }
+                        watcher::Event::InitDone => dispatcher.listed(None),
+                        _ => {}
+                    }
+                }
+            })
             .inspect(runs_synced)
             .filter(move |event| futures::future::ready(echoes.economy.passes_run_event(event)))
             .touched_objects()

@@ -107,6 +107,7 @@ pub fn observe(run: &WorkflowRun, ctx: &Context) -> (Vec<Arc<Job>>, Vec<Arc<Pod>
     let Some(dispatcher) = ctx.dispatcher.as_ref() else { return (vec![], vec![]) };
     let attempts = run.status.as_ref().map(|s| s.attempts.as_slice()).unwrap_or_default();
     let recorded = attempts.last().map_or(0, |a| a.number);
+    may_run_elsewhere(run, dispatcher);
     let (mut jobs, mut pods) = (Vec::new(), Vec::new());
     for number in recorded.max(1)..=recorded.saturating_add(1) {
         let Some(state) = dispatcher.state(&attempt_key(run, number)).filter(|s| *s != AttemptState::Stopped) else {
@@ -124,6 +125,29 @@ pub fn observe(run: &WorkflowRun, ctx: &Context) -> (Vec<Arc<Job>>, Vec<Arc<Pod>
         pods.extend(pod.map(Arc::new));
     }
     (jobs, pods)
+}
+
+/// A new leader has not heard yet of the run's next attempt, which its predecessor may have handed out before the
+/// start was written: it stands as unclaimed until a worker reports it or the fence passes (`Dispatcher::
+/// may_run_elsewhere`), so this run's reconcile neither starts it again nor ends the run without it.
+fn may_run_elsewhere(run: &WorkflowRun, dispatcher: &crate::pool::dispatch::Dispatcher) {
+    let Some(wanted) = &run.spec.pool else { return };
+    let status = run.status.clone().unwrap_or_default();
+    if super::plan::is_terminal(&status)
+        || status.next_attempt_time.as_ref().is_some_and(|t| t.0 > jiff::Timestamp::now())
+    {
+        return;
+    }
+    let next = match status.attempts.last() {
+        None => 1,
+        Some(last) if last.end_time.is_some() => last.number.saturating_add(1),
+        // Recorded: `dispatch` knows what to do with it.
+        Some(_) => return,
+    };
+    let namespace = run.namespace().unwrap_or_default();
+    let name = RunName { namespace: namespace.clone(), name: run.name_any() };
+    let uid = run.uid().unwrap_or_default();
+    dispatcher.may_run_elsewhere(&format!("{namespace}/{}", wanted.name), &attempt_key(run, next), name, &uid);
 }
 
 /// The Job (and, once the attempt ended, the pod) that a pooled attempt stands for.
@@ -239,9 +263,9 @@ pub fn dispatch(
     };
     let assignment = build_assignment(run, &pool, attempt, target, deadline_seconds)?;
     let recorded = run.status.as_ref().is_some_and(|s| s.attempts.iter().any(|a| a.number == attempt));
-    let run_created = run.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    let run_uid = run.uid().unwrap_or_default();
     let pool_key = format!("{}/{}", pool.namespace().unwrap_or_default(), pool.name_any());
-    dispatcher.dispatch(&pool_key, assignment, Dispatched { started_at, recorded, run_created });
+    dispatcher.dispatch(&pool_key, assignment, Dispatched { started_at, recorded, run_uid });
     Ok(Ok(()))
 }
 
