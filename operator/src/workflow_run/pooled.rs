@@ -107,7 +107,10 @@ pub fn observe(run: &WorkflowRun, ctx: &Context) -> (Vec<Arc<Job>>, Vec<Arc<Pod>
     let Some(dispatcher) = ctx.dispatcher.as_ref() else { return (vec![], vec![]) };
     let attempts = run.status.as_ref().map(|s| s.attempts.as_slice()).unwrap_or_default();
     let recorded = attempts.last().map_or(0, |a| a.number);
-    may_run_elsewhere(run, dispatcher);
+    // Only a run its pool admits can have been handed out (else it ends refused, as it would have then).
+    if pool_for(run, ctx).is_ok() {
+        may_run_elsewhere(run, dispatcher);
+    }
     let (mut jobs, mut pods) = (Vec::new(), Vec::new());
     for number in recorded.max(1)..=recorded.saturating_add(1) {
         let Some(state) = dispatcher.state(&attempt_key(run, number)).filter(|s| *s != AttemptState::Stopped) else {
