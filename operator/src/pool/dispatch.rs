@@ -215,6 +215,11 @@ impl Dispatcher {
         self.lock().attempts.get(key).map(|a| a.state.clone())
     }
 
+    /// Younger than the fence: a worker of the previous leader may still run what that leader handed out.
+    pub fn is_young(&self) -> bool {
+        self.started.elapsed() < self.fence
+    }
+
     /// When the attempt `key` started, if this dispatcher knows it.
     pub fn started_at(&self, key: &str) -> Option<jiff::Timestamp> {
         self.lock().attempts.get(key).map(|a| a.started_at)
@@ -247,7 +252,7 @@ impl Dispatcher {
             return;
         }
         let now = Instant::now();
-        let young = self.started.elapsed() < self.fence;
+        let young = self.is_young();
         let recorded_before_us = attempt.recorded && attempt.started_at < self.started_wall;
         let maybe_handed_out = !attempt.recorded && state.listed_before(&attempt.run_uid);
         let key = assignment.key.clone();
@@ -282,7 +287,14 @@ impl Dispatcher {
         self.measure(&state, pool);
         let waiting = state.queues.get(pool).is_some_and(|q| !q.is_empty());
         drop(state);
-        if waiting && let Some(wakes) = self.pool_wakes.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        if waiting {
+            self.wake_pool(pool);
+        }
+    }
+
+    /// Tells the pool controller that `pool`'s load changed in a way its size or status follows.
+    fn wake_pool(&self, pool: &str) {
+        if let Some(wakes) = self.pool_wakes.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             let (namespace, name) = pool.split_once('/').unwrap_or(("", pool));
             _ = wakes.send(ObjectRef::new(name).within(namespace));
         }
@@ -292,7 +304,7 @@ impl Dispatcher {
     /// it, may run on a worker of the previous leader. It stands as unclaimed (claimed by its worker's report, or lost
     /// after the fence), so the run neither starts it again nor ends (a cancel, a deadline) without it.
     pub fn may_run_elsewhere(&self, pool: &str, key: &str, run: RunName, run_uid: &str) {
-        let young = self.started.elapsed() < self.fence;
+        let young = self.is_young();
         let mut state = self.lock();
         if young && state.listed_before(run_uid) && !state.attempts.contains_key(key) {
             let attempt = self.unclaimed(run, pool, Instant::now(), jiff::Timestamp::now());
@@ -413,7 +425,7 @@ impl Dispatcher {
             return Ok(self.nothing());
         }
         let mut woken = Vec::new();
-        let young = self.started.elapsed() < self.fence;
+        let young = self.is_young();
         for ended in &poll.ended {
             match state.attempts.get_mut(&ended.key) {
                 // Ended on the worker that ran it, or reported again to a new leader that was waiting for its claim.
@@ -464,7 +476,7 @@ impl Dispatcher {
                     }
                 },
                 // Unknown to this leader: adopted while it is young (the run's reconcile finds it), else stale.
-                None if self.started.elapsed() < self.fence => {
+                None if young => {
                     state.attempts.insert(
                         r.key.clone(),
                         Attempt {
@@ -675,8 +687,15 @@ impl Dispatcher {
         let labels = pool_labels(pool);
         let queued = state.queues.get(pool).map_or(0, VecDeque::len);
         let busy = state.workers.values().filter(|w| w.pool == pool && w.running.is_some()).count();
-        self.metrics.queue_depth.get_or_create(&labels).set(i64::try_from(queued).unwrap_or(i64::MAX));
-        self.metrics.busy_workers.get_or_create(&labels).set(i64::try_from(busy).unwrap_or(i64::MAX));
+        let queue_depth = self.metrics.queue_depth.get_or_create(&labels);
+        let busy_workers = self.metrics.busy_workers.get_or_create(&labels);
+        let was_loaded = queue_depth.get() + busy_workers.get() > 0;
+        queue_depth.set(i64::try_from(queued).unwrap_or(i64::MAX));
+        busy_workers.set(i64::try_from(busy).unwrap_or(i64::MAX));
+        // Gone idle: its status would show the last load for ever, and its scale-down delay starts now.
+        if was_loaded && queued + busy == 0 {
+            self.wake_pool(pool);
+        }
     }
 }
 
@@ -1002,6 +1021,19 @@ mod tests {
         }
         let runs: Vec<String> = std::iter::from_fn(|| woken.try_recv().ok()).map(|r| r.name).collect();
         assert!(runs.contains(&"k".to_string()) && runs.contains(&"l".to_string()), "{runs:?}");
+    }
+
+    #[test]
+    fn a_pool_going_idle_is_woken_so_its_status_shows_the_empty_queue() {
+        let (d, _woken) = dispatcher();
+        let (tx, mut pools) = mpsc::unbounded_channel();
+        d.wake_pools(tx);
+        d.dispatch("ns/p", assignment("x-1"), fresh());
+        assert!(pools.try_recv().is_ok(), "queued with no worker: the pool may grow");
+        let _ = d.poll(poll("w1"));
+        assert!(pools.try_recv().is_err(), "busy, not idle: nothing to say");
+        let _ = d.poll(Poll { ended: vec![ended("x-1", 0, "Completed")], ..poll("w1") });
+        assert_eq!(pools.try_recv().map(|p| p.name).ok().as_deref(), Some("p"), "idle again");
     }
 
     #[test]

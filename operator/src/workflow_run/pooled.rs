@@ -108,7 +108,7 @@ pub fn observe(run: &WorkflowRun, ctx: &Context) -> (Vec<Arc<Job>>, Vec<Arc<Pod>
     let attempts = run.status.as_ref().map(|s| s.attempts.as_slice()).unwrap_or_default();
     let recorded = attempts.last().map_or(0, |a| a.number);
     // Only a run its pool admits can have been handed out (else it ends refused, as it would have then).
-    if pool_for(run, ctx).is_ok() {
+    if dispatcher.is_young() && pool_for(run, ctx).is_ok() {
         may_run_elsewhere(run, dispatcher);
     }
     let (mut jobs, mut pods) = (Vec::new(), Vec::new());
