@@ -247,10 +247,26 @@ fn ended_pod(mut metadata: ObjectMeta, job_name: &str, ending: &Ending, succeede
     }
 }
 
-/// Hands attempt `attempt`, started at `started_at`, to the run's pool, or says why it cannot run.
+/// The run's pool for a dispatch: from the cache, or, when the cache does not hold it, from the apiserver (a pool
+/// applied together with its runs may reach the cache after them; only a pool the apiserver lacks is refused).
+pub async fn pool_for_dispatch(
+    run: &WorkflowRun,
+    ctx: &Context,
+) -> Result<Result<Arc<WorkerPool>, Refusal>, kube::Error> {
+    let cached = pool_for(run, ctx);
+    let Err((reason::POOL_NOT_FOUND, _)) = &cached else { return Ok(cached) };
+    let Some(wanted) = &run.spec.pool else { return Ok(cached) };
+    let pools: kube::Api<WorkerPool> = kube::Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
+    let Some(pool) = pools.get_opt(&wanted.name).await? else { return Ok(cached) };
+    Ok(check(run, &pool).map(|()| Arc::new(pool)))
+}
+
+/// Hands attempt `attempt`, started at `started_at`, to `pool` (the run's, or why it cannot have it), or says why it
+/// cannot run.
 pub fn dispatch(
     run: &WorkflowRun,
     ctx: &Context,
+    pool: Result<Arc<WorkerPool>, Refusal>,
     attempt: i32,
     started_at: jiff::Timestamp,
     target: &OtlpTarget,
@@ -260,7 +276,7 @@ pub fn dispatch(
         let message = "spec.pool: this operator runs no dispatcher (start it with --dispatch-addr)".to_string();
         return Ok(Err((reason::POOLING_DISABLED, message)));
     };
-    let pool = match pool_for(run, ctx) {
+    let pool = match pool {
         Ok(pool) => pool,
         Err(refusal) => return Ok(Err(refusal)),
     };

@@ -51,6 +51,8 @@ pub enum ReconcileError {
     CreateJob(#[source] kube::Error),
     #[error("reading the Job whose create met a conflict: {0}")]
     ReadConflictingJob(#[source] kube::Error),
+    #[error("reading the run's WorkerPool, which the cache does not hold yet: {0}")]
+    ReadPool(#[source] kube::Error),
     #[error("deleting the attempt's Job: {0}")]
     DeleteJob(#[source] kube::Error),
     #[error("writing the run's status: {0}")]
@@ -66,6 +68,7 @@ impl ReconcileError {
             | Self::ReadPodFailure(e)
             | Self::CreateJob(e)
             | Self::ReadConflictingJob(e)
+            | Self::ReadPool(e)
             | Self::DeleteJob(e)
             | Self::WriteStatus(e) => Some(e),
             Self::BuildJob(_) => None,
@@ -344,7 +347,8 @@ async fn act(
                 ctx.rates.record(&ns, &stack.name, Instant::now());
             }
             if run.spec.pool.is_some() {
-                return Ok(match pooled::dispatch(run, ctx, *attempt, *started_at, target, *deadline_seconds)? {
+                let pool = pooled::pool_for_dispatch(run, ctx).await.map_err(ReconcileError::ReadPool)?;
+                return Ok(match pooled::dispatch(run, ctx, pool, *attempt, *started_at, target, *deadline_seconds)? {
                     Ok(()) => ActOutcome::Done,
                     Err((reason, message)) => ActOutcome::JobRefused { reason, message },
                 });
